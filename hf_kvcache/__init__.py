@@ -1,0 +1,22 @@
+"""KV-cache compression strategies for Hugging Face ``transformers``.
+
+Every cache is a ``transformers.Cache`` that you pass as ``model.generate(..., past_key_values=cache)``.
+Build one by name with :func:`build_cache`, e.g. ``build_cache("quantized:nbits=2", model)``.
+
+Tensor shape convention: keys and values are ``[B, H, S, D]`` (batch, KV heads, sequence, head dim).
+"""
+
+from hf_kvcache.base import KVCache, cache_nbytes
+from hf_kvcache.registry import build_cache, canonical_spec, list_strategies, parse_spec, register_strategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KVCache",
+    "build_cache",
+    "cache_nbytes",
+    "canonical_spec",
+    "list_strategies",
+    "parse_spec",
+    "register_strategy",
+]

@@ -1,0 +1,3 @@
+"""Imports every built-in strategy module so that each registers itself."""
+
+from hf_kvcache import full  # noqa: F401

@@ -1,0 +1,71 @@
+"""Tiny seeded random models over several architectures, built in memory so tests run fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB = 96
+
+# Each architecture: config class and the options that make it small. Phi3 uses partial rotary embeddings.
+ARCHITECTURES = {
+    "llama": (LlamaConfig, {}),
+    "llama-gqa": (LlamaConfig, {"num_key_value_heads": 2}),
+    "mistral": (MistralConfig, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, {"use_sliding_window": False}),
+    "qwen3": (Qwen3Config, {"use_sliding_window": False, "head_dim": 16}),
+    "phi3": (Phi3Config, {"partial_rotary_factor": 0.5, "pad_token_id": 0}),
+}
+
+
+def make_tiny_model(arch: str = "llama", seed: int = 0, num_layers: int = 2, attn: str = "sdpa", **overrides):
+    """A seeded random causal LM of architecture ``arch`` with 4 query heads of size 16, in float32."""
+    config_class, extra = ARCHITECTURES[arch]
+    options = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    options.update(extra)
+    options.update(overrides)
+    config = config_class(**options)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    # Random init gives near-uniform attention; larger q/k weights make attention peaked like a real model's,
+    # so that compression errors show up in the logits instead of averaging away.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in ("q_proj", "k_proj", "qkv_proj")):
+                param.mul_(4.0)
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(ARCHITECTURES))
+def tiny_model(request):
+    return make_tiny_model(request.param)
+
+
+@pytest.fixture
+def llama():
+    return make_tiny_model("llama")
+
+
+def random_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)

@@ -1,0 +1,58 @@
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_kvcache import build_cache, cache_nbytes, canonical_spec, list_strategies, parse_spec
+from hf_kvcache.registry import split_spec
+from tests.conftest import random_ids
+
+
+def test_full_is_dynamic_cache(llama):
+    cache = build_cache("full", llama)
+    assert type(cache) is DynamicCache
+    assert "full" in list_strategies()
+
+
+def test_split_spec_parses_options():
+    assert split_spec("quantized:nbits=2, group-size=32") == ("quantized", {"nbits": "2", "group_size": "32"})
+    assert split_spec("full") == ("full", {})
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("ful", "Did you mean 'full'"),
+        ("nonsense", "unknown strategy 'nonsense'"),
+        ("full:window=3", "unknown option"),
+        ("full:window", "options are written 'name=value'"),
+        ("", "non-empty string"),
+    ],
+)
+def test_bad_specs_get_clear_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_spec(spec)
+
+
+def test_duplicate_option_is_rejected():
+    with pytest.raises(ValueError, match="given twice"):
+        split_spec("x:a=1,a=2")
+
+
+def test_canonical_spec_of_full():
+    assert canonical_spec("full") == "full"
+
+
+def test_cache_nbytes_of_dynamic_cache_counts_keys_and_values(llama):
+    cache = DynamicCache(config=llama.config)
+    with torch.no_grad():
+        llama(random_ids(20, batch=3), past_key_values=cache, use_cache=True)
+    config = llama.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    # keys + values, per layer: batch x kv_heads x tokens x head_dim floats of 4 bytes
+    expected = 2 * config.num_hidden_layers * 3 * config.num_key_value_heads * 20 * head_dim * 4
+    assert cache_nbytes(cache) == expected
+
+
+def test_cache_nbytes_rejects_non_caches():
+    with pytest.raises(TypeError, match="expects a transformers Cache"):
+        cache_nbytes([torch.zeros(3)])
