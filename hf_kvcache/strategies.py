@@ -1,3 +1,6 @@
 """Imports every built-in strategy module so that each registers itself."""
 
-from hf_kvcache import full  # noqa: F401
+from hf_kvcache import (
+    full,  # noqa: F401
+    quantized,  # noqa: F401
+)

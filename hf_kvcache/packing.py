@@ -1,0 +1,134 @@
+"""Asymmetric min-max quantization and bit packing for KV caches.
+
+Codes of ``nbits`` in {2, 4, 8} are packed along the last dimension into ``uint8``: four 2-bit codes or two
+4-bit codes per byte, code ``i`` of a byte in bits ``[i * nbits, (i + 1) * nbits)``. Two codecs implement the
+same scheme: ``"torch"`` (pure PyTorch) and ``"quanto"`` (optimum-quanto's range optimizer and packing kernels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+SUPPORTED_NBITS = (2, 4, 8)
+BACKENDS = ("torch", "quanto")
+
+
+def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Pack ``uint8`` codes ``[..., n]`` into ``[..., n * nbits // 8]`` bytes."""
+    if nbits == 8:
+        return codes.to(torch.uint8)
+    per_byte = 8 // nbits
+    if codes.shape[-1] % per_byte:
+        raise ValueError(
+            f"last dimension {codes.shape[-1]} is not a multiple of {per_byte} for {nbits}-bit packing"
+        )
+    grouped = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, per_byte)
+    packed = grouped[..., 0].clone()
+    for slot in range(1, per_byte):
+        packed |= grouped[..., slot] << (slot * nbits)
+    return packed
+
+
+def unpack_codes(packed: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``[..., m]`` bytes to ``[..., m * 8 // nbits]`` codes."""
+    if nbits == 8:
+        return packed
+    shifts = torch.arange(0, 8, nbits, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & (2**nbits - 1)).flatten(-2)
+
+
+def min_max_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(low, high)`` of ``x`` reduced over ``dim``, in float32, keeping the dimension."""
+    x = x.float()
+    return x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+
+
+class TorchCodec:
+    """Pure PyTorch quantization: min-max range, round to nearest, shifts and masks for packing."""
+
+    name = "torch"
+
+    def __init__(self, nbits: int):
+        self.nbits = nbits
+
+    def value_range(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return min_max_range(x, dim)
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        return pack_codes(codes, self.nbits)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        return unpack_codes(packed, self.nbits)
+
+    def quantize(
+        self, x: torch.Tensor, dim: int, scale_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quantize ``x`` with one scale and zero point per group reduced over ``dim``.
+
+        Returns ``(packed, scale, zero)``; ``scale`` and ``zero`` keep ``dim`` as size 1 and are stored in
+        ``scale_dtype``. The codes are computed from the stored (rounded) scale and zero, so dequantization
+        reproduces exactly what was rounded.
+        """
+        low, high = self.value_range(x, dim)
+        levels = 2**self.nbits - 1
+        scale = ((high - low) / levels).to(scale_dtype)
+        zero = low.to(scale_dtype)
+        step = scale.float().clamp_min(torch.finfo(torch.float32).tiny)
+        codes = torch.round((x.float() - zero.float()) / step).clamp_(0, levels).to(torch.uint8)
+        return self.pack(codes), scale, zero
+
+
+class QuantoCodec(TorchCodec):
+    """The same scheme computed with optimum-quanto: its ``MaxOptimizer`` ranges and its bit-packing kernels."""
+
+    name = "quanto"
+
+    def __init__(self, nbits: int):
+        super().__init__(nbits)
+        if importlib.util.find_spec("optimum.quanto") is None:
+            raise ModuleNotFoundError(
+                "backend='quanto' needs optimum-quanto: pip install 'hf-kvcache[quanto]' "
+                "(or use the default backend='torch')"
+            )
+        from optimum.quanto import MaxOptimizer, qint2, qint4, qint8
+
+        self._optimizer = MaxOptimizer()
+        self._qtype = {2: qint2, 4: qint4, 8: qint8}[nbits]
+
+    def value_range(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        moved = x.float().movedim(dim, -1)
+        rows = moved.reshape(-1, moved.shape[-1])
+        scale, shift = self._optimizer.optimize(rows, self._qtype, axis=0)
+        levels = 2**self.nbits - 1
+        low = -shift
+        high = low + scale * levels
+        shape = (*moved.shape[:-1], 1)
+        return low.reshape(shape).movedim(-1, dim), high.reshape(shape).movedim(-1, dim)
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.nbits == 8:
+            return codes
+        from optimum.quanto.tensor.packed import pack_weights
+
+        # quanto packs along its first dimension; put the channel dimension there and bring it back.
+        rows = codes.reshape(-1, codes.shape[-1]).t()
+        packed = pack_weights(rows.contiguous(), self.nbits)
+        return packed.t().reshape(*codes.shape[:-1], -1).contiguous()
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        if self.nbits == 8:
+            return packed
+        rows = packed.reshape(-1, packed.shape[-1]).t().contiguous()
+        codes = torch.ops.quanto.unpack(rows, self.nbits)
+        return codes.t().reshape(*packed.shape[:-1], -1)
+
+
+def make_codec(nbits: int, backend: str) -> TorchCodec:
+    """The codec for ``backend`` in :data:`BACKENDS`."""
+    if backend == "torch":
+        return TorchCodec(nbits)
+    if backend == "quanto":
+        return QuantoCodec(nbits)
+    raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")

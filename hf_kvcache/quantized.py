@@ -1,0 +1,267 @@
+"""KIVI-style quantized KV cache: bit-packed 2/4/8-bit history plus a full-precision recent window.
+
+Paper: KIVI, "A Tuning-Free Asymmetric 2bit Quantization for KV Cache", https://arxiv.org/abs/2402.02750
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import CacheLayerMixin
+
+from hf_kvcache.base import KVCache
+from hf_kvcache.layout import FULL_ATTENTION, SLIDING_ATTENTION, attention_layout, require_layer_types
+from hf_kvcache.packing import BACKENDS, SUPPORTED_NBITS, TorchCodec, make_codec
+from hf_kvcache.registry import register_strategy
+
+
+@dataclass(frozen=True)
+class QuantizedCacheConfig:
+    """Options of :class:`QuantizedKVCache`; see there."""
+
+    nbits: int = 4
+    group_size: int = 32
+    residual_length: int = 128
+    backend: str = "torch"
+
+    def __post_init__(self):
+        if self.nbits not in SUPPORTED_NBITS:
+            raise ValueError(f"nbits must be one of {list(SUPPORTED_NBITS)}, got {self.nbits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if not isinstance(self.residual_length, int) or self.residual_length < 0:
+            raise ValueError(f"residual_length must be an integer >= 0, got {self.residual_length!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Value groups split the head dimension, and packing needs whole bytes per token."""
+        if head_dim % self.group_size:
+            raise ValueError(
+                f"group_size={self.group_size} must divide the model's head dimension {head_dim}; "
+                f"allowed: {[g for g in range(1, head_dim + 1) if head_dim % g == 0]}"
+            )
+        if self.group_size % (8 // self.nbits):
+            raise ValueError(
+                f"group_size={self.group_size} must be a multiple of {8 // self.nbits} at nbits={self.nbits}, "
+                "so that each value group packs into whole bytes"
+            )
+
+
+class QuantizedLayer(CacheLayerMixin):
+    """One model layer's quantized keys and values.
+
+    Storage (``T_q`` quantized tokens, ``R`` residual tokens, ``G`` = group size, ``P = D * nbits / 8``):
+    ``key_codes``/``value_codes`` ``[B, H, T_q, P]`` uint8; ``key_scale``/``key_zero`` ``[B, H, T_q / G, D]``
+    (per channel, per group of G tokens); ``value_scale``/``value_zero`` ``[B, H, T_q, D / G]`` (per token,
+    per group of G channels); ``keys``/``values`` ``[B, H, R, D]`` in the model's dtype.
+    """
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, config: QuantizedCacheConfig, codec: TorchCodec):
+        super().__init__()
+        self.settings = config
+        self.codec = codec
+        self._clear()
+
+    def _clear(self) -> None:
+        self.keys = self.values = None
+        self.key_codes = self.key_scale = self.key_zero = None
+        self.value_codes = self.value_scale = self.value_zero = None
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, head_dim = key_states.shape
+        packed_dim = head_dim * self.settings.nbits // 8
+        groups = head_dim // self.settings.group_size
+        empty = key_states.new_empty
+        self.keys, self.values = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
+        self.key_codes = torch.empty(batch, heads, 0, packed_dim, dtype=torch.uint8, device=self.device)
+        self.value_codes = torch.empty_like(self.key_codes)
+        self.key_scale, self.key_zero = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
+        self.value_scale, self.value_zero = empty(batch, heads, 0, groups), empty(batch, heads, 0, groups)
+        self.is_initialized = True
+
+    @property
+    def quantized_length(self) -> int:
+        return 0 if not self.is_initialized else self.key_codes.shape[-2]
+
+    def _quantize_and_append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize whole groups of tokens and append them; they are never requantized afterwards."""
+        batch, heads, length, head_dim = keys.shape
+        size = self.settings.group_size
+        # Keys: one scale per channel for each group of `size` consecutive tokens.  # [B, H, n, G, D]
+        key_groups = keys.reshape(batch, heads, length // size, size, head_dim)
+        key_codes, key_scale, key_zero = self.codec.quantize(key_groups, dim=3, scale_dtype=self.dtype)
+        # Values: one scale per token for each group of `size` consecutive channels.  # [B, H, T, D/G, G]
+        value_groups = values.reshape(batch, heads, length, head_dim // size, size)
+        value_codes, value_scale, value_zero = self.codec.quantize(
+            value_groups, dim=4, scale_dtype=self.dtype
+        )
+        self.key_codes = torch.cat([self.key_codes, key_codes.reshape(batch, heads, length, -1)], dim=-2)
+        self.key_scale = torch.cat([self.key_scale, key_scale.squeeze(3)], dim=-2)
+        self.key_zero = torch.cat([self.key_zero, key_zero.squeeze(3)], dim=-2)
+        # Value codes are packed within each channel group, so they must be unpacked group by group too.
+        self.value_codes = torch.cat(
+            [self.value_codes, value_codes.reshape(batch, heads, length, -1)], dim=-2
+        )
+        self.value_scale = torch.cat([self.value_scale, value_scale.squeeze(4)], dim=-2)
+        self.value_zero = torch.cat([self.value_zero, value_zero.squeeze(4)], dim=-2)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantized part of the keys and values, ``[B, H, T_q, D]`` in the model's dtype."""
+        batch, heads, length, _ = self.key_codes.shape
+        size = self.settings.group_size
+        head_dim = self.keys.shape[-1]
+        key_codes = self.codec.unpack(self.key_codes).reshape(batch, heads, length // size, size, head_dim)
+        keys = key_codes.to(self.dtype) * self.key_scale.unsqueeze(3) + self.key_zero.unsqueeze(3)
+        grouped_value_codes = self.value_codes.reshape(batch, heads, length, head_dim // size, -1)
+        value_codes = self.codec.unpack(grouped_value_codes)
+        values = value_codes.to(self.dtype) * self.value_scale.unsqueeze(4) + self.value_zero.unsqueeze(4)
+        return keys.reshape(batch, heads, length, head_dim), values.reshape(batch, heads, length, head_dim)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        residual_keys = torch.cat([self.keys, key_states], dim=-2)
+        residual_values = torch.cat([self.values, value_states], dim=-2)
+        if self.quantized_length:
+            old_keys, old_values = self.dequantized()
+            all_keys = torch.cat([old_keys, residual_keys], dim=-2)
+            all_values = torch.cat([old_values, residual_values], dim=-2)
+        else:
+            all_keys, all_values = residual_keys, residual_values
+        # Move the oldest whole groups out of the residual, keeping at least `residual_length` tokens there.
+        overflow = residual_keys.shape[-2] - self.settings.residual_length
+        flush = max(overflow, 0) // self.settings.group_size * self.settings.group_size
+        if flush:
+            self._quantize_and_append(residual_keys[..., :flush, :], residual_values[..., :flush, :])
+            # clone() so the residual does not pin the storage of the longer tensor it was sliced from
+            residual_keys = residual_keys[..., flush:, :].clone()
+            residual_values = residual_values[..., flush:, :].clone()
+        self.keys, self.values = residual_keys, residual_values
+        return all_keys, all_values
+
+    def get_seq_length(self) -> int:
+        return 0 if not self.is_initialized else self.quantized_length + self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def _select_batch(self, select) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("keys", "values", "key_codes", "key_scale", "key_zero", "value_codes", "value_scale"):
+            setattr(self, name, select(getattr(self, name)))
+        self.value_zero = select(self.value_zero)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # Codes and scales move with their rows: reordering is exact, nothing is requantized.
+        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(
+            lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices]
+        )
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens (a negative value removes that many from the end).
+
+        Exact while the cut falls in the full-precision residual or on a quantization group boundary;
+        otherwise a ``ValueError``, since a key group's scale would no longer describe its tokens.
+        """
+        length = self.get_seq_length()
+        keep = length + max_length if max_length < 0 else min(max_length, length)
+        if keep < 0:
+            raise ValueError(f"cannot crop {-max_length} tokens from a cache of {length}")
+        if keep >= self.quantized_length:
+            self.keys = self.keys[..., : keep - self.quantized_length, :].clone()
+            self.values = self.values[..., : keep - self.quantized_length, :].clone()
+            return
+        if keep % self.settings.group_size:
+            raise ValueError(
+                f"cannot crop the quantized cache to {keep} tokens: the cut falls inside a quantized group of "
+                f"{self.settings.group_size} tokens; crop to a multiple of {self.settings.group_size} or to at "
+                f"least {self.quantized_length} tokens"
+            )
+        groups = keep // self.settings.group_size
+        self.key_codes, self.value_codes = (
+            self.key_codes[..., :keep, :].clone(),
+            self.value_codes[..., :keep, :].clone(),
+        )
+        self.value_scale, self.value_zero = (
+            self.value_scale[..., :keep, :].clone(),
+            self.value_zero[..., :keep, :].clone(),
+        )
+        self.key_scale, self.key_zero = (
+            self.key_scale[..., :groups, :].clone(),
+            self.key_zero[..., :groups, :].clone(),
+        )
+        self.keys, self.values = self.keys[..., :0, :].clone(), self.values[..., :0, :].clone()
+
+
+class QuantizedKVCache(KVCache):
+    """KIVI-style quantized KV cache with really bit-packed storage.
+
+    Keys are quantized per channel (each group of ``group_size`` consecutive tokens has its own scale and zero
+    point per channel) and values per token (each group of ``group_size`` channels has its own scale and zero
+    point per token), asymmetric min-max, as in KIVI (https://arxiv.org/abs/2402.02750). The newest
+    ``residual_length`` tokens stay in full precision; older tokens are quantized group by group, once, and never
+    dequantized and quantized again. 2-bit codes are stored four to a byte, 4-bit codes two to a byte.
+
+    Args:
+        model: the model the cache serves (its config gives layers and head size).
+        nbits: bits per code, one of 2, 4, 8. Default 4.
+        group_size: tokens per key group and channels per value group; must divide the head dimension.
+            Default 32.
+        residual_length: newest tokens kept in full precision. Default 128.
+        backend: ``"torch"`` (default) or ``"quanto"`` (optimum-quanto's primitives, same scheme).
+
+    Example:
+        >>> cache = QuantizedKVCache(model, nbits=2)
+        >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        nbits: int = 4,
+        group_size: int = 32,
+        residual_length: int = 128,
+        backend: str = "torch",
+    ):
+        config = QuantizedCacheConfig(nbits, group_size, residual_length, backend)
+        layout = attention_layout(model)
+        require_layer_types(layout, (FULL_ATTENTION, SLIDING_ATTENTION), "quantized")
+        config.check_head_dim(layout.head_dim)
+        codec = make_codec(nbits, backend)
+        super().__init__([QuantizedLayer(config, codec) for _ in range(layout.num_layers)], config)
+
+
+def build_quantized_cache(model: PreTrainedModel, config: QuantizedCacheConfig) -> QuantizedKVCache:
+    return QuantizedKVCache(model, config.nbits, config.group_size, config.residual_length, config.backend)
+
+
+register_strategy(
+    "quantized",
+    QuantizedCacheConfig,
+    build_quantized_cache,
+    "KIVI: keys per channel, values per token, bit-packed, full-precision recent window",
+)
