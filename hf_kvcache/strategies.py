@@ -3,4 +3,5 @@
 from hf_kvcache import (
     full,  # noqa: F401
     quantized,  # noqa: F401
+    sliding_window,  # noqa: F401
 )

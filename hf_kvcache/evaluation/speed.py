@@ -1,0 +1,77 @@
+"""Prefill and decode throughput of a model with a given cache: warm up, synchronize, then time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import Cache, PreTrainedModel
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    """Throughput of one run: ``prefill_tokens`` of prompt, then ``decode_tokens`` greedy single-token steps."""
+
+    prefill_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens: int
+    decode_tokens_per_s: float
+    decode_ms_per_token: float
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_speed(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    make_cache: Callable[[], Cache],
+    decode_tokens: int = 32,
+    prefill_chunk_size: int | None = None,
+    warmup_tokens: int = 4,
+) -> SpeedResult:
+    """Time a prefill of ``prompt_ids`` ``[1, T]`` and ``decode_tokens`` greedy decode steps.
+
+    Args:
+        model: a causal LM.
+        prompt_ids: the prompt, ``[1, T]``.
+        make_cache: returns a fresh cache; called once for warm-up and once for the timed run.
+        decode_tokens: greedy steps to time after the prefill. Default 32.
+        prefill_chunk_size: feed the prompt in chunks of this size (a cache that evicts during prefill may
+            need it to bound memory). Default ``None``: one forward pass.
+        warmup_tokens: decode steps of the untimed warm-up run. Default 4.
+    """
+    if decode_tokens < 1:
+        raise ValueError(f"decode_tokens must be positive, got {decode_tokens}")
+    prompt_ids = prompt_ids.to(model.device)
+    chunk = prefill_chunk_size or prompt_ids.shape[1]
+
+    def run(steps: int) -> tuple[float, float]:
+        cache = make_cache()
+        _synchronize(model.device)
+        start = time.perf_counter()
+        for begin in range(0, prompt_ids.shape[1], chunk):
+            logits = model(prompt_ids[:, begin : begin + chunk], past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1:].argmax(-1)
+        _synchronize(model.device)
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        _synchronize(model.device)
+        return prefill_s, time.perf_counter() - start
+
+    run(warmup_tokens)
+    prefill_s, decode_s = run(decode_tokens)
+    return SpeedResult(
+        prefill_tokens=prompt_ids.shape[1],
+        prefill_tokens_per_s=prompt_ids.shape[1] / prefill_s,
+        decode_tokens=decode_tokens,
+        decode_tokens_per_s=decode_tokens / decode_s,
+        decode_ms_per_token=1000 * decode_s / decode_tokens,
+    )

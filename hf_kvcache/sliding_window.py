@@ -1,0 +1,121 @@
+"""Sliding-window KV cache with attention sinks (StreamingLLM).
+
+Paper: "Efficient Streaming Language Models with Attention Sinks", https://arxiv.org/abs/2309.17453
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from hf_kvcache.eviction import EvictingLayer, EvictionCache, ForwardState
+from hf_kvcache.layout import FULL_ATTENTION, attention_layout, require_layer_types
+from hf_kvcache.registry import register_strategy
+from hf_kvcache.rotary import KeyRotator, find_rotary_module
+
+POSITION_MODES = ("shifted", "original")
+
+
+@dataclass(frozen=True)
+class SlidingWindowConfig:
+    """Options of :class:`SlidingWindowKVCache`; see there."""
+
+    window_length: int = 256
+    num_sink_tokens: int = 4
+    positions: str = "shifted"
+
+    def __post_init__(self):
+        if not isinstance(self.num_sink_tokens, int) or self.num_sink_tokens < 0:
+            raise ValueError(f"num_sink_tokens must be an integer >= 0, got {self.num_sink_tokens!r}")
+        if not isinstance(self.window_length, int) or self.window_length <= self.num_sink_tokens:
+            raise ValueError(
+                f"window_length must be an integer larger than num_sink_tokens={self.num_sink_tokens}, "
+                f"got {self.window_length!r}"
+            )
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {list(POSITION_MODES)}, got {self.positions!r}")
+
+
+class SlidingWindowLayer(EvictingLayer):
+    """Keeps each row's first ``num_sink_tokens`` real tokens and its newest ones, ``window_length`` in all."""
+
+    def __init__(self, config: SlidingWindowConfig, state: ForwardState, rotator: KeyRotator | None):
+        self.num_sink_tokens = config.num_sink_tokens
+        self.rotator = rotator
+        super().__init__(config.window_length, state)
+
+    def attention_keys(self, keys: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
+        # Shifted positions: the kept tokens sit at consecutive positions ending just before the new ones.
+        # The recent tokens already do; the sinks are moved up by the number of real tokens evicted so far.
+        # Stored sinks keep their original rotation, so the shift is never applied twice.
+        if self.rotator is None or self.num_sink_tokens == 0 or not bool((evicted > 0).any()):
+            return keys
+        sinks = self.rotator.shift(keys[..., : self.num_sink_tokens, :], evicted)
+        return torch.cat([sinks, keys[..., self.num_sink_tokens :, :]], dim=-2)
+
+    def choose(self, total: int, kept: int, real_in_full: torch.Tensor) -> torch.Tensor:
+        batch, heads = real_in_full.shape[0], self.keys.shape[1]
+        first_real = total - real_in_full  # padding sits before the real tokens
+        sinks = first_real[:, None] + torch.arange(self.num_sink_tokens, device=self.device)
+        recent = torch.arange(total - (kept - self.num_sink_tokens), total, device=self.device)
+        indices = torch.cat([sinks, recent.expand(batch, -1)], dim=-1)
+        return indices[:, None, :].expand(batch, heads, kept)
+
+
+class SlidingWindowKVCache(EvictionCache):
+    """Sliding-window cache with attention sinks (StreamingLLM, https://arxiv.org/abs/2309.17453).
+
+    Keeps the first ``num_sink_tokens`` tokens of each sequence and the most recent
+    ``window_length - num_sink_tokens``, so memory is bounded whatever the length. ``get_seq_length()`` counts
+    every token seen, so position ids stay correct. Left-padded batches keep each row's own first real tokens
+    as sinks.
+
+    Args:
+        model: the model the cache serves.
+        window_length: tokens kept per layer, sinks included. Default 256.
+        num_sink_tokens: first tokens always kept; 0 is a plain sliding window. Default 4.
+        positions: ``"shifted"`` (default): attention sees the kept tokens at consecutive positions, as
+            StreamingLLM does, which keeps streaming stable far past the trained context (RoPE models only).
+            ``"original"``: kept keys keep the positions they were computed at.
+
+    Example:
+        >>> cache = SlidingWindowKVCache(model, window_length=256, num_sink_tokens=4)
+        >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=2000)
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        window_length: int = 256,
+        num_sink_tokens: int = 4,
+        positions: str = "shifted",
+    ):
+        config = SlidingWindowConfig(window_length, num_sink_tokens, positions)
+        layout = attention_layout(model)
+        require_layer_types(layout, (FULL_ATTENTION,), "sliding-window")
+        rotator = None
+        if positions == "shifted" and num_sink_tokens > 0:
+            rotary = find_rotary_module(model)
+            if rotary is None:
+                raise ValueError(
+                    f"positions='shifted' re-rotates cached keys and needs a RoPE model; {type(model).__name__} "
+                    "has no rotary embedding. Use positions='original'."
+                )
+            rotator = KeyRotator(rotary)
+        state = ForwardState()
+        layers = [SlidingWindowLayer(config, state, rotator) for _ in range(layout.num_layers)]
+        super().__init__(model, layers, config, state)
+
+
+def build_sliding_window_cache(model: PreTrainedModel, config: SlidingWindowConfig) -> SlidingWindowKVCache:
+    return SlidingWindowKVCache(model, config.window_length, config.num_sink_tokens, config.positions)
+
+
+register_strategy(
+    "sliding-window",
+    SlidingWindowConfig,
+    build_sliding_window_cache,
+    "StreamingLLM: attention sinks plus the most recent tokens, positions shifted into the window",
+)
