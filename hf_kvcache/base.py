@@ -30,7 +30,14 @@ def tensors_nbytes(tensors: Iterator[torch.Tensor]) -> int:
     Storages rather than views are counted because a slice keeps its whole parent buffer alive.
     """
     seen: dict[tuple[torch.device, int], int] = {}
-    for tensor in tensors:
+    pending = list(tensors)
+    while pending:
+        tensor = pending.pop()
+        if type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__"):
+            # Wrapper subclasses (quanto's packed tensors) own no storage; their inner tensors do.
+            names, _ = tensor.__tensor_flatten__()
+            pending.extend(getattr(tensor, name) for name in names)
+            continue
         storage = tensor.untyped_storage()
         seen[(tensor.device, storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())

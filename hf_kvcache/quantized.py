@@ -26,6 +26,7 @@ class QuantizedCacheConfig:
     group_size: int = 32
     residual_length: int = 128
     backend: str = "torch"
+    num_sink_tokens: int = 4
 
     def __post_init__(self):
         if self.nbits not in SUPPORTED_NBITS:
@@ -34,6 +35,8 @@ class QuantizedCacheConfig:
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
         if not isinstance(self.residual_length, int) or self.residual_length < 0:
             raise ValueError(f"residual_length must be an integer >= 0, got {self.residual_length!r}")
+        if not isinstance(self.num_sink_tokens, int) or self.num_sink_tokens < 0:
+            raise ValueError(f"num_sink_tokens must be an integer >= 0, got {self.num_sink_tokens!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
 
@@ -57,7 +60,8 @@ class QuantizedLayer(CacheLayerMixin):
     Storage (``T_q`` quantized tokens, ``R`` residual tokens, ``G`` = group size, ``P = D * nbits / 8``):
     ``key_codes``/``value_codes`` ``[B, H, T_q, P]`` uint8; ``key_scale``/``key_zero`` ``[B, H, T_q / G, D]``
     (per channel, per group of G tokens); ``value_scale``/``value_zero`` ``[B, H, T_q, D / G]`` (per token,
-    per group of G channels); ``keys``/``values`` ``[B, H, R, D]`` in the model's dtype.
+    per group of G channels); ``keys``/``values`` ``[B, H, R, D]`` and ``sink_keys``/``sink_values``
+    ``[B, H, S, D]`` in the model's dtype. The sequence is sinks, then quantized tokens, then the residual.
     """
 
     is_compileable = False
@@ -70,7 +74,7 @@ class QuantizedLayer(CacheLayerMixin):
         self._clear()
 
     def _clear(self) -> None:
-        self.keys = self.values = None
+        self.keys = self.values = self.sink_keys = self.sink_values = None
         self.key_codes = self.key_scale = self.key_zero = None
         self.value_codes = self.value_scale = self.value_zero = None
         self.is_initialized = False
@@ -82,6 +86,7 @@ class QuantizedLayer(CacheLayerMixin):
         groups = head_dim // self.settings.group_size
         empty = key_states.new_empty
         self.keys, self.values = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
+        self.sink_keys, self.sink_values = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
         self.key_codes = torch.empty(batch, heads, 0, packed_dim, dtype=torch.uint8, device=self.device)
         self.value_codes = torch.empty_like(self.key_codes)
         self.key_scale, self.key_zero = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
@@ -131,14 +136,24 @@ class QuantizedLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        # The first tokens draw a large share of attention everywhere (attention sinks): keep them exact.
+        missing_sinks = self.settings.num_sink_tokens - self.sink_keys.shape[-2]
+        if missing_sinks > 0:
+            self.sink_keys = torch.cat([self.sink_keys, key_states[..., :missing_sinks, :]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, value_states[..., :missing_sinks, :]], dim=-2)
+            key_states, value_states = (
+                key_states[..., missing_sinks:, :],
+                value_states[..., missing_sinks:, :],
+            )
         residual_keys = torch.cat([self.keys, key_states], dim=-2)
         residual_values = torch.cat([self.values, value_states], dim=-2)
         if self.quantized_length:
             old_keys, old_values = self.dequantized()
-            all_keys = torch.cat([old_keys, residual_keys], dim=-2)
-            all_values = torch.cat([old_values, residual_values], dim=-2)
+            all_keys = torch.cat([self.sink_keys, old_keys, residual_keys], dim=-2)
+            all_values = torch.cat([self.sink_values, old_values, residual_values], dim=-2)
         else:
-            all_keys, all_values = residual_keys, residual_values
+            all_keys = torch.cat([self.sink_keys, residual_keys], dim=-2)
+            all_values = torch.cat([self.sink_values, residual_values], dim=-2)
         # Move the oldest whole groups out of the residual, keeping at least `residual_length` tokens there.
         overflow = residual_keys.shape[-2] - self.settings.residual_length
         flush = max(overflow, 0) // self.settings.group_size * self.settings.group_size
@@ -151,7 +166,9 @@ class QuantizedLayer(CacheLayerMixin):
         return all_keys, all_values
 
     def get_seq_length(self) -> int:
-        return 0 if not self.is_initialized else self.quantized_length + self.keys.shape[-2]
+        if not self.is_initialized:
+            return 0
+        return self.sink_keys.shape[-2] + self.quantized_length + self.keys.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -165,9 +182,13 @@ class QuantizedLayer(CacheLayerMixin):
     def _select_batch(self, select) -> None:
         if not self.is_initialized:
             return
-        for name in ("keys", "values", "key_codes", "key_scale", "key_zero", "value_codes", "value_scale"):
+        for name in self._BATCHED:
             setattr(self, name, select(getattr(self, name)))
-        self.value_zero = select(self.value_zero)
+
+    _BATCHED = (
+        "keys", "values", "sink_keys", "sink_values",
+        "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero",
+    )  # fmt: skip
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         # Codes and scales move with their rows: reordering is exact, nothing is requantized.
@@ -191,6 +212,13 @@ class QuantizedLayer(CacheLayerMixin):
         keep = length + max_length if max_length < 0 else min(max_length, length)
         if keep < 0:
             raise ValueError(f"cannot crop {-max_length} tokens from a cache of {length}")
+        sinks = self.sink_keys.shape[-2]
+        if keep < sinks:
+            self.sink_keys, self.sink_values = (
+                self.sink_keys[..., :keep, :].clone(),
+                self.sink_values[..., :keep, :].clone(),
+            )
+        keep = max(keep - sinks, 0)
         if keep >= self.quantized_length:
             self.keys = self.keys[..., : keep - self.quantized_length, :].clone()
             self.values = self.values[..., : keep - self.quantized_length, :].clone()
@@ -199,7 +227,7 @@ class QuantizedLayer(CacheLayerMixin):
             raise ValueError(
                 f"cannot crop the quantized cache to {keep} tokens: the cut falls inside a quantized group of "
                 f"{self.settings.group_size} tokens; crop to a multiple of {self.settings.group_size} or to at "
-                f"least {self.quantized_length} tokens"
+                f"least {sinks + self.quantized_length} tokens"
             )
         groups = keep // self.settings.group_size
         self.key_codes, self.value_codes = (
@@ -233,6 +261,8 @@ class QuantizedKVCache(KVCache):
             Default 32.
         residual_length: newest tokens kept in full precision. Default 128.
         backend: ``"torch"`` (default) or ``"quanto"`` (optimum-quanto's primitives, same scheme).
+        num_sink_tokens: first tokens of the sequence kept in full precision, since every later query attends
+            to them heavily (StreamingLLM's attention sinks). Default 4; 0 is plain KIVI.
 
     Example:
         >>> cache = QuantizedKVCache(model, nbits=2)
@@ -246,8 +276,9 @@ class QuantizedKVCache(KVCache):
         group_size: int = 32,
         residual_length: int = 128,
         backend: str = "torch",
+        num_sink_tokens: int = 4,
     ):
-        config = QuantizedCacheConfig(nbits, group_size, residual_length, backend)
+        config = QuantizedCacheConfig(nbits, group_size, residual_length, backend, num_sink_tokens)
         layout = attention_layout(model)
         require_layer_types(layout, (FULL_ATTENTION, SLIDING_ATTENTION), "quantized")
         config.check_head_dim(layout.head_dim)
@@ -256,7 +287,9 @@ class QuantizedKVCache(KVCache):
 
 
 def build_quantized_cache(model: PreTrainedModel, config: QuantizedCacheConfig) -> QuantizedKVCache:
-    return QuantizedKVCache(model, config.nbits, config.group_size, config.residual_length, config.backend)
+    return QuantizedKVCache(
+        model, config.nbits, config.group_size, config.residual_length, config.backend, config.num_sink_tokens
+    )
 
 
 register_strategy(

@@ -31,14 +31,14 @@ def test_residual_covering_everything_is_exactly_dynamic_cache(tiny_model, backe
 @pytest.mark.parametrize("backend", ["torch", "quanto"])
 def test_eight_bit_stays_close_to_dynamic_cache(tiny_model, backend):
     ids = random_ids(80, batch=2)
-    cache = QuantizedKVCache(tiny_model, nbits=8, group_size=8, residual_length=8, backend=backend)
+    cache = QuantizedKVCache(tiny_model, 8, 8, 8, backend, num_sink_tokens=0)
     expected = stream_logits(tiny_model, ids, DynamicCache(config=tiny_model.config), 50)
     got = stream_logits(tiny_model, ids, cache, 50)
     assert cache.layers[0].quantized_length == 72
     scale = expected.abs().max()
     assert (got - expected).abs().max() <= 0.01 * scale
     # ... and quantization really happened: 2-bit is much further away than 8-bit
-    coarse = stream_logits(tiny_model, ids, QuantizedKVCache(tiny_model, 2, 8, 8, backend), 50)
+    coarse = stream_logits(tiny_model, ids, QuantizedKVCache(tiny_model, 2, 8, 8, backend, 0), 50)
     assert (coarse - expected).abs().max() > 5 * (got - expected).abs().max()
 
 
@@ -71,7 +71,7 @@ def filled_layer(nbits, backend="torch", tokens=96, group_size=16, residual=20, 
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(2, 3, tokens, 32, generator=generator) * 3 + 1
     values = torch.randn(2, 3, tokens, 32, generator=generator)
-    config = QuantizedCacheConfig(nbits, group_size, residual, backend)
+    config = QuantizedCacheConfig(nbits, group_size, residual, backend, num_sink_tokens=0)
     layer = QuantizedLayer(config, make_codec(nbits, backend))
     layer.update(keys[..., :50, :], values[..., :50, :])
     for t in range(50, tokens):
@@ -108,23 +108,25 @@ def test_quantized_data_is_never_requantized():
 
 
 def test_long_prompt_is_quantized_group_by_group_at_prefill():
-    config = QuantizedCacheConfig(4, 16, 20)
+    config = QuantizedCacheConfig(4, 16, 20, num_sink_tokens=4)
     layer = QuantizedLayer(config, make_codec(4, "torch"))
-    keys = torch.randn(1, 2, 100, 32)
+    keys = torch.randn(1, 2, 104, 32)
     out_keys, _ = layer.update(keys, keys)
     assert torch.equal(out_keys, keys)  # the prompt itself attends in full precision
+    assert torch.equal(layer.sink_keys, keys[..., :4, :])  # the sinks are stored exactly
     assert layer.quantized_length == 80 and layer.keys.shape[2] == 20
     assert layer.key_scale.shape == (1, 2, 5, 32) and layer.value_scale.shape == (1, 2, 80, 2)
 
 
+@pytest.mark.parametrize("sinks", [0, 4])
 @pytest.mark.parametrize("nbits", [2, 4, 8])
-def test_nbytes_counts_packed_codes_scales_and_residual(nbits):
+def test_nbytes_counts_packed_codes_scales_and_residual(nbits, sinks):
     model = make_tiny_model("llama-gqa")  # 2 KV heads of size 16, 2 layers, float32
-    cache = QuantizedKVCache(model, nbits=nbits, group_size=8, residual_length=12)
+    cache = QuantizedKVCache(model, nbits=nbits, group_size=8, residual_length=12, num_sink_tokens=sinks)
     with torch.no_grad():
-        model(random_ids(70, batch=3), past_key_values=cache)
+        model(random_ids(70 + sinks, batch=3), past_key_values=cache)
     batch, heads, dim, layers, fp = 3, 2, 16, 2, 4
-    quantized, residual = 56, 14  # (70 - 12) // 8 * 8 quantized, the rest kept
+    quantized, residual = 56, 14 + sinks  # (70 - 12) // 8 * 8 quantized; residual and sinks in full precision
     codes = 2 * batch * heads * quantized * dim * nbits // 8
     key_params = 2 * batch * heads * (quantized // 8) * dim * fp
     value_params = 2 * batch * heads * quantized * (dim // 8) * fp
@@ -142,6 +144,7 @@ def test_nbytes_counts_packed_codes_scales_and_residual(nbits):
         ({"group_size": 2, "nbits": 2}, "multiple of 4 at nbits=2"),
         ({"residual_length": -1}, "residual_length must be an integer >= 0, got -1"),
         ({"backend": "hqq"}, "backend must be one of \\['torch', 'quanto'\\]"),
+        ({"num_sink_tokens": -2}, "num_sink_tokens must be an integer >= 0, got -2"),
     ],
 )
 def test_bad_options_are_named(llama, options, message):
@@ -161,6 +164,17 @@ def test_model_with_non_attention_layers_is_rejected():
     model.config.layer_types = ["full_attention", "linear_attention"]
     with pytest.raises(ValueError, match="cannot manage layer 1 of kind 'linear_attention'"):
         QuantizedKVCache(model)
+
+
+def test_sinks_stay_exact_while_later_tokens_are_quantized(llama):
+    cache = QuantizedKVCache(llama, nbits=2, group_size=8, residual_length=8, num_sink_tokens=3)
+    reference = DynamicCache(config=llama.config)
+    ids = random_ids(60)
+    stream_logits(llama, ids, cache, 30)
+    stream_logits(llama, ids, reference, 30)
+    layer = cache.layers[1]
+    assert torch.equal(layer.sink_keys, reference.layers[1].keys[..., :3, :])
+    assert layer.quantized_length == 48 and cache.get_seq_length() == 60
 
 
 def test_crop_is_exact_in_residual_and_on_group_boundaries():
