@@ -69,3 +69,40 @@ def llama():
 def random_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+FILLER = (
+    "The river runs past the old mill and the green hills. A farmer walks to town every morning with bread, "
+    "apples and milk. Children play near the bridge while the baker sells warm cakes. In the evening the "
+    "lights of the houses shine over the water, and the wind carries the sound of bells from the church. "
+)
+
+
+def save_tiny_model(folder, arch: str = "llama"):
+    """Save a tiny random model with a small BPE tokenizer trained on :data:`FILLER`, loadable by path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    backend.train_from_iterator([FILLER, "0123456789 pass key is What ? . ,"], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    model = make_tiny_model(arch, vocab_size=len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def filler_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "filler.txt"
+    path.write_text(FILLER * 60, encoding="utf-8")
+    return str(path)

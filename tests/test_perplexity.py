@@ -42,3 +42,16 @@ def test_bad_chunk_size_is_rejected(llama, bad):
 def test_too_short_input_is_rejected(llama):
     with pytest.raises(ValueError, match="T >= 2"):
         perplexity(llama, random_ids(1))
+
+
+def test_token_nll_and_segments_match_the_mean():
+    model = make_tiny_model("llama")
+    ids = random_ids(41)
+    result = perplexity(model, ids, chunk_size=7, keep_token_nll=True)
+    assert result.token_nll.shape == (1, 40)
+    assert float(result.token_nll.mean()) == pytest.approx(result.mean_nll)
+    segments = result.segment_perplexities(10)
+    assert len(segments) == 4
+    assert math.exp(sum(math.log(p) for p in segments) / 4) == pytest.approx(result.perplexity)
+    with pytest.raises(ValueError, match="keep_token_nll=True"):
+        perplexity(model, ids).segment_perplexities(10)

@@ -12,11 +12,19 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """``perplexity = exp(mean_nll)`` over ``num_tokens`` scored tokens."""
+    """``perplexity = exp(mean_nll)`` over ``num_tokens`` scored tokens; ``token_nll`` ``[B, T - 1]`` on request."""
 
     perplexity: float
     num_tokens: int
     mean_nll: float
+    token_nll: torch.Tensor | None = None
+
+    def segment_perplexities(self, segment: int) -> list[float]:
+        """Perplexity of each consecutive run of ``segment`` scored positions (needs ``keep_token_nll=True``)."""
+        if self.token_nll is None:
+            raise ValueError("segment_perplexities needs perplexity(..., keep_token_nll=True)")
+        nll = self.token_nll.double().mean(0)
+        return [math.exp(float(nll[s : s + segment].mean())) for s in range(0, nll.shape[0], segment)]
 
 
 def _as_batch(input_ids: torch.Tensor) -> torch.Tensor:
@@ -36,6 +44,7 @@ def perplexity(
     cache: Cache | None = None,
     chunk_size: int = 16,
     on_chunk: Callable[[int], None] | None = None,
+    keep_token_nll: bool = False,
 ) -> PerplexityResult:
     """Perplexity of ``input_ids`` fed ``chunk_size`` tokens at a time through ``cache``.
 
@@ -48,29 +57,31 @@ def perplexity(
         cache: the cache to carry between chunks. Default ``None``: a fresh ``DynamicCache``.
         chunk_size: tokens per forward pass. Default 16.
         on_chunk: called with the number of tokens of each chunk once it is done (progress bars).
+        keep_token_nll: also return every token's negative log-likelihood. Default False.
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     input_ids = _as_batch(input_ids).to(model.device)
     cache = DynamicCache(config=model.config) if cache is None else cache
     total_tokens = input_ids.shape[1]
-    nll_sum = torch.zeros((), dtype=torch.float64)
-    scored = 0
+    pieces = []
     for start in range(0, total_tokens, chunk_size):
         chunk = input_ids[:, start : start + chunk_size]
         logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits
         # Chunk position i predicts token start + i + 1; the last chunk has one prediction fewer.
         targets = input_ids[:, start + 1 : start + chunk.shape[1] + 1]
         predicted = logits[:, : targets.shape[1]].float()
-        nll_sum += (
-            torch.nn.functional.cross_entropy(
-                predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1), reduction="sum"
-            )
-            .double()
-            .cpu()
-        )
-        scored += targets.numel()
+        nll = torch.nn.functional.cross_entropy(
+            predicted.transpose(1, 2), targets, reduction="none"
+        )  # [B, c]
+        pieces.append(nll.double().cpu())
         if on_chunk is not None:
             on_chunk(chunk.shape[1])
-    mean_nll = float(nll_sum) / scored
-    return PerplexityResult(perplexity=math.exp(mean_nll), num_tokens=scored, mean_nll=mean_nll)
+    token_nll = torch.cat(pieces, dim=1)
+    mean_nll = float(token_nll.mean())
+    return PerplexityResult(
+        perplexity=math.exp(mean_nll),
+        num_tokens=token_nll.numel(),
+        mean_nll=mean_nll,
+        token_nll=token_nll if keep_token_nll else None,
+    )

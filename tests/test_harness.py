@@ -1,0 +1,130 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from hf_kvcache.cli import main
+from hf_kvcache.evaluation.harness import CompareSettings
+from hf_kvcache.evaluation.passkey import make_passkey_prompt
+
+STRATEGIES = [
+    "full",
+    "quantized:nbits=2,group_size=8,residual_length=16",
+    "sliding-window:window_length=32,num_sink_tokens=4",
+    "heavy-hitter:heavy_budget=16,recent_budget=16",
+]
+
+
+def compare_args(model_dir, text_file, out, *extra):
+    return [
+        "compare", "--model", model_dir, "--text-file", text_file, "--out", str(out), "--device", "cpu",
+        "--max-tokens", "128", "--decode-tokens", "3", "--passkey-lengths", "96", "--passkey-depths", "0.2", "0.8",
+        "--strategies", *STRATEGIES, *extra,
+    ]  # fmt: skip
+
+
+def test_compare_runs_end_to_end_and_writes_valid_results(tiny_model_dir, filler_file, tmp_path, capsys):
+    assert main(compare_args(tiny_model_dir, filler_file, tmp_path)) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    records = data["records"]
+    assert data["schema_version"] == 1
+    assert sorted((r["spec"], r["metric"]) for r in records) == sorted(
+        (s, m) for s in STRATEGIES for m in ("perplexity", "memory", "speed", "passkey")
+    )
+    for record in records:
+        assert record["strategy"].startswith(record["spec"].split(":")[0])
+        assert {"model", "dtype", "device", "versions", "hardware"} <= set(record["environment"])
+        assert record["environment"]["versions"]["transformers"]
+    by_key = {(r["spec"], r["metric"]): r["values"] for r in records}
+    assert by_key[("full", "memory")]["ratio_to_full"] == 1.0
+    assert by_key[(STRATEGIES[2], "memory")]["cache_bytes"] < by_key[("full", "memory")]["cache_bytes"] / 3
+    assert by_key[("full", "perplexity")]["num_tokens"] == 127
+    assert [c["depth"] for c in by_key[("full", "passkey")]["cells"]] == [0.2, 0.8]
+    assert records[0]["strategy"] == "full"
+    assert dict(r.split("=") for r in records[-1]["strategy"].split(":")[1].split(",")) == {
+        "heavy_budget": "16",
+        "recent_budget": "16",
+    }
+    for name in ("results.csv", "results.md", "pareto.png", "decode_speed.png", "passkey.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "| full |" in capsys.readouterr().out
+
+
+def test_killed_run_loses_nothing_and_rerun_skips_finished_work(tiny_model_dir, filler_file, tmp_path):
+    args = compare_args(tiny_model_dir, filler_file, tmp_path, "--chunk-size", "1", "--max-tokens", "400")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hf_kvcache.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    results = tmp_path / "results.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if results.exists() and len(json.loads(results.read_text())["records"]) >= 2:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = {
+        (r["spec"], r["metric"]): r["finished_at"] for r in json.loads(results.read_text())["records"]
+    }
+    assert 2 <= len(finished) < 16, "the run should have been killed part way"
+    assert main(args) == 0
+    records = json.loads(results.read_text())["records"]
+    assert len(records) == 16
+    for record in records:
+        key = (record["spec"], record["metric"])
+        if key in finished:
+            assert record["finished_at"] == finished[key], key  # reused, not recomputed
+    assert main([*args, "--force", "--strategies", "full"]) == 0
+    forced = {(r["spec"], r["metric"]): r["finished_at"] for r in json.loads(results.read_text())["records"]}
+    assert (
+        forced[("full", "speed")]
+        != {(r["spec"], r["metric"]): r["finished_at"] for r in records}[("full", "speed")]
+    )
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_passkey_needle_sits_at_the_requested_depth(tiny_model_dir, filler_file, depth):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = Path(filler_file).read_text()
+    prompt = make_passkey_prompt(tokenizer, text, 300, depth, seed=3)
+    ids = prompt.input_ids[0].tolist()
+    needle = tokenizer(" The pass key is", add_special_tokens=False).input_ids
+    found = [i for i in range(len(ids)) if ids[i : i + len(needle)] == needle]
+    assert found and found[0] == prompt.needle_start
+    question = len(tokenizer("\n\nWhat is the pass key? The pass key is", add_special_tokens=False).input_ids)
+    needle_text = f" The pass key is {prompt.key}. Remember it. {prompt.key} is the pass key. "
+    needle_length = len(tokenizer(needle_text, add_special_tokens=False).input_ids)
+    filler_length = len(ids) - question - needle_length
+    assert abs(prompt.needle_start - depth * filler_length) <= 1
+    assert prompt.key in tokenizer.decode(ids[prompt.needle_start :]).replace(" ", "")
+    assert len(ids) == 300
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compare", "--strategies", "slidng-window"], "Did you mean 'sliding-window'"),
+        (["compare", "--text-file", "/no/such/file.txt"], "--text-file '/no/such/file.txt' does not exist"),
+        (["compare", "--max-tokens", "-5"], "expected a positive integer, got -5"),
+        (["passkey", "--passkey-depths", "1.5"], "expected a depth between 0 and 1, got 1.5"),
+        (["speed", "--strategies", "quantized:nbits=3"], "nbits must be one of \\[2, 4, 8\\], got 3"),
+    ],
+)
+def test_bad_arguments_get_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    shown = str(exit_info.value.code) + capsys.readouterr().err
+    assert __import__("re").search(message, shown), shown
+
+
+def test_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="max_tokens must be positive, got -1"):
+        CompareSettings(max_tokens=-1)
+    with pytest.raises(ValueError, match="unknown metrics \\['latency'\\]"):
+        CompareSettings(metrics=("latency",))
+    assert CompareSettings().fingerprint() != CompareSettings(max_tokens=2048).fingerprint()
