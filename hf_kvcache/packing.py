@@ -52,6 +52,16 @@ class TorchCodec:
 
     def __init__(self, nbits: int):
         self.nbits = nbits
+        self._tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def unpack_as(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Unpack straight into ``dtype`` codes: one table lookup per byte instead of shifts, masks and a cast."""
+        key = (dtype, packed.device)
+        if key not in self._tables:
+            every_byte = torch.arange(256, dtype=torch.uint8, device=packed.device)[:, None]
+            self._tables[key] = self.unpack(every_byte).to(dtype)  # [256, codes per byte]
+        codes = torch.nn.functional.embedding(packed.int(), self._tables[key])  # [..., bytes, codes per byte]
+        return codes.flatten(-2)
 
     def value_range(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         return min_max_range(x, dim)
@@ -116,6 +126,9 @@ class QuantoCodec(TorchCodec):
         rows = codes.reshape(-1, codes.shape[-1]).t()
         packed = pack_weights(rows.contiguous(), self.nbits)
         return packed.t().reshape(*codes.shape[:-1], -1).contiguous()
+
+    def unpack_as(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.unpack(packed).to(dtype)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         if self.nbits == 8:

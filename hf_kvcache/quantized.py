@@ -124,11 +124,11 @@ class QuantizedLayer(CacheLayerMixin):
         batch, heads, length, _ = self.key_codes.shape
         size = self.settings.group_size
         head_dim = self.keys.shape[-1]
-        key_codes = self.codec.unpack(self.key_codes).reshape(batch, heads, length // size, size, head_dim)
-        keys = key_codes.to(self.dtype) * self.key_scale.unsqueeze(3) + self.key_zero.unsqueeze(3)
+        key_codes = self.codec.unpack_as(self.key_codes, self.dtype).reshape(batch, heads, -1, size, head_dim)
+        keys = torch.addcmul(self.key_zero.unsqueeze(3), key_codes, self.key_scale.unsqueeze(3))
         grouped_value_codes = self.value_codes.reshape(batch, heads, length, head_dim // size, -1)
-        value_codes = self.codec.unpack(grouped_value_codes)
-        values = value_codes.to(self.dtype) * self.value_scale.unsqueeze(4) + self.value_zero.unsqueeze(4)
+        value_codes = self.codec.unpack_as(grouped_value_codes, self.dtype)
+        values = torch.addcmul(self.value_zero.unsqueeze(4), value_codes, self.value_scale.unsqueeze(4))
         return keys.reshape(batch, heads, length, head_dim), values.reshape(batch, heads, length, head_dim)
 
     def update(

@@ -59,6 +59,9 @@ def test_pack_unpack_round_trips(nbits, rows, bytes_per_row, seed):
     assert torch.equal(unpack_codes(packed, nbits), codes)
     quanto = make_codec(nbits, "quanto")
     assert torch.equal(quanto.unpack(quanto.pack(codes)), codes)
+    for backend in ("torch", "quanto"):
+        codec = make_codec(nbits, backend)
+        assert torch.equal(codec.unpack_as(codec.pack(codes), torch.bfloat16), codes.to(torch.bfloat16))
 
 
 def test_two_bit_packing_layout_is_four_codes_per_byte():
