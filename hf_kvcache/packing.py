@@ -1,8 +1,9 @@
 """Asymmetric min-max quantization and bit packing for KV caches.
 
 Codes of ``nbits`` in {2, 4, 8} are packed along the last dimension into ``uint8``: four 2-bit codes or two
-4-bit codes per byte, code ``i`` of a byte in bits ``[i * nbits, (i + 1) * nbits)``. Two codecs implement the
-same scheme: ``"torch"`` (pure PyTorch) and ``"quanto"`` (optimum-quanto's range optimizer and packing kernels).
+4-bit codes per byte, in the planar layout of :func:`pack_codes`. Two codecs implement the same scheme and
+produce the same bytes: ``"torch"`` (pure PyTorch) and ``"quanto"`` (optimum-quanto's range optimizer and
+packing kernels). Both dequantize with :func:`dequantize_into`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ BACKENDS = ("torch", "quanto")
 
 
 def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
-    """Pack ``uint8`` codes ``[..., n]`` into ``[..., n * nbits // 8]`` bytes."""
+    """Pack ``uint8`` codes ``[..., n]`` into ``[..., m]`` bytes, ``m = n * nbits // 8``.
+
+    Planar layout: code ``i`` goes to byte ``i % m``, bits ``[(i // m) * nbits, (i // m + 1) * nbits)``. Each
+    bit slot then holds a contiguous run of codes, so unpacking is one shift and mask per slot over whole
+    rows (no interleaving), and the bytes are the same as optimum-quanto's ``pack_weights`` along that axis.
+    """
     if nbits == 8:
         return codes.to(torch.uint8)
     per_byte = 8 // nbits
@@ -24,19 +30,51 @@ def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
         raise ValueError(
             f"last dimension {codes.shape[-1]} is not a multiple of {per_byte} for {nbits}-bit packing"
         )
-    grouped = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, per_byte)
-    packed = grouped[..., 0].clone()
+    slots = codes.to(torch.uint8).unflatten(-1, (per_byte, -1))
+    packed = slots[..., 0, :].clone()
     for slot in range(1, per_byte):
-        packed |= grouped[..., slot] << (slot * nbits)
+        packed |= slots[..., slot, :] << (slot * nbits)
     return packed
+
+
+def _slot_codes(packed: torch.Tensor, slot: int, nbits: int) -> torch.Tensor:
+    """The codes in bit slot ``slot`` of every byte, as ``uint8``."""
+    mask = 2**nbits - 1
+    if packed.is_contiguous() and packed.shape[-1] % 8 == 0:
+        # Eight bytes per shift: a byte's slot never takes bits from its neighbours once masked per byte.
+        words = packed.view(torch.int64)
+        return ((words >> (slot * nbits)) & int.from_bytes(bytes([mask]) * 8, "little", signed=True)).view(
+            torch.uint8
+        )
+    shifted = packed >> (slot * nbits) if slot else packed
+    return shifted if (slot + 1) * nbits == 8 else shifted & mask
 
 
 def unpack_codes(packed: torch.Tensor, nbits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: ``[..., m]`` bytes to ``[..., m * 8 // nbits]`` codes."""
     if nbits == 8:
         return packed
-    shifts = torch.arange(0, 8, nbits, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(-1) >> shifts) & (2**nbits - 1)).flatten(-2)
+    return torch.cat([_slot_codes(packed, slot, nbits) for slot in range(8 // nbits)], dim=-1)
+
+
+def dequantize_into(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, nbits: int, out: torch.Tensor
+) -> torch.Tensor:
+    """Write ``codes * scale + zero`` into ``out`` ``[..., n]`` without materializing the codes in float.
+
+    ``packed`` is ``[..., n * nbits // 8]`` as :func:`pack_codes` lays it out; ``scale`` and ``zero`` broadcast
+    against ``out`` and have a last dimension of ``n`` (one per code) or 1 (one per row). ``out`` may be a
+    strided view, e.g. a slice of a larger keys tensor, which saves a copy.
+    """
+    if nbits == 8:
+        out.copy_(packed)
+    else:
+        out_slots = out.unflatten(-1, (8 // nbits, -1))
+        for slot in range(8 // nbits):
+            out_slots[..., slot, :].copy_(_slot_codes(packed, slot, nbits))
+    # In place over the whole row: broadcasting a per-row scale is far faster this way than in addcmul.
+    out.mul_(scale).add_(zero)
+    return out
 
 
 def min_max_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,16 +90,6 @@ class TorchCodec:
 
     def __init__(self, nbits: int):
         self.nbits = nbits
-        self._tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-    def unpack_as(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Unpack straight into ``dtype`` codes: one table lookup per byte instead of shifts, masks and a cast."""
-        key = (dtype, packed.device)
-        if key not in self._tables:
-            every_byte = torch.arange(256, dtype=torch.uint8, device=packed.device)[:, None]
-            self._tables[key] = self.unpack(every_byte).to(dtype)  # [256, codes per byte]
-        codes = torch.nn.functional.embedding(packed.int(), self._tables[key])  # [..., bytes, codes per byte]
-        return codes.flatten(-2)
 
     def value_range(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         return min_max_range(x, dim)
@@ -71,6 +99,11 @@ class TorchCodec:
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         return unpack_codes(packed, self.nbits)
+
+    def dequantize_into(
+        self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        return dequantize_into(packed, scale, zero, self.nbits, out)
 
     def quantize(
         self, x: torch.Tensor, dim: int, scale_dtype: torch.dtype
@@ -126,9 +159,6 @@ class QuantoCodec(TorchCodec):
         rows = codes.reshape(-1, codes.shape[-1]).t()
         packed = pack_weights(rows.contiguous(), self.nbits)
         return packed.t().reshape(*codes.shape[:-1], -1).contiguous()
-
-    def unpack_as(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.unpack(packed).to(dtype)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         if self.nbits == 8:

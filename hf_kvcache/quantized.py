@@ -122,14 +122,29 @@ class QuantizedLayer(CacheLayerMixin):
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The quantized part of the keys and values, ``[B, H, T_q, D]`` in the model's dtype."""
         batch, heads, length, _ = self.key_codes.shape
+        shape = (batch, heads, length, self.keys.shape[-1])
+        keys, values = self.keys.new_empty(shape), self.values.new_empty(shape)
+        self._dequantize_into(keys, values)
+        return keys, values
+
+    def _dequantize_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Dequantize the quantized tokens into ``keys``/``values`` ``[B, H, T_q, D]`` (views are fine)."""
+        batch, heads, length, head_dim = keys.shape
         size = self.settings.group_size
-        head_dim = self.keys.shape[-1]
-        key_codes = self.codec.unpack_as(self.key_codes, self.dtype).reshape(batch, heads, -1, size, head_dim)
-        keys = torch.addcmul(self.key_zero.unsqueeze(3), key_codes, self.key_scale.unsqueeze(3))
-        grouped_value_codes = self.value_codes.reshape(batch, heads, length, head_dim // size, -1)
-        value_codes = self.codec.unpack_as(grouped_value_codes, self.dtype)
-        values = torch.addcmul(self.value_zero.unsqueeze(4), value_codes, self.value_scale.unsqueeze(4))
-        return keys.reshape(batch, heads, length, head_dim), values.reshape(batch, heads, length, head_dim)
+        # Keys: codes [B, H, n, G, D/per_byte] against per-channel scales [B, H, n, 1, D].
+        self.codec.dequantize_into(
+            self.key_codes.view(batch, heads, length // size, size, -1),
+            self.key_scale.unsqueeze(3),
+            self.key_zero.unsqueeze(3),
+            keys.view(batch, heads, length // size, size, head_dim),
+        )
+        # Values: codes packed within each channel group, [B, H, T, D/G, G/per_byte], one scale per group.
+        self.codec.dequantize_into(
+            self.value_codes.view(batch, heads, length, head_dim // size, -1),
+            self.value_scale.unsqueeze(4),
+            self.value_zero.unsqueeze(4),
+            values.view(batch, heads, length, head_dim // size, size),
+        )
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -147,13 +162,7 @@ class QuantizedLayer(CacheLayerMixin):
             )
         residual_keys = torch.cat([self.keys, key_states], dim=-2)
         residual_values = torch.cat([self.values, value_states], dim=-2)
-        if self.quantized_length:
-            old_keys, old_values = self.dequantized()
-            all_keys = torch.cat([self.sink_keys, old_keys, residual_keys], dim=-2)
-            all_values = torch.cat([self.sink_values, old_values, residual_values], dim=-2)
-        else:
-            all_keys = torch.cat([self.sink_keys, residual_keys], dim=-2)
-            all_values = torch.cat([self.sink_values, residual_values], dim=-2)
+        all_keys, all_values = self._assemble(residual_keys, residual_values)
         # Move the oldest whole groups out of the residual, keeping at least `residual_length` tokens there.
         overflow = residual_keys.shape[-2] - self.settings.residual_length
         flush = max(overflow, 0) // self.settings.group_size * self.settings.group_size
@@ -163,6 +172,32 @@ class QuantizedLayer(CacheLayerMixin):
             residual_keys = residual_keys[..., flush:, :].clone()
             residual_values = residual_values[..., flush:, :].clone()
         self.keys, self.values = residual_keys, residual_values
+        return all_keys, all_values
+
+    def _assemble(
+        self, residual_keys: torch.Tensor, residual_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sinks, dequantized history and residual as one ``[B, H, S + T_q + R, D]`` tensor each.
+
+        The history is dequantized straight into its slice of the output, which saves a full copy of it per
+        step compared with dequantizing and then concatenating.
+        """
+        if not self.quantized_length:
+            return (
+                torch.cat([self.sink_keys, residual_keys], dim=-2),
+                torch.cat([self.sink_values, residual_values], dim=-2),
+            )
+        batch, heads, residual, head_dim = residual_keys.shape
+        sinks, length = self.sink_keys.shape[-2], self.quantized_length
+        shape = (batch, heads, sinks + length + residual, head_dim)
+        all_keys, all_values = residual_keys.new_empty(shape), residual_values.new_empty(shape)
+        all_keys[..., :sinks, :] = self.sink_keys
+        all_values[..., :sinks, :] = self.sink_values
+        self._dequantize_into(
+            all_keys[..., sinks : sinks + length, :], all_values[..., sinks : sinks + length, :]
+        )
+        all_keys[..., sinks + length :, :] = residual_keys
+        all_values[..., sinks + length :, :] = residual_values
         return all_keys, all_values
 
     def get_seq_length(self) -> int:
