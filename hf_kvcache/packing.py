@@ -3,7 +3,7 @@
 Codes of ``nbits`` in {2, 4, 8} are packed along the last dimension into ``uint8``: four 2-bit codes or two
 4-bit codes per byte, in the planar layout of :func:`pack_codes`. Two codecs implement the same scheme and
 produce the same bytes: ``"torch"`` (pure PyTorch) and ``"quanto"`` (optimum-quanto's range optimizer and
-packing kernels). Both dequantize with :func:`dequantize_into`.
+packing kernels). Both unpack with :func:`unpack_into`.
 """
 
 from __future__ import annotations
@@ -57,23 +57,17 @@ def unpack_codes(packed: torch.Tensor, nbits: int) -> torch.Tensor:
     return torch.cat([_slot_codes(packed, slot, nbits) for slot in range(8 // nbits)], dim=-1)
 
 
-def dequantize_into(
-    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, nbits: int, out: torch.Tensor
-) -> torch.Tensor:
-    """Write ``codes * scale + zero`` into ``out`` ``[..., n]`` without materializing the codes in float.
+def unpack_into(packed: torch.Tensor, nbits: int, out: torch.Tensor) -> torch.Tensor:
+    """Write the codes of ``packed`` ``[..., n * nbits // 8]`` into ``out`` ``[..., n]``, converting to its dtype.
 
-    ``packed`` is ``[..., n * nbits // 8]`` as :func:`pack_codes` lays it out; ``scale`` and ``zero`` broadcast
-    against ``out`` and have a last dimension of ``n`` (one per code) or 1 (one per row). ``out`` may be a
-    strided view, e.g. a slice of a larger keys tensor, which saves a copy.
+    ``out`` may be a strided view, e.g. a slice of a larger keys tensor: dequantizing in place there saves a
+    temporary and a copy per decode step.
     """
     if nbits == 8:
-        out.copy_(packed)
-    else:
-        out_slots = out.unflatten(-1, (8 // nbits, -1))
-        for slot in range(8 // nbits):
-            out_slots[..., slot, :].copy_(_slot_codes(packed, slot, nbits))
-    # In place over the whole row: broadcasting a per-row scale is far faster this way than in addcmul.
-    out.mul_(scale).add_(zero)
+        return out.copy_(packed)
+    out_slots = out.unflatten(-1, (8 // nbits, -1))
+    for slot in range(8 // nbits):
+        out_slots[..., slot, :].copy_(_slot_codes(packed, slot, nbits))
     return out
 
 
@@ -100,17 +94,16 @@ class TorchCodec:
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         return unpack_codes(packed, self.nbits)
 
-    def dequantize_into(
-        self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor
-    ) -> torch.Tensor:
-        return dequantize_into(packed, scale, zero, self.nbits, out)
+    def unpack_into(self, packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return unpack_into(packed, self.nbits, out)
 
     def quantize(
         self, x: torch.Tensor, dim: int, scale_dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Quantize ``x`` with one scale and zero point per group reduced over ``dim``.
 
-        Returns ``(packed, scale, zero)``; ``scale`` and ``zero`` keep ``dim`` as size 1 and are stored in
+        Returns ``(codes, scale, zero)``: ``uint8`` codes shaped like ``x``, not yet packed (the caller picks
+        the axis to pack along); ``scale`` and ``zero`` keep ``dim`` as size 1 and are stored in
         ``scale_dtype``. The codes are computed from the stored (rounded) scale and zero, so dequantization
         reproduces exactly what was rounded.
         """
@@ -120,7 +113,7 @@ class TorchCodec:
         zero = low.to(scale_dtype)
         step = scale.float().clamp_min(torch.finfo(torch.float32).tiny)
         codes = torch.round((x.float() - zero.float()) / step).clamp_(0, levels).to(torch.uint8)
-        return self.pack(codes), scale, zero
+        return codes, scale, zero
 
 
 class QuantoCodec(TorchCodec):

@@ -47,10 +47,10 @@ class QuantizedCacheConfig:
                 f"group_size={self.group_size} must divide the model's head dimension {head_dim}; "
                 f"allowed: {[g for g in range(1, head_dim + 1) if head_dim % g == 0]}"
             )
-        if self.group_size % (8 // self.nbits):
+        if head_dim % (8 // self.nbits):
             raise ValueError(
-                f"group_size={self.group_size} must be a multiple of {8 // self.nbits} at nbits={self.nbits}, "
-                "so that each value group packs into whole bytes"
+                f"nbits={self.nbits} packs {8 // self.nbits} codes per byte, which must divide the model's "
+                f"head dimension {head_dim}; use nbits=8"
             )
 
 
@@ -109,15 +109,17 @@ class QuantizedLayer(CacheLayerMixin):
         value_codes, value_scale, value_zero = self.codec.quantize(
             value_groups, dim=4, scale_dtype=self.dtype
         )
-        self.key_codes = torch.cat([self.key_codes, key_codes.reshape(batch, heads, length, -1)], dim=-2)
+        # Both are packed along the whole head dimension: long contiguous runs per bit slot unpack fastest.
+        self.key_codes = torch.cat([self.key_codes, self._pack_rows(key_codes, length)], dim=-2)
         self.key_scale = torch.cat([self.key_scale, key_scale.squeeze(3)], dim=-2)
         self.key_zero = torch.cat([self.key_zero, key_zero.squeeze(3)], dim=-2)
-        # Value codes are packed within each channel group, so they must be unpacked group by group too.
-        self.value_codes = torch.cat(
-            [self.value_codes, value_codes.reshape(batch, heads, length, -1)], dim=-2
-        )
+        self.value_codes = torch.cat([self.value_codes, self._pack_rows(value_codes, length)], dim=-2)
         self.value_scale = torch.cat([self.value_scale, value_scale.squeeze(4)], dim=-2)
         self.value_zero = torch.cat([self.value_zero, value_zero.squeeze(4)], dim=-2)
+
+    def _pack_rows(self, codes: torch.Tensor, length: int) -> torch.Tensor:
+        """``[B, H, ...]`` codes of ``length`` tokens to packed ``[B, H, length, D * nbits / 8]`` bytes."""
+        return self.codec.pack(codes.reshape(*codes.shape[:2], length, -1))
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The quantized part of the keys and values, ``[B, H, T_q, D]`` in the model's dtype."""
@@ -131,20 +133,14 @@ class QuantizedLayer(CacheLayerMixin):
         """Dequantize the quantized tokens into ``keys``/``values`` ``[B, H, T_q, D]`` (views are fine)."""
         batch, heads, length, head_dim = keys.shape
         size = self.settings.group_size
-        # Keys: codes [B, H, n, G, D/per_byte] against per-channel scales [B, H, n, 1, D].
-        self.codec.dequantize_into(
-            self.key_codes.view(batch, heads, length // size, size, -1),
-            self.key_scale.unsqueeze(3),
-            self.key_zero.unsqueeze(3),
-            keys.view(batch, heads, length // size, size, head_dim),
-        )
-        # Values: codes packed within each channel group, [B, H, T, D/G, G/per_byte], one scale per group.
-        self.codec.dequantize_into(
-            self.value_codes.view(batch, heads, length, head_dim // size, -1),
-            self.value_scale.unsqueeze(4),
-            self.value_zero.unsqueeze(4),
-            values.view(batch, heads, length, head_dim // size, size),
-        )
+        # In-place multiply-add over whole rows: broadcasting the scales this way is much faster on CPU than
+        # a broadcasting addcmul.
+        self.codec.unpack_into(self.key_codes, keys)
+        key_groups = keys.view(batch, heads, length // size, size, head_dim)
+        key_groups.mul_(self.key_scale.unsqueeze(3)).add_(self.key_zero.unsqueeze(3))
+        self.codec.unpack_into(self.value_codes, values)
+        value_groups = values.view(batch, heads, length, head_dim // size, size)
+        value_groups.mul_(self.value_scale.unsqueeze(4)).add_(self.value_zero.unsqueeze(4))
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
