@@ -194,7 +194,7 @@ def measure_speed_record(model, spec: str, input_ids: torch.Tensor, settings: Co
     return dataclasses.asdict(result)
 
 
-def measure_passkey(model, tokenizer, spec: str, text: str, settings: CompareSettings) -> dict:
+def measure_passkey(model, tokenizer, spec: str, text: str, settings: CompareSettings, tick) -> dict:
     from hf_kvcache.evaluation.passkey import make_passkey_prompt, run_passkey
 
     cells = []
@@ -204,6 +204,7 @@ def measure_passkey(model, tokenizer, spec: str, text: str, settings: CompareSet
             for trial in range(settings.passkey_trials):
                 prompt = make_passkey_prompt(tokenizer, text, length, depth, seed=trial)
                 correct += run_passkey(model, tokenizer, prompt, build_cache(spec, model))
+                tick(length)
             cells.append(
                 {"length": length, "depth": depth, "correct": correct, "trials": settings.passkey_trials}
             )
@@ -265,8 +266,15 @@ def run_compare(
         store.put(record)
 
     streamed = {s for s, m in todo if m in ("perplexity", "memory")}
-    work = len(streamed) * input_ids.shape[1] + sum(m in ("speed", "passkey") for _, m in todo)
-    with tqdm(total=work, desc="compare", unit="step", disable=not progress) as bar:
+    # The bar counts prompt tokens fed through the model, the bulk of every measurement, so its rate and
+    # ETA stay meaningful across perplexity streams, speed runs (warm-up + timed) and passkey prompts.
+    prompt_tokens = input_ids.shape[1]
+    speed_tokens = 2 * prompt_tokens
+    passkey_tokens = settings.passkey_trials * len(settings.passkey_depths) * sum(settings.passkey_lengths)
+    work = len(streamed) * prompt_tokens + sum(
+        {"speed": speed_tokens, "passkey": passkey_tokens}.get(m, 0) for _, m in todo
+    )
+    with tqdm(total=work, desc="compare", unit="tok", disable=not progress) as bar:
         for spec in strategies:
             bar.set_postfix_str(spec)
             if spec in streamed:
@@ -277,10 +285,9 @@ def run_compare(
                         save(spec, metric, values)
             if pending(spec, "speed"):
                 save(spec, "speed", measure_speed_record(model, spec, input_ids, settings))
-                bar.update(1)
+                bar.update(speed_tokens)
             if pending(spec, "passkey"):
-                save(spec, "passkey", measure_passkey(model, tokenizer, spec, text, settings))
-                bar.update(1)
+                save(spec, "passkey", measure_passkey(model, tokenizer, spec, text, settings, bar.update))
     return [
         r for r in store.records if r["fingerprint"] == fingerprint and r["strategy"] in canonical.values()
     ]
