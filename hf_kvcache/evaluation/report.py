@@ -83,17 +83,29 @@ def write_plots(records: list[dict], rows: list[dict], out: Path) -> list[Path]:
     written = []
     quality = [r for r in rows if "perplexity" in r and "cache_ratio" in r]
     if quality:
-        figure, axis = plt.subplots(figsize=(7, 4.5))
-        for row in quality:
-            axis.scatter(row["cache_ratio"], row["perplexity"], s=40)
-            axis.annotate(row["spec"], (row["cache_ratio"], row["perplexity"]), fontsize=7, xytext=(4, 4),
-                          textcoords="offset points")  # fmt: skip
+        from matplotlib.ticker import ScalarFormatter
+
+        figure, axis = plt.subplots(figsize=(7, 5))
+        # Strategies at the same budget sit on top of each other, so a legend names them, not labels.
+        markers = "osD^vP*Xhp"
+        for index, row in enumerate(quality):
+            axis.scatter(
+                row["cache_ratio"], row["perplexity"], s=50, marker=markers[index % len(markers)],
+                label=row["spec"], alpha=0.85,
+            )  # fmt: skip
+        # Perplexity is exp(mean NLL): a log axis keeps a bad outlier from flattening the rest.
+        axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(ScalarFormatter())
+        axis.yaxis.set_minor_formatter(ScalarFormatter())
+        axis.tick_params(axis="y", which="minor", labelsize=7)
+        axis.set_xlim(0, 1.05)
         axis.set_xlabel("cache bytes / full cache bytes")
-        axis.set_ylabel("perplexity (lower is better)")
+        axis.set_ylabel("perplexity, log scale (lower is better)")
         axis.set_title("Quality against cache memory")
-        axis.grid(alpha=0.3)
+        axis.grid(alpha=0.3, which="both")
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
         figure.tight_layout()
-        figure.savefig(out / "pareto.png", dpi=120)
+        figure.savefig(out / "pareto.png", dpi=120, bbox_inches="tight")
         plt.close(figure)
         written.append(out / "pareto.png")
     speed = [r for r in rows if "decode_tokens_per_s" in r]
