@@ -3,7 +3,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_kvcache import HeavyHitterKVCache
-from tests.conftest import make_tiny_model, random_ids
+from tests.conftest import assert_left_padded_rows_match_unpadded_runs, make_tiny_model, random_ids
 
 
 def stream(model, ids, cache, chunk):
@@ -90,18 +90,9 @@ def test_memory_is_bounded(chunk):
 
 def test_left_padded_rows_match_their_unpadded_runs():
     model = make_tiny_model("llama-gqa")
-    ids = random_ids(26, batch=3, seed=8)
-    mask = torch.ones_like(ids)
-    mask[1, :4], mask[2, :15] = 0, 0
-    ids[mask == 0] = 0
-    kwargs = dict(max_new_tokens=14, do_sample=False, pad_token_id=0)
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, past_key_values=HeavyHitterKVCache(model, 6, 6), **kwargs
+    assert_left_padded_rows_match_unpadded_runs(
+        model, lambda: HeavyHitterKVCache(model, 6, 6), length=26, pads=(0, 4, 15), max_new_tokens=14, seed=8
     )
-    for row in range(3):
-        alone = ids[row : row + 1, mask[row].bool()]
-        single = model.generate(input_ids=alone, past_key_values=HeavyHitterKVCache(model, 6, 6), **kwargs)
-        torch.testing.assert_close(out[row, -14:], single[0, -14:], msg=f"row {row}")
 
 
 def test_padding_is_never_a_heavy_hitter():

@@ -3,7 +3,7 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from hf_kvcache import SlidingWindowKVCache, build_cache
-from tests.conftest import make_tiny_model, random_ids
+from tests.conftest import assert_left_padded_rows_match_unpadded_runs, make_tiny_model, random_ids
 
 
 def stream(model, ids, cache, chunk):
@@ -90,27 +90,14 @@ def test_memory_never_exceeds_window_plus_chunk(chunk):
 def test_left_padded_rows_match_their_unpadded_runs():
     """Each row of a left-padded batch evicts on its own and keeps its own first real tokens as sinks."""
     model = make_tiny_model("llama")
-    ids = random_ids(30, batch=3, seed=9)
-    mask = torch.ones_like(ids)
-    mask[1, :6], mask[2, :19] = 0, 0
-    ids[mask == 0] = 0
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        past_key_values=SlidingWindowKVCache(model, 12, 3),
+    assert_left_padded_rows_match_unpadded_runs(
+        model,
+        lambda: SlidingWindowKVCache(model, 12, 3),
+        length=30,
+        pads=(0, 6, 19),
         max_new_tokens=15,
-        do_sample=False,
-        pad_token_id=0,
+        seed=9,
     )
-    for row in range(3):
-        alone = ids[row : row + 1, mask[row].bool()]
-        single = model.generate(
-            input_ids=alone,
-            past_key_values=SlidingWindowKVCache(model, 12, 3),
-            max_new_tokens=15,
-            do_sample=False,
-        )
-        assert torch.equal(out[row, -15:], single[0, -15:]), row
 
 
 @pytest.mark.parametrize(
