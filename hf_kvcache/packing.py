@@ -40,7 +40,8 @@ def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
 def _slot_codes(packed: torch.Tensor, slot: int, nbits: int) -> torch.Tensor:
     """The codes in bit slot ``slot`` of every byte, as ``uint8``."""
     mask = 2**nbits - 1
-    if packed.is_contiguous() and packed.shape[-1] % 8 == 0:
+    # Viewing bytes as int64 needs whole, 8-byte-aligned words; any other slice takes the per-byte path.
+    if packed.is_contiguous() and packed.shape[-1] % 8 == 0 and packed.storage_offset() % 8 == 0:
         # Eight bytes per shift: a byte's slot never takes bits from its neighbours once masked per byte.
         words = packed.view(torch.int64)
         return ((words >> (slot * nbits)) & int.from_bytes(bytes([mask]) * 8, "little", signed=True)).view(

@@ -76,6 +76,20 @@ def test_unpack_into_a_strided_slice_writes_exactly_the_codes(nbits, bytes_per_r
         assert buffer[..., :2].isnan().all() and buffer[..., -3:].isnan().all()
 
 
+@pytest.mark.parametrize("nbits", [2, 4])
+@pytest.mark.parametrize("offset", [0, 1, 3, 8])
+def test_unpack_reads_a_contiguous_slice_at_any_byte_offset(nbits, offset):
+    codes = torch.randint(0, 2**nbits, (2, 16 * 8 // nbits), generator=torch.Generator().manual_seed(offset))
+    packed = pack_codes(codes, nbits)  # [2, 16]
+    storage = torch.zeros(offset + packed.numel(), dtype=torch.uint8)
+    storage[offset:] = packed.flatten()
+    sliced = storage[offset:].view(2, 16)  # contiguous, but its first byte need not start an 8-byte word
+    assert sliced.is_contiguous() and sliced.storage_offset() == offset
+    assert torch.equal(unpack_codes(sliced, nbits), codes.to(torch.uint8))
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    assert torch.equal(make_codec(nbits, "torch").unpack_into(sliced, out), codes.float())
+
+
 def test_two_bit_packing_layout_is_four_codes_per_byte():
     # planar: code i of a row of n goes to byte i % (n / 4), bit slot i // (n / 4)
     codes = torch.tensor([[3, 2, 1, 0, 0, 1, 2, 3]], dtype=torch.uint8)
