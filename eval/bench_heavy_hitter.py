@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from hf_kvcache import HeavyHitterKVCache, SlidingWindowKVCache
 from hf_kvcache.evaluation import load_corpus, load_model, perplexity
 from hf_kvcache.evaluation.corpus import corpus_token_ids
-from hf_kvcache.evaluation.speed import measure_speed
+from hf_kvcache.evaluation.speed import measure_speed_interleaved
 
 SPLITS = [(128, 384), (256, 256), (384, 128)]
 
@@ -49,11 +49,9 @@ def main():
         f"h2o {best_heavy}+{best_recent}": lambda: HeavyHitterKVCache(model, best_heavy, best_recent),
         "sliding window 512": lambda: SlidingWindowKVCache(model, 512, 4),
     }
-    # Single timings drift with the machine's load: interleave the caches over rounds, keep each median.
-    timings = {name: [] for name in makers}
-    for _ in range(args.rounds):
-        for name, make in makers.items():
-            timings[name].append(measure_speed(model, ids, make, decode_tokens=32, prefill_chunk_size=512))
+    timings = measure_speed_interleaved(
+        model, ids, makers, args.rounds, decode_tokens=32, prefill_chunk_size=512
+    )
     speed = {}
     for name, results in timings.items():
         speed[name] = {

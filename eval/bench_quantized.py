@@ -19,7 +19,7 @@ from transformers import DynamicCache, QuantizedCache
 from hf_kvcache import QuantizedKVCache, cache_nbytes
 from hf_kvcache.evaluation import load_corpus, load_model, perplexity
 from hf_kvcache.evaluation.corpus import corpus_token_ids
-from hf_kvcache.evaluation.speed import measure_speed
+from hf_kvcache.evaluation.speed import measure_speed_interleaved
 from hf_kvcache.layout import attention_layout
 
 
@@ -77,14 +77,11 @@ def main():
             "stream_tokens_per_s": args.max_tokens / elapsed,
         }
         print(f"{name:28s} " + "  ".join(f"{k}={v:.4g}" for k, v in rows[name].items()), flush=True)
-    # Decode timings drift with the machine's load; interleave the caches over several rounds and keep
-    # each one's median, so that every cache sees the same conditions.
-    decode = {name: [] for name in rows}
-    for _ in range(args.rounds):
-        for name, make_cache in candidates(model).items():
-            speed = measure_speed(model, ids[:, :1024], make_cache, decode_tokens=args.decode_tokens)
-            decode[name].append(speed.decode_tokens_per_s)
-    for name, timings in decode.items():
+    runs = measure_speed_interleaved(
+        model, ids[:, :1024], candidates(model), args.rounds, decode_tokens=args.decode_tokens
+    )
+    for name, results in runs.items():
+        timings = [r.decode_tokens_per_s for r in results]
         rows[name]["decode_tokens_per_s"] = statistics.median(timings)
         rows[name]["decode_tokens_per_s_rounds"] = timings
         print(f"{name:28s} decode tok/s median {statistics.median(timings):.2f} of {timings}", flush=True)

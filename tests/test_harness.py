@@ -6,11 +6,13 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, DynamicCache
 
 from hf_kvcache.cli import main
 from hf_kvcache.evaluation.harness import CompareSettings
 from hf_kvcache.evaluation.passkey import make_passkey_prompt
+from hf_kvcache.evaluation.speed import measure_speed_interleaved
+from tests.conftest import make_tiny_model, random_ids
 
 STRATEGIES = [
     "full",
@@ -128,3 +130,25 @@ def test_settings_reject_bad_values():
     with pytest.raises(ValueError, match="unknown metrics \\['latency'\\]"):
         CompareSettings(metrics=("latency",))
     assert CompareSettings().fingerprint() != CompareSettings(max_tokens=2048).fingerprint()
+
+
+def test_speed_rounds_interleave_the_caches_and_time_each_once_per_round():
+    model = make_tiny_model("llama")
+    built = []
+
+    def maker(name):
+        def make():
+            built.append(name)
+            return DynamicCache(config=model.config)
+
+        return make
+
+    runs = measure_speed_interleaved(
+        model, random_ids(20), {"a": maker("a"), "b": maker("b")}, rounds=3, decode_tokens=2
+    )
+    # measure_speed builds two caches per run (warm-up, timed); rounds alternate a, b, a, b, a, b.
+    assert built == ["a", "a", "b", "b"] * 3
+    assert list(runs) == ["a", "b"] and all(len(r) == 3 for r in runs.values())
+    assert all(r.prefill_tokens == 20 and r.decode_tokens == 2 for rs in runs.values() for r in rs)
+    with pytest.raises(ValueError, match="rounds must be positive, got 0"):
+        measure_speed_interleaved(model, random_ids(20), {"a": maker("a")}, rounds=0)

@@ -75,3 +75,24 @@ def measure_speed(
         decode_tokens_per_s=decode_tokens / decode_s,
         decode_ms_per_token=1000 * decode_s / decode_tokens,
     )
+
+
+def measure_speed_interleaved(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    make_caches: dict[str, Callable[[], Cache]],
+    rounds: int,
+    **options,
+) -> dict[str, list[SpeedResult]]:
+    """Time every cache of ``make_caches`` ``rounds`` times, one of each per round, with :func:`measure_speed`.
+
+    Timings on a shared machine drift with its load; interleaving gives every cache the same conditions, so
+    medians of the returned runs compare fairly. ``options`` go to :func:`measure_speed`.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be positive, got {rounds}")
+    runs = {name: [] for name in make_caches}
+    for _ in range(rounds):
+        for name, make_cache in make_caches.items():
+            runs[name].append(measure_speed(model, prompt_ids, make_cache, **options))
+    return runs
