@@ -71,16 +71,23 @@ def random_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
 
 
-def assert_left_padded_rows_match_unpadded_runs(
-    model, make_cache, length: int, pads: tuple[int, ...], max_new_tokens: int, seed: int = 0
-) -> None:
-    """Greedy-generate a left-padded batch (row i padded by ``pads[i]``) with one cache, and each row alone
-    with a fresh cache: every row's new tokens must be the same."""
+def left_padded_ids(length: int, pads: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``ids`` ``[len(pads), length]`` whose row i starts with ``pads[i]`` padding tokens (id 0), and
+    the matching attention ``mask``."""
     ids = random_ids(length, batch=len(pads), seed=seed)
     mask = torch.ones_like(ids)
     for row, pad in enumerate(pads):
         mask[row, :pad] = 0
     ids[mask == 0] = 0
+    return ids, mask
+
+
+def assert_left_padded_rows_match_unpadded_runs(
+    model, make_cache, length: int, pads: tuple[int, ...], max_new_tokens: int, seed: int = 0
+) -> None:
+    """Greedy-generate a left-padded batch (row i padded by ``pads[i]``) with one cache, and each row alone
+    with a fresh cache: every row's new tokens must be the same."""
+    ids, mask = left_padded_ids(length, pads, seed)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=make_cache(), **kwargs)
     for row in range(len(pads)):

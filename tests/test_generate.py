@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_kvcache import build_cache, list_strategies
-from tests.conftest import make_tiny_model, random_ids
+from tests.conftest import left_padded_ids, make_tiny_model
 
 PROMPT, NEW = 24, 12
 
@@ -32,12 +32,7 @@ def test_every_registered_strategy_is_in_the_tables():
 
 
 def left_padded_batch():
-    ids = random_ids(PROMPT, batch=3, seed=5)
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    mask[2, :11] = 0
-    ids[mask == 0] = 0
-    return ids, mask
+    return left_padded_ids(PROMPT, pads=(0, 5, 11), seed=5)
 
 
 MODES = {
