@@ -48,9 +48,10 @@ class QuantizedCacheConfig:
                 f"allowed: {[g for g in range(1, head_dim + 1) if head_dim % g == 0]}"
             )
         if head_dim % (8 // self.nbits):
+            allowed = [n for n in SUPPORTED_NBITS if head_dim % (8 // n) == 0]
             raise ValueError(
                 f"nbits={self.nbits} packs {8 // self.nbits} codes per byte, which must divide the model's "
-                f"head dimension {head_dim}; use nbits=8"
+                f"head dimension {head_dim}; allowed nbits: {allowed}"
             )
 
 

@@ -181,6 +181,18 @@ def test_bad_options_are_named(llama, options, message):
         QuantizedKVCache(llama, **options)
 
 
+def test_nbits_whose_codes_do_not_fill_whole_bytes_per_token_is_named():
+    model = make_tiny_model("llama", hidden_size=24)  # 4 heads of size 6: 2-bit codes would need 1.5 bytes
+    with pytest.raises(
+        ValueError, match="nbits=2 packs 4 codes per byte, .* head dimension 6; allowed nbits: \\[4, 8\\]"
+    ):
+        QuantizedKVCache(model, nbits=2, group_size=6)
+    cache = QuantizedKVCache(model, nbits=4, group_size=6, residual_length=0, num_sink_tokens=0)
+    with torch.no_grad():
+        model(random_ids(12), past_key_values=cache)
+    assert cache.layers[0].key_codes.shape == (1, 4, 12, 3)  # 6 four-bit codes per token in 3 bytes
+
+
 def test_spec_options_are_typed(llama):
     cache = build_cache("quantized:nbits=2,group_size=8,residual_length=0", llama)
     assert (cache.config.nbits, cache.config.group_size, cache.config.residual_length) == (2, 8, 0)
