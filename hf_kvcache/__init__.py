@@ -7,22 +7,19 @@ Tensor shape convention: keys and values are ``[B, H, S, D]`` (batch, KV heads, 
 """
 
 from hf_kvcache.base import KVCache, cache_nbytes
-from hf_kvcache.heavy_hitter import HeavyHitterKVCache
-from hf_kvcache.quantized import QuantizedKVCache
 from hf_kvcache.registry import build_cache, canonical_spec, list_strategies, parse_spec, register_strategy
-from hf_kvcache.sliding_window import SlidingWindowKVCache
+from hf_kvcache.strategies import *  # noqa: F403  (registers the built-ins)
+from hf_kvcache.strategies import __all__ as _strategy_exports
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "HeavyHitterKVCache",
     "KVCache",
-    "QuantizedKVCache",
-    "SlidingWindowKVCache",
     "build_cache",
     "cache_nbytes",
     "canonical_spec",
     "list_strategies",
     "parse_spec",
     "register_strategy",
+    *_strategy_exports,
 ]

@@ -1,14 +1,20 @@
-"""Shared base classes: byte accounting and the cache container that every strategy uses.
+"""Shared base classes: the cache container every strategy builds on, byte accounting, batch-row selection.
 
 Tensor shape convention: see :mod:`hf_kvcache.layout` (``[B, H, S, D]``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import torch
-from transformers import Cache
+from transformers import Cache, PreTrainedModel
+from transformers.cache_utils import CacheLayerMixin
+
+from hf_kvcache.layout import AttentionLayout, attention_layout
 
 
 def held_tensors(obj: object) -> Iterator[torch.Tensor]:
@@ -52,12 +58,64 @@ def cache_nbytes(cache: Cache) -> int:
     return tensors_nbytes(t for layer in cache.layers for t in held_tensors(layer))
 
 
-class KVCache(Cache):
-    """A ``transformers.Cache`` made of hf-kvcache layers, with its strategy ``config`` and honest ``nbytes``."""
+class BatchRowsMixin:
+    """Beam search and batch expansion for a cache layer: every tensor named in ``batched`` has the batch as
+    its first dimension and moves with its row; nothing is recomputed."""
 
-    def __init__(self, layers: list, config: object):
-        super().__init__(layers=layers)
-        self.config = config
+    batched: ClassVar[tuple[str, ...]] = ()
+
+    def select_rows(self, select: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if not self.is_initialized:
+            return
+        for name in self.batched:
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, select(tensor))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+
+class KVCache(Cache):
+    """A ``transformers.Cache`` of hf-kvcache layers, built from a frozen options dataclass, with honest ``nbytes``.
+
+    A strategy subclasses this (or :class:`~hf_kvcache.strategies.eviction.EvictionCache`), names its frozen
+    ``options_class`` and implements :meth:`build_layers`. The options dataclass is the one place that
+    declares option names, defaults and checks: ``Cache(model, nbits=2)`` builds it from the options (keywords,
+    or positional in field order), and ``Cache(model, options)`` takes a ready one (the registry does that). ``cache.options`` holds it;
+    ``cache.config`` is left to mean what it means in ``transformers``.
+    """
+
+    options_class: ClassVar[type]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "options_class" in cls.__dict__:
+            # help() and IDEs show the real options, with their defaults, read from the one declaration.
+            parameters = [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+            parameters += [
+                inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default)
+                for f in dataclasses.fields(cls.options_class)
+                if f.init
+            ]
+            cls.__signature__ = inspect.Signature(parameters)
+
+    def __init__(self, model: PreTrainedModel, *option_args: Any, **option_kwargs: Any):
+        if len(option_args) == 1 and not option_kwargs and isinstance(option_args[0], self.options_class):
+            self.options = option_args[0]
+        else:
+            self.options = self.options_class(*option_args, **option_kwargs)
+        super().__init__(layers=self.build_layers(model, attention_layout(model)))
+
+    def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[CacheLayerMixin]:
+        """One layer object per model layer, for ``model`` whose geometry is ``layout``."""
+        raise NotImplementedError
 
     @property
     def nbytes(self) -> int:
@@ -65,4 +123,4 @@ class KVCache(Cache):
         return tensors_nbytes(t for layer in self.layers for t in held_tensors(layer))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config}, layers={len(self.layers)}, nbytes={self.nbytes})"
+        return f"{type(self).__name__}({self.options}, layers={len(self.layers)}, nbytes={self.nbytes})"

@@ -1,7 +1,9 @@
 """One registry from strategy names and spec strings to caches, used by the CLI, the harness and the tests.
 
 A spec string is ``name`` or ``name:option=value,option=value``, for example ``"quantized:nbits=2,group_size=32"``.
-Option names and types come from the strategy's frozen config dataclass, which also checks the values.
+Option names and types come from the strategy's frozen options dataclass, which also checks the values.
+This module imports no strategy: each built-in registers itself when ``hf_kvcache.strategies`` is imported,
+which ``import hf_kvcache`` does.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from transformers import Cache, PreTrainedModel
 
 @dataclass(frozen=True)
 class Strategy:
-    """A registered strategy: how to build its config from options and its cache from a model and config."""
+    """A registered strategy: its options dataclass, how to build its cache, and a one-line summary."""
 
     name: str
-    config_class: type
+    options_class: type
     build: Callable[[PreTrainedModel, Any], Cache]
     summary: str
 
@@ -29,24 +31,45 @@ class Strategy:
 _STRATEGIES: dict[str, Strategy] = {}
 
 
-def register_strategy(name: str, config_class: type, build: Callable, summary: str) -> None:
-    """Add a strategy under ``name``; ``build(model, config)`` returns the cache."""
-    if not dataclasses.is_dataclass(config_class):
-        raise TypeError(f"config_class for {name!r} must be a dataclass, got {config_class!r}")
-    if name in _STRATEGIES:
-        raise ValueError(f"strategy {name!r} is already registered")
-    _STRATEGIES[name] = Strategy(name, config_class, build, summary)
+def register_strategy(
+    name: str, summary: str, options_class: type | None = None, build: Callable | None = None
+):
+    """Register a strategy under ``name``.
+
+    As a class decorator on a :class:`~hf_kvcache.base.KVCache` subclass, it takes the options from the class's
+    ``options_class`` and builds caches as ``cls(model, options)``::
+
+        @register_strategy("tova", "TOVA: evict the entry the current query attends to least")
+        class TOVAKVCache(ScoringCache): ...
+
+    For a cache that is not ours (the ``full`` baseline), pass ``options_class`` and ``build(model, options)``.
+    """
+
+    def add(options_class: type, build: Callable) -> None:
+        if not dataclasses.is_dataclass(options_class):
+            raise TypeError(f"options of strategy {name!r} must be a dataclass, got {options_class!r}")
+        if name in _STRATEGIES:
+            raise ValueError(f"strategy {name!r} is already registered")
+        _STRATEGIES[name] = Strategy(name, options_class, build, summary)
+
+    if build is not None:
+        add(options_class, build)
+        return build
+
+    def decorate(cache_class: type) -> type:
+        add(cache_class.options_class, cache_class)
+        return cache_class
+
+    return decorate
 
 
 def list_strategies() -> list[str]:
     """Names of all registered strategies, sorted."""
-    _load_builtin_strategies()
     return sorted(_STRATEGIES)
 
 
 def get_strategy(name: str) -> Strategy:
     """The registered strategy ``name``, with a "did you mean" on a typo."""
-    _load_builtin_strategies()
     try:
         return _STRATEGIES[name]
     except KeyError:
@@ -90,39 +113,27 @@ def _convert(value: str, kind: type, option: str, strategy: str) -> Any:
 
 
 def parse_spec(spec: str) -> tuple[Strategy, Any]:
-    """Turn a spec string into its strategy and a validated config instance."""
+    """Turn a spec string into its strategy and a validated options instance."""
     name, raw = split_spec(spec)
     strategy = get_strategy(name)
-    hints = typing.get_type_hints(strategy.config_class)
-    fields = [f.name for f in dataclasses.fields(strategy.config_class) if f.init]
+    hints = typing.get_type_hints(strategy.options_class)
+    fields = [f.name for f in dataclasses.fields(strategy.options_class) if f.init]
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         allowed = ", ".join(f"{f} ({hints[f].__name__})" for f in fields) or "none"
         raise ValueError(f"unknown option(s) {unknown} for strategy {name!r}; allowed options: {allowed}")
     options = {key: _convert(value, hints[key], key, name) for key, value in raw.items()}
-    return strategy, strategy.config_class(**options)
+    return strategy, strategy.options_class(**options)
 
 
 def canonical_spec(spec: str) -> str:
     """The spec with every option spelled out, e.g. ``"quantized"`` -> ``"quantized:nbits=4,group_size=32,..."``."""
-    strategy, config = parse_spec(spec)
-    options = ",".join(f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config) if f.init)
-    return f"{strategy.name}:{options}" if options else strategy.name
+    strategy, options = parse_spec(spec)
+    spelled = ",".join(f"{f.name}={getattr(options, f.name)}" for f in dataclasses.fields(options) if f.init)
+    return f"{strategy.name}:{spelled}" if spelled else strategy.name
 
 
 def build_cache(spec: str, model: PreTrainedModel) -> Cache:
     """Build a fresh cache for ``model`` from a spec string such as ``"full"`` or ``"quantized:nbits=2"``."""
-    strategy, config = parse_spec(spec)
-    return strategy.build(model, config)
-
-
-_builtins_loaded = False
-
-
-def _load_builtin_strategies() -> None:
-    # Built-in strategies register themselves when their modules are imported; importing lazily keeps
-    # `import hf_kvcache.registry` cheap and free of cycles.
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        from hf_kvcache import strategies  # noqa: F401
+    strategy, options = parse_spec(spec)
+    return strategy.build(model, options)

@@ -18,12 +18,16 @@ LOSSLESS = {
     "quantized": "quantized:nbits=2,group_size=8,residual_length=64",
     "sliding-window": "sliding-window:window_length=64,num_sink_tokens=4",
     "heavy-hitter": "heavy-hitter:heavy_budget=32,recent_budget=32",
+    "tova": "tova:budget=64",
+    "snapkv": "snapkv:budget=64,window_size=8",
 }
 LOSSY = {
     "full": "full",
     "quantized": "quantized:nbits=2,group_size=8,residual_length=8",
     "sliding-window": "sliding-window:window_length=12,num_sink_tokens=4",
     "heavy-hitter": "heavy-hitter:heavy_budget=6,recent_budget=6",
+    "tova": "tova:budget=12",
+    "snapkv": "snapkv:budget=12,window_size=4,kernel_size=3",
 }
 
 

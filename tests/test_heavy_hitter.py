@@ -141,3 +141,17 @@ def test_a_cache_used_with_another_model_is_refused():
 def test_bad_options_are_named(llama, options, message):
     with pytest.raises(ValueError, match=message):
         HeavyHitterKVCache(llama, **options)
+
+
+@pytest.mark.parametrize("block_elements", [1, 3000])
+def test_scores_computed_in_small_query_blocks_are_the_same(monkeypatch, block_elements):
+    # 1 element forces one query per block; 3000 a few queries per block with a ragged last block.
+    monkeypatch.setattr("hf_kvcache.strategies.scoring.SCORE_BLOCK_ELEMENTS", block_elements)
+    model = make_tiny_model("llama-gqa")
+    ids = random_ids(40, batch=2, seed=4)
+    cache = HeavyHitterKVCache(model, heavy_budget=30, recent_budget=10)
+    stream(model, ids, cache, 40)
+    for layer in (0, 1):
+        torch.testing.assert_close(
+            cache.layers[layer].scores, grouped_eager_attention("llama-gqa", ids, layer)
+        )

@@ -5,8 +5,8 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from hf_kvcache import QuantizedKVCache, build_cache
-from hf_kvcache.packing import make_codec, pack_codes, unpack_codes
-from hf_kvcache.quantized import QuantizedCacheConfig, QuantizedLayer
+from hf_kvcache.strategies.packing import make_codec, pack_codes, unpack_codes
+from hf_kvcache.strategies.quantized import QuantizedLayer, QuantizedOptions
 from tests.conftest import make_tiny_model, random_ids
 
 
@@ -101,7 +101,7 @@ def filled_layer(nbits, backend="torch", tokens=96, group_size=16, residual=20, 
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(2, 3, tokens, 32, generator=generator) * 3 + 1
     values = torch.randn(2, 3, tokens, 32, generator=generator)
-    config = QuantizedCacheConfig(nbits, group_size, residual, backend, num_sink_tokens=0)
+    config = QuantizedOptions(nbits, group_size, residual, backend, num_sink_tokens=0)
     layer = QuantizedLayer(config, make_codec(nbits, backend))
     layer.update(keys[..., :50, :], values[..., :50, :])
     for t in range(50, tokens):
@@ -138,7 +138,7 @@ def test_quantized_data_is_never_requantized():
 
 
 def test_long_prompt_is_quantized_group_by_group_at_prefill():
-    config = QuantizedCacheConfig(4, 16, 20, num_sink_tokens=4)
+    config = QuantizedOptions(4, 16, 20, num_sink_tokens=4)
     layer = QuantizedLayer(config, make_codec(4, "torch"))
     keys = torch.randn(1, 2, 104, 32)
     out_keys, _ = layer.update(keys, keys)
@@ -195,7 +195,7 @@ def test_nbits_whose_codes_do_not_fill_whole_bytes_per_token_is_named():
 
 def test_spec_options_are_typed(llama):
     cache = build_cache("quantized:nbits=2,group_size=8,residual_length=0", llama)
-    assert (cache.config.nbits, cache.config.group_size, cache.config.residual_length) == (2, 8, 0)
+    assert (cache.options.nbits, cache.options.group_size, cache.options.residual_length) == (2, 8, 0)
     with pytest.raises(ValueError, match="nbits='two' of strategy 'quantized' must be of type int"):
         build_cache("quantized:nbits=two", llama)
 

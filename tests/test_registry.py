@@ -1,10 +1,17 @@
+import ast
+import dataclasses
+import inspect
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import DynamicCache
 
+import hf_kvcache
 from hf_kvcache import build_cache, cache_nbytes, canonical_spec, list_strategies, parse_spec
-from hf_kvcache.registry import split_spec
-from tests.conftest import random_ids
+from hf_kvcache.registry import get_strategy, split_spec
+from tests.conftest import make_tiny_model, random_ids
 
 
 def test_full_is_dynamic_cache(llama):
@@ -56,3 +63,48 @@ def test_cache_nbytes_of_dynamic_cache_counts_keys_and_values(llama):
 def test_cache_nbytes_rejects_non_caches():
     with pytest.raises(TypeError, match="expects a transformers Cache"):
         cache_nbytes([torch.zeros(3)])
+
+
+PACKAGE = Path(hf_kvcache.__file__).parent
+
+
+def test_registry_imports_no_strategy():
+    tree = ast.parse((PACKAGE / "registry.py").read_text())
+    imported = [
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    ] + [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [name for name in imported if "strategies" in name or name.startswith("hf_kvcache.")]
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_grows_past_350_lines(path):
+    assert len(path.read_text().splitlines()) <= 350
+
+
+@pytest.mark.parametrize("name", [n for n in list_strategies() if n != "full"])
+def test_options_are_declared_once_and_documented_with_their_defaults(name):
+    model = make_tiny_model("llama", head_dim=32)  # the quantizer's default groups of 32 channels fit
+    strategy = get_strategy(name)
+    cache_class = strategy.build
+    fields = [f for f in dataclasses.fields(strategy.options_class) if f.init]
+    signature = inspect.signature(cache_class)
+    assert list(signature.parameters) == ["model", *(f.name for f in fields)]
+    doc = inspect.getdoc(cache_class)
+    assert "https://arxiv.org/abs/" in doc
+    args = doc.split("Args:\n", 1)[1].split("\n\n", 1)[0]
+    documented = {
+        entry.split(":")[0].strip(): " ".join(entry.replace("``", "").split())
+        for entry in re.split(r"\n(?=    \w+: )", args)
+    }
+    assert list(documented) == ["model", *(f.name for f in fields)]
+    for field in fields:
+        assert signature.parameters[field.name].default == field.default
+        assert documented[field.name].endswith(f"Default {field.default!r}."), documented[field.name]
+    # Keywords, positional options and a ready options object build the same cache.
+    defaults = {f.name: f.default for f in fields}
+    for cache in (
+        cache_class(model, **defaults),
+        cache_class(model, *defaults.values()),
+        cache_class(model, strategy.options_class()),
+    ):
+        assert cache.options == strategy.options_class()

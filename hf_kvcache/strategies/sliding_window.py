@@ -10,16 +10,16 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from hf_kvcache.eviction import EvictingLayer, EvictionCache, ForwardState
-from hf_kvcache.layout import FULL_ATTENTION, attention_layout, require_layer_types
+from hf_kvcache.layout import AttentionLayout
+from hf_kvcache.model_hooks import KeyRotator, find_rotary_module
 from hf_kvcache.registry import register_strategy
-from hf_kvcache.rotary import KeyRotator, find_rotary_module
+from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache, ForwardState
 
 POSITION_MODES = ("shifted", "original")
 
 
 @dataclass(frozen=True)
-class SlidingWindowConfig:
+class SlidingWindowOptions:
     """Options of :class:`SlidingWindowKVCache`; see there."""
 
     window_length: int = 256
@@ -41,10 +41,10 @@ class SlidingWindowConfig:
 class SlidingWindowLayer(EvictingLayer):
     """Keeps each row's first ``num_sink_tokens`` real tokens and its newest ones, ``window_length`` in all."""
 
-    def __init__(self, config: SlidingWindowConfig, state: ForwardState, rotator: KeyRotator | None):
-        self.num_sink_tokens = config.num_sink_tokens
+    def __init__(self, options: SlidingWindowOptions, state: ForwardState, rotator: KeyRotator | None):
+        self.num_sink_tokens = options.num_sink_tokens
         self.rotator = rotator
-        super().__init__(config.window_length, state)
+        super().__init__(options.window_length, state)
 
     def attention_keys(self, keys: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
         # Shifted positions: the kept tokens sit at consecutive positions ending just before the new ones.
@@ -64,6 +64,10 @@ class SlidingWindowLayer(EvictingLayer):
         return indices[:, None, :].expand(batch, heads, kept)
 
 
+@register_strategy(
+    "sliding-window",
+    "StreamingLLM: attention sinks plus the most recent tokens, positions shifted into the window",
+)
 class SlidingWindowKVCache(EvictionCache):
     """Sliding-window cache with attention sinks (StreamingLLM, https://arxiv.org/abs/2309.17453).
 
@@ -76,46 +80,28 @@ class SlidingWindowKVCache(EvictionCache):
         model: the model the cache serves.
         window_length: tokens kept per layer, sinks included. Default 256.
         num_sink_tokens: first tokens always kept; 0 is a plain sliding window. Default 4.
-        positions: ``"shifted"`` (default): attention sees the kept tokens at consecutive positions, as
-            StreamingLLM does, which keeps streaming stable far past the trained context (RoPE models only).
-            ``"original"``: kept keys keep the positions they were computed at.
+        positions: ``"shifted"``: attention sees the kept tokens at consecutive positions, as StreamingLLM
+            does, which keeps streaming stable far past the trained context (RoPE models only).
+            ``"original"``: kept keys keep the positions they were computed at. Default ``'shifted'``.
 
     Example:
         >>> cache = SlidingWindowKVCache(model, window_length=256, num_sink_tokens=4)
         >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=2000)
     """
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        window_length: int = 256,
-        num_sink_tokens: int = 4,
-        positions: str = "shifted",
-    ):
-        config = SlidingWindowConfig(window_length, num_sink_tokens, positions)
-        layout = attention_layout(model)
-        require_layer_types(layout, (FULL_ATTENTION,), "sliding-window")
-        rotator = None
-        if positions == "shifted" and num_sink_tokens > 0:
+    options_class = SlidingWindowOptions
+
+    def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[SlidingWindowLayer]:
+        self.rotator = None
+        if self.options.positions == "shifted" and self.options.num_sink_tokens > 0:
             rotary = find_rotary_module(model)
             if rotary is None:
                 raise ValueError(
                     f"positions='shifted' re-rotates cached keys and needs a RoPE model; {type(model).__name__} "
                     "has no rotary embedding. Use positions='original'."
                 )
-            rotator = KeyRotator(rotary)
-        state = ForwardState()
-        layers = [SlidingWindowLayer(config, state, rotator) for _ in range(layout.num_layers)]
-        super().__init__(model, layers, config, state)
+            self.rotator = KeyRotator(rotary)
+        return super().build_layers(model, layout)
 
-
-def build_sliding_window_cache(model: PreTrainedModel, config: SlidingWindowConfig) -> SlidingWindowKVCache:
-    return SlidingWindowKVCache(model, config.window_length, config.num_sink_tokens, config.positions)
-
-
-register_strategy(
-    "sliding-window",
-    SlidingWindowConfig,
-    build_sliding_window_cache,
-    "StreamingLLM: attention sinks plus the most recent tokens, positions shifted into the window",
-)
+    def make_layer(self, layout: AttentionLayout) -> SlidingWindowLayer:
+        return SlidingWindowLayer(self.options, self.forward_state, self.rotator)

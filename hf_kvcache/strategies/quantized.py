@@ -12,14 +12,14 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
-from hf_kvcache.base import KVCache
-from hf_kvcache.layout import FULL_ATTENTION, SLIDING_ATTENTION, attention_layout, require_layer_types
-from hf_kvcache.packing import BACKENDS, SUPPORTED_NBITS, TorchCodec, make_codec
+from hf_kvcache.base import BatchRowsMixin, KVCache
+from hf_kvcache.layout import FULL_ATTENTION, SLIDING_ATTENTION, AttentionLayout, require_layer_types
 from hf_kvcache.registry import register_strategy
+from hf_kvcache.strategies.packing import BACKENDS, SUPPORTED_NBITS, TorchCodec, make_codec
 
 
 @dataclass(frozen=True)
-class QuantizedCacheConfig:
+class QuantizedOptions:
     """Options of :class:`QuantizedKVCache`; see there."""
 
     nbits: int = 4
@@ -55,7 +55,7 @@ class QuantizedCacheConfig:
             )
 
 
-class QuantizedLayer(CacheLayerMixin):
+class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
     """One model layer's quantized keys and values.
 
     Storage (``T_q`` quantized tokens, ``R`` residual tokens, ``G`` = group size, ``P = D * nbits / 8``):
@@ -68,9 +68,14 @@ class QuantizedLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, config: QuantizedCacheConfig, codec: TorchCodec):
+    batched = (
+        "keys", "values", "sink_keys", "sink_values",
+        "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero",
+    )  # fmt: skip
+
+    def __init__(self, options: QuantizedOptions, codec: TorchCodec):
         super().__init__()
-        self.settings = config
+        self.options = options
         self.codec = codec
         self._clear()
 
@@ -83,8 +88,8 @@ class QuantizedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads, _, head_dim = key_states.shape
-        packed_dim = head_dim * self.settings.nbits // 8
-        groups = head_dim // self.settings.group_size
+        packed_dim = head_dim * self.options.nbits // 8
+        groups = head_dim // self.options.group_size
         empty = key_states.new_empty
         self.keys, self.values = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
         self.sink_keys, self.sink_values = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
@@ -101,7 +106,7 @@ class QuantizedLayer(CacheLayerMixin):
     def _quantize_and_append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize whole groups of tokens and append them; they are never requantized afterwards."""
         batch, heads, length, head_dim = keys.shape
-        size = self.settings.group_size
+        size = self.options.group_size
         # Keys: one scale per channel for each group of `size` consecutive tokens.  # [B, H, n, G, D]
         key_groups = keys.reshape(batch, heads, length // size, size, head_dim)
         key_codes, key_scale, key_zero = self.codec.quantize(key_groups, dim=3, scale_dtype=self.dtype)
@@ -133,7 +138,7 @@ class QuantizedLayer(CacheLayerMixin):
     def _dequantize_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Dequantize the quantized tokens into ``keys``/``values`` ``[B, H, T_q, D]`` (views are fine)."""
         batch, heads, length, head_dim = keys.shape
-        size = self.settings.group_size
+        size = self.options.group_size
         # In-place multiply-add over whole rows: broadcasting the scales this way is much faster on CPU than
         # a broadcasting addcmul.
         self.codec.unpack_into(self.key_codes, keys)
@@ -149,7 +154,7 @@ class QuantizedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # The first tokens draw a large share of attention everywhere (attention sinks): keep them exact.
-        missing_sinks = self.settings.num_sink_tokens - self.sink_keys.shape[-2]
+        missing_sinks = self.options.num_sink_tokens - self.sink_keys.shape[-2]
         if missing_sinks > 0:
             self.sink_keys = torch.cat([self.sink_keys, key_states[..., :missing_sinks, :]], dim=-2)
             self.sink_values = torch.cat([self.sink_values, value_states[..., :missing_sinks, :]], dim=-2)
@@ -161,8 +166,8 @@ class QuantizedLayer(CacheLayerMixin):
         residual_values = torch.cat([self.values, value_states], dim=-2)
         all_keys, all_values = self._assemble(residual_keys, residual_values)
         # Move the oldest whole groups out of the residual, keeping at least `residual_length` tokens there.
-        overflow = residual_keys.shape[-2] - self.settings.residual_length
-        flush = max(overflow, 0) // self.settings.group_size * self.settings.group_size
+        overflow = residual_keys.shape[-2] - self.options.residual_length
+        flush = max(overflow, 0) // self.options.group_size * self.options.group_size
         if flush:
             self._quantize_and_append(residual_keys[..., :flush, :], residual_values[..., :flush, :])
             # clone() so the residual does not pin the storage of the longer tensor it was sliced from
@@ -211,29 +216,6 @@ class QuantizedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self._clear()
 
-    def _select_batch(self, select) -> None:
-        if not self.is_initialized:
-            return
-        for name in self._BATCHED:
-            setattr(self, name, select(getattr(self, name)))
-
-    _BATCHED = (
-        "keys", "values", "sink_keys", "sink_values",
-        "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero",
-    )  # fmt: skip
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        # Codes and scales move with their rows: reordering is exact, nothing is requantized.
-        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_batch(
-            lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices]
-        )
-
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` tokens (a negative value removes that many from the end).
 
@@ -255,13 +237,13 @@ class QuantizedLayer(CacheLayerMixin):
             self.keys = self.keys[..., : keep - self.quantized_length, :].clone()
             self.values = self.values[..., : keep - self.quantized_length, :].clone()
             return
-        if keep % self.settings.group_size:
+        if keep % self.options.group_size:
             raise ValueError(
                 f"cannot crop the quantized cache to {keep} tokens: the cut falls inside a quantized group of "
-                f"{self.settings.group_size} tokens; crop to a multiple of {self.settings.group_size} or to at "
+                f"{self.options.group_size} tokens; crop to a multiple of {self.options.group_size} or to at "
                 f"least {sinks + self.quantized_length} tokens"
             )
-        groups = keep // self.settings.group_size
+        groups = keep // self.options.group_size
         self.key_codes, self.value_codes = (
             self.key_codes[..., :keep, :].clone(),
             self.value_codes[..., :keep, :].clone(),
@@ -277,6 +259,9 @@ class QuantizedLayer(CacheLayerMixin):
         self.keys, self.values = self.keys[..., :0, :].clone(), self.values[..., :0, :].clone()
 
 
+@register_strategy(
+    "quantized", "KIVI: keys per channel, values per token, bit-packed, full-precision recent window"
+)
 class QuantizedKVCache(KVCache):
     """KIVI-style quantized KV cache with really bit-packed storage.
 
@@ -292,41 +277,20 @@ class QuantizedKVCache(KVCache):
         group_size: tokens per key group and channels per value group; must divide the head dimension.
             Default 32.
         residual_length: newest tokens kept in full precision. Default 128.
-        backend: ``"torch"`` (default) or ``"quanto"`` (optimum-quanto's primitives, same scheme).
+        backend: ``"torch"`` (pure PyTorch) or ``"quanto"`` (optimum-quanto's primitives, same scheme).
+            Default ``'torch'``.
         num_sink_tokens: first tokens of the sequence kept in full precision, since every later query attends
-            to them heavily (StreamingLLM's attention sinks). Default 4; 0 is plain KIVI.
+            to them heavily (StreamingLLM's attention sinks); 0 is plain KIVI. Default 4.
 
     Example:
         >>> cache = QuantizedKVCache(model, nbits=2)
         >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
     """
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        nbits: int = 4,
-        group_size: int = 32,
-        residual_length: int = 128,
-        backend: str = "torch",
-        num_sink_tokens: int = 4,
-    ):
-        config = QuantizedCacheConfig(nbits, group_size, residual_length, backend, num_sink_tokens)
-        layout = attention_layout(model)
-        require_layer_types(layout, (FULL_ATTENTION, SLIDING_ATTENTION), "quantized")
-        config.check_head_dim(layout.head_dim)
-        codec = make_codec(nbits, backend)
-        super().__init__([QuantizedLayer(config, codec) for _ in range(layout.num_layers)], config)
+    options_class = QuantizedOptions
 
-
-def build_quantized_cache(model: PreTrainedModel, config: QuantizedCacheConfig) -> QuantizedKVCache:
-    return QuantizedKVCache(
-        model, config.nbits, config.group_size, config.residual_length, config.backend, config.num_sink_tokens
-    )
-
-
-register_strategy(
-    "quantized",
-    QuantizedCacheConfig,
-    build_quantized_cache,
-    "KIVI: keys per channel, values per token, bit-packed, full-precision recent window",
-)
+    def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[QuantizedLayer]:
+        require_layer_types(layout, (FULL_ATTENTION, SLIDING_ATTENTION), type(self).__name__)
+        self.options.check_head_dim(layout.head_dim)
+        codec = make_codec(self.options.nbits, self.options.backend)
+        return [QuantizedLayer(self.options, codec) for _ in range(layout.num_layers)]

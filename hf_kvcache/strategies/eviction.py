@@ -9,14 +9,15 @@ entries, which then line up with the padded columns.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
-from hf_kvcache.base import KVCache
-from hf_kvcache.forward_context import install_forward_observer, left_padding_counts
+from hf_kvcache.base import BatchRowsMixin, KVCache
+from hf_kvcache.layout import FULL_ATTENTION, AttentionLayout, require_layer_types
+from hf_kvcache.model_hooks import install_forward_observer, left_padding_counts
 
 
 class ForwardState:
@@ -26,15 +27,19 @@ class ForwardState:
         self.attention_mask: torch.Tensor | None = None
 
 
-class EvictingLayer(CacheLayerMixin):
-    """Keys and values ``[B, H, K, D]`` with ``K <= budget``; subclasses choose which entries to keep.
+class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
+    """Keys and values ``[B, H, K, D]``; whenever an update would leave more than ``capacity(new)`` entries, the
+    subclass's :meth:`choose` picks which to keep.
 
     Bookkeeping per row: ``real_seen`` real (non-padding) tokens so far and ``cached_real`` of them still held.
+    Subclasses name per-entry tensors ``[B, H, K]`` in ``entry_state``: they follow each eviction.
     """
 
     is_compileable = False
     is_sliding = False
     is_croppable = False
+    batched: ClassVar[tuple[str, ...]] = ("keys", "values", "real_seen", "cached_real")
+    entry_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, budget: int, state: ForwardState):
         super().__init__()
@@ -45,6 +50,8 @@ class EvictingLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.real_seen = self.cached_real = None
+        for name in self.entry_state:
+            setattr(self, name, None)
         self.seen = 0
         self.is_initialized = False
 
@@ -56,22 +63,31 @@ class EvictingLayer(CacheLayerMixin):
         self.cached_real = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
+    @property
+    def stored(self) -> int:
+        """Entries held now."""
+        return 0 if self.keys is None else self.keys.shape[-2]
+
     # --- hooks for subclasses -------------------------------------------------------------------------
+    def capacity(self, new: int) -> int:
+        """Entries kept after an update that adds ``new``; more than that triggers :meth:`choose`."""
+        return self.budget
+
     def attention_keys(self, keys: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
         """Keys handed to attention this step (stored keys plus new); ``evicted`` real tokens per row so far."""
         return keys
 
     def observe_attention(
-        self, keys: torch.Tensor, new_valid: torch.Tensor, real_in_full: torch.Tensor
+        self, keys: torch.Tensor, new_valid: torch.Tensor, real_in_full: torch.Tensor, evicting: bool
     ) -> None:
-        """Called after concatenation and before eviction (score-based strategies accumulate here)."""
+        """Called after concatenation and before eviction (score-based strategies score here).
+
+        ``new_valid`` ``[B, new]`` marks real new tokens; ``real_in_full`` ``[B]`` counts real entries in ``keys``.
+        """
 
     def choose(self, total: int, kept: int, real_in_full: torch.Tensor) -> torch.Tensor:
         """Indices ``[B, H, kept]`` into the ``total`` entries, ascending, for rows with ``kept`` real entries."""
         raise NotImplementedError
-
-    def gather_extra(self, indices: torch.Tensor) -> None:
-        """Apply the same selection to per-entry state a subclass keeps."""
 
     # --------------------------------------------------------------------------------------------------
     def update(
@@ -89,15 +105,15 @@ class EvictingLayer(CacheLayerMixin):
         full_keys = torch.cat([self.keys, key_states], dim=-2)
         full_values = torch.cat([self.values, value_states], dim=-2)
         real_in_full = self.cached_real + new_real
+        total = full_keys.shape[-2]
+        kept = min(total, self.capacity(new))
         returned_keys = self.attention_keys(full_keys, self.real_seen - self.cached_real)
-        self.observe_attention(returned_keys, new_valid, real_in_full)
+        self.observe_attention(returned_keys, new_valid, real_in_full, evicting=kept < total)
         self.seen += new
         self.real_seen = self.real_seen + new_real
-        total = full_keys.shape[-2]
-        if total <= self.budget:
+        if kept == total:
             self.keys, self.values, self.cached_real = full_keys, full_values, real_in_full
             return returned_keys, full_values
-        kept = self.budget
         # Rows short of real tokens keep the newest `kept` entries: all real ones behind padding.
         fallback = torch.arange(total - kept, total, device=self.device).expand(batch, heads, kept)
         enough = (real_in_full >= kept)[:, None, None]
@@ -105,7 +121,8 @@ class EvictingLayer(CacheLayerMixin):
         gather = indices.unsqueeze(-1).expand(-1, -1, -1, full_keys.shape[-1])
         self.keys = full_keys.gather(2, gather)
         self.values = full_values.gather(2, gather)
-        self.gather_extra(indices)
+        for name in self.entry_state:
+            setattr(self, name, getattr(self, name).gather(2, indices))
         self.cached_real = real_in_full.clamp(max=kept)
         return returned_keys, full_values
 
@@ -113,29 +130,17 @@ class EvictingLayer(CacheLayerMixin):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        stored = 0 if not self.is_initialized else self.keys.shape[-2]
-        return stored + query_length, self.seen - stored
+        return self.stored + query_length, self.seen - self.stored
 
     def get_max_length(self) -> int:
         return self.budget
 
-    def _select_rows(self, select) -> None:
+    def select_rows(self, select) -> None:
+        super().select_rows(select)
         if self.is_initialized:
-            self.keys, self.values = select(self.keys), select(self.values)
-            self.real_seen, self.cached_real = select(self.real_seen), select(self.cached_real)
-            self.select_extra_rows(select)
-
-    def select_extra_rows(self, select) -> None:
-        """Apply a batch-row selection to per-entry state a subclass keeps."""
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(lambda t: t[indices])
+            for name in self.entry_state:
+                if getattr(self, name) is not None:
+                    setattr(self, name, select(getattr(self, name)))
 
     def crop(self, max_length: int) -> None:
         raise ValueError(
@@ -145,14 +150,18 @@ class EvictingLayer(CacheLayerMixin):
 
 
 class EvictionCache(KVCache):
-    """A cache of :class:`EvictingLayer` s that learns each forward's padding mask from the model."""
+    """A cache of :class:`EvictingLayer` s, one per full-attention layer, that learns each forward's padding mask
+    from the model. Subclasses implement :meth:`make_layer`."""
 
-    def __init__(
-        self, model: PreTrainedModel, layers: list[EvictingLayer], config: object, state: ForwardState
-    ):
-        super().__init__(layers, config)
-        self.forward_state = state
+    def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[EvictingLayer]:
+        require_layer_types(layout, (FULL_ATTENTION,), type(self).__name__)
         install_forward_observer(model)
+        self.forward_state = ForwardState()
+        return [self.make_layer(layout) for _ in range(layout.num_layers)]
+
+    def make_layer(self, layout: AttentionLayout) -> EvictingLayer:
+        """A fresh layer for one model layer; it shares ``self.forward_state``."""
+        raise NotImplementedError
 
     def observe_forward(self, attention_mask: torch.Tensor | None, query_length: int) -> None:
         """Called by the model hook before each forward with the 2D mask of that call."""

@@ -10,13 +10,13 @@ from hf_kvcache.registry import register_strategy
 
 
 @dataclass(frozen=True)
-class FullCacheConfig:
+class FullCacheOptions:
     """The full cache has no options."""
 
 
-def build_full_cache(model: PreTrainedModel, config: FullCacheConfig) -> DynamicCache:
+def build_full_cache(model: PreTrainedModel, options: FullCacheOptions) -> DynamicCache:
     """A ``DynamicCache`` for ``model``; measure its bytes with :func:`hf_kvcache.cache_nbytes`."""
     return DynamicCache(config=model.config)
 
 
-register_strategy("full", FullCacheConfig, build_full_cache, "transformers DynamicCache, nothing dropped")
+register_strategy("full", "transformers DynamicCache, nothing dropped", FullCacheOptions, build_full_cache)

@@ -1,0 +1,21 @@
+"""The built-in strategies, one module each; importing this package registers them.
+
+Shared machinery lives beside them: :mod:`.eviction` (caches that drop tokens), :mod:`.scoring` (attention-score
+strategies on top of it) and :mod:`.packing` (quantization codecs).
+"""
+
+from hf_kvcache.strategies.full import build_full_cache
+from hf_kvcache.strategies.heavy_hitter import HeavyHitterKVCache
+from hf_kvcache.strategies.quantized import QuantizedKVCache
+from hf_kvcache.strategies.sliding_window import SlidingWindowKVCache
+from hf_kvcache.strategies.snapkv import SnapKVCache
+from hf_kvcache.strategies.tova import TOVAKVCache
+
+__all__ = [
+    "HeavyHitterKVCache",
+    "QuantizedKVCache",
+    "SlidingWindowKVCache",
+    "SnapKVCache",
+    "TOVAKVCache",
+    "build_full_cache",
+]

@@ -1,0 +1,73 @@
+"""Heavy-hitter eviction (H2O): keep the recent tokens and those that have drawn the most attention.
+
+Paper: "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models",
+https://arxiv.org/abs/2306.14048
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hf_kvcache.registry import register_strategy
+from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
+
+
+@dataclass(frozen=True)
+class HeavyHitterOptions:
+    """Options of :class:`HeavyHitterKVCache`; see there."""
+
+    heavy_budget: int = 128
+    recent_budget: int = 128
+
+    def __post_init__(self):
+        for name in ("heavy_budget", "recent_budget"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.heavy_budget + self.recent_budget < 1:
+            raise ValueError("heavy_budget + recent_budget must be at least 1, got 0")
+
+
+class HeavyHitterLayer(ScoringLayer):
+    """``scores`` ``[B, H_kv, K]`` (float32): the attention each held entry has received, summed over all queries
+    so far and over the query heads sharing its KV head; it follows every eviction."""
+
+    accumulates = True
+    entry_state = ("scores",)
+
+    def score(self, mass: torch.Tensor, new: int) -> torch.Tensor:
+        if self.scores is None:
+            return mass
+        return torch.nn.functional.pad(self.scores, (0, new)) + mass
+
+
+@register_strategy(
+    "heavy-hitter", "H2O: recent tokens plus those with the most accumulated attention, per KV head"
+)
+class HeavyHitterKVCache(ScoringCache):
+    """Heavy-hitter eviction cache (H2O, https://arxiv.org/abs/2306.14048), under SDPA or eager attention.
+
+    For each KV head it keeps the ``recent_budget`` newest tokens plus the ``heavy_budget`` older tokens with the
+    largest accumulated attention: the probability each token has received, summed over every query so far and
+    over the query heads that share the KV head (GQA). Eviction happens at prefill and at every decoding step,
+    so memory stays bounded. Each row of a batch chooses its own tokens; left padding is never kept as a heavy
+    hitter. Scores come from queries recomputed in hooks on this model's attention modules, so SDPA works and
+    nothing changes for other caches.
+
+    Args:
+        model: the model the cache serves (Llama-style attention: Llama, Mistral, Qwen2/3, Phi3, ...).
+        heavy_budget: older tokens kept by accumulated attention. Default 128.
+        recent_budget: newest tokens always kept. Default 128.
+
+    Example:
+        >>> cache = HeavyHitterKVCache(model, heavy_budget=128, recent_budget=128)
+        >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
+    """
+
+    options_class = HeavyHitterOptions
+
+    def make_layer(self, layout) -> HeavyHitterLayer:
+        budget = self.options.heavy_budget + self.options.recent_budget
+        return HeavyHitterLayer(budget, self.forward_state, keep_recent=self.options.recent_budget)

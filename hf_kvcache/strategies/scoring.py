@@ -1,0 +1,157 @@
+"""The base of attention-score strategies (H2O, TOVA, SnapKV): what the held entries receive from the new queries.
+
+A scoring layer gets this forward's rotated queries from the model hooks (so SDPA works), computes their
+attention probabilities over the entries it holds plus the new ones, masked exactly as the model masks them
+(left padding, causality, GQA groups), and hands the *attention mass* each entry received to the strategy's
+:meth:`ScoringLayer.score`. It keeps the ``keep_recent`` newest entries and, of the older real ones, the
+highest-scored. A strategy then declares only which queries count, how it scores, and how many recent entries
+it always keeps.
+
+Memory: probabilities are computed in blocks of queries, so the extra memory is O(block x held entries), never
+O(queries x keys), whatever the prompt length.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from hf_kvcache.layout import AttentionLayout
+from hf_kvcache.model_hooks import install_query_capture
+from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache, ForwardState
+
+# Upper bound on the float32 elements of one block of attention logits (64 MiB).
+SCORE_BLOCK_ELEMENTS = 2**24
+
+
+def attention_mass(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_valid: torch.Tensor,
+    key_valid: torch.Tensor,
+    first_query_position: int,
+    scaling: float,
+) -> torch.Tensor:
+    """Attention probability each key receives, summed over the queries and over the query heads of its group.
+
+    Args:
+        queries: ``[B, H_q, q, D]`` rotated queries; query ``i`` sits at entry position ``first_query_position + i``
+            and sees the entries up to and including its own position.
+        keys: ``[B, H_kv, K, D]``, ``H_q`` a multiple of ``H_kv`` (grouped-query attention).
+        query_valid: ``[B, q]``, False for padding queries, which attend to nothing real and must not vote.
+        key_valid: ``[B, K]``, False for padding entries.
+        first_query_position: entry index of the first query.
+        scaling: the factor the model applies to ``q . k`` (usually ``D ** -0.5``).
+
+    Returns:
+        ``[B, H_kv, K]`` float32.
+    """
+    batch, kv_heads, total, head_dim = keys.shape
+    length = queries.shape[-2]
+    groups = queries.shape[1] // kv_heads
+    grouped = queries.float().reshape(batch, kv_heads, groups, length, head_dim)  # [B, Hkv, G, q, D]
+    keys = keys.float()
+    entry = torch.arange(total, device=keys.device)
+    mass = keys.new_zeros(batch, kv_heads, total)
+    block = max(1, SCORE_BLOCK_ELEMENTS // (batch * kv_heads * groups * total))
+    for start in range(0, length, block):
+        stop = min(start + block, length)
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", grouped[:, :, :, start:stop], keys) * scaling
+        position = first_query_position + torch.arange(start, stop, device=keys.device)
+        visible = (entry[None, :] <= position[:, None])[None] & key_valid[:, None, :]  # [B, q_block, K]
+        logits.masked_fill_(~visible[:, None, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        probs.mul_(query_valid[:, None, None, start:stop, None])
+        mass += probs.sum(dim=(2, 3))
+    return mass
+
+
+class ScoringLayer(EvictingLayer):
+    """An evicting layer that ranks entries by the attention mass they receive; see the module docstring.
+
+    Subclasses set ``scored_queries`` (the newest queries whose attention counts; ``None``: all),
+    ``accumulates`` (score every forward, not only when evicting) and may override :meth:`score`.
+    """
+
+    scored_queries: ClassVar[int | None] = None
+    accumulates: ClassVar[bool] = False
+
+    def __init__(self, budget: int, state: ForwardState, keep_recent: int):
+        self.keep_recent = keep_recent
+        super().__init__(budget, state)
+
+    def reset(self) -> None:
+        super().reset()
+        self.scores = self.queries = None
+        self.scaling = 1.0
+
+    def wants_queries(self, new: int) -> bool:
+        return self.accumulates or self.stored + new > self.capacity(new)
+
+    def score(self, mass: torch.Tensor, new: int) -> torch.Tensor:
+        """Scores ``[B, H_kv, K]`` of all entries from this forward's attention ``mass`` ``[B, H_kv, K]``.
+
+        By default the mass itself: the attention the scored queries paid each entry, summed over the query
+        heads of its KV head (the same order as their average).
+        """
+        return mass
+
+    def observe_attention(
+        self, keys: torch.Tensor, new_valid: torch.Tensor, real_in_full: torch.Tensor, evicting: bool
+    ) -> None:
+        queries, self.queries = self.queries, None
+        if not (evicting or self.accumulates):
+            return
+        if queries is None:
+            raise RuntimeError(
+                f"the {type(self).__name__} got no queries for this layer: call the model it was built for "
+                "(its attention hooks feed the scores), not a copy or another model"
+            )
+        total, new = keys.shape[-2], new_valid.shape[-1]
+        count = new if self.scored_queries is None else min(new, self.scored_queries)
+        stored = total - new
+        entry = torch.arange(total, device=self.device)
+        # Padding sits first among the stored entries; new entries are real where new_valid says so.
+        key_valid = torch.cat(
+            [entry[None, :stored] >= (stored - self.cached_real)[:, None], new_valid], dim=-1
+        )
+        mass = attention_mass(
+            queries[..., new - count :, :],
+            keys,
+            new_valid[:, new - count :],
+            key_valid,
+            total - count,
+            self.scaling,
+        )
+        self.scores = self.score(mass, new)
+
+    def choose(self, total: int, kept: int, real_in_full: torch.Tensor) -> torch.Tensor:
+        batch, heads = real_in_full.shape[0], self.scores.shape[1]
+        recent = torch.arange(total - self.keep_recent, total, device=self.device).expand(batch, heads, -1)
+        if kept == self.keep_recent:
+            return recent
+        entry = torch.arange(total, device=self.device)
+        first_real = (total - real_in_full)[:, None, None]
+        candidate = (entry >= first_real) & (entry < total - self.keep_recent)
+        scores = self.scores
+        if not self.accumulates:
+            self.scores = None  # this forward's scores only: nothing to hold until the next eviction
+        top = scores.masked_fill(~candidate, float("-inf")).topk(kept - self.keep_recent, dim=-1).indices
+        return torch.cat([top, recent], dim=-1).sort(dim=-1).values
+
+
+class ScoringCache(EvictionCache):
+    """A cache of :class:`ScoringLayer` s: hooks the model's attention modules so they hand over their queries."""
+
+    def build_layers(self, model, layout: AttentionLayout) -> list[ScoringLayer]:
+        layers = super().build_layers(model, layout)
+        install_query_capture(model, layout.num_layers)
+        return layers
+
+    def wants_queries(self, layer_idx: int, query_length: int) -> bool:
+        return self.layers[layer_idx].wants_queries(query_length)
+
+    def observe_queries(self, layer_idx: int, queries: torch.Tensor, scaling: float) -> None:
+        layer = self.layers[layer_idx]
+        layer.queries, layer.scaling = queries, scaling
