@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ EXAMPLES = """examples:
   hf-kvcache list
   hf-kvcache speed --strategies full sliding-window --max-tokens 4096
   hf-kvcache passkey --strategies heavy-hitter --passkey-lengths 2048 4096
+  hf-kvcache compare --metrics perplexity memory --strategies full tova snapkv
   hf-kvcache ppl                                    # embedded SmolLM2 + Wikipedia, full cache
   hf-kvcache ppl --strategies full quantized:nbits=2 --max-tokens 2048
   hf-kvcache ppl --model HuggingFaceTB/SmolLM2-360M --dataset wikitext:wikitext-2-raw-v1
@@ -106,39 +108,75 @@ def run_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
-def _depth(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a depth between 0 and 1, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a depth between 0 and 1, got {value}")
-    return value
+def _option_flags(metric: str, option: dataclasses.Field) -> list[str]:
+    return [f"--{metric}-{option.name}".replace("_", "-"), *option.metadata.get("aliases", ())]
 
 
-def add_harness_arguments(parser: argparse.ArgumentParser, default_strategies: list[str]) -> None:
+def add_metric_option_arguments(parser: argparse.ArgumentParser, metric_names: list[str]) -> None:
+    """One ``--<metric>-<option>`` flag per field of each metric's options dataclass; values are checked there."""
+    import typing
+
+    from hf_kvcache.evaluation import get_metric
+
+    for name in metric_names:
+        options_class = get_metric(name).options_class
+        hints = typing.get_type_hints(options_class)
+        group = parser.add_argument_group(f"{name} metric options")
+        for option in dataclasses.fields(options_class):
+            kind, many = hints[option.name], False
+            if typing.get_origin(kind) is tuple:
+                kind, many = typing.get_args(kind)[0], True
+            group.add_argument(
+                *_option_flags(name, option),
+                dest=f"metric_option:{name}:{option.name}",
+                metavar=kind.__name__.upper(),
+                type=kind,
+                nargs="+" if many else None,
+                default=None,
+                help=f"{option.metadata.get('help', option.name)} (default: {option.default})",
+            )
+
+
+def metric_options_from_args(args: argparse.Namespace, metric_names: list[str]) -> dict:
+    """Each metric's options dataclass, built from the flags given; a bad value exits with its message."""
+    from hf_kvcache.evaluation import get_metric
+
+    options = {}
+    for name in metric_names:
+        options_class = get_metric(name).options_class
+        given = {}
+        for option in dataclasses.fields(options_class):
+            value = getattr(args, f"metric_option:{name}:{option.name}", None)
+            if value is not None:
+                given[option.name] = tuple(value) if isinstance(value, list) else value
+        try:
+            options[name] = options_class(**given)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+    return options
+
+
+def add_harness_arguments(
+    parser: argparse.ArgumentParser, default_strategies: list[str], metric_names: list[str]
+) -> None:
     parser.add_argument(
         "--strategies", nargs="+", default=default_strategies, help="strategy specs to compare"
     )
     parser.add_argument("--out", default=None, help="folder for results.json, results.csv, results.md, plots")
     parser.add_argument("--force", action="store_true", help="recompute records already in results.json")
-    parser.add_argument(
-        "--decode-tokens", type=_positive_int, default=16, help="timed decode steps (default 16)"
-    )
-    parser.add_argument("--passkey-lengths", type=_positive_int, nargs="+", default=[1024, 2048])
-    parser.add_argument("--passkey-depths", type=_depth, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
-    parser.add_argument("--passkey-trials", type=_positive_int, default=1, help="keys per (length, depth)")
+    add_metric_option_arguments(parser, metric_names)
 
 
-def run_harness(args: argparse.Namespace, metrics: tuple[str, ...], default_out: str | None) -> int:
+def run_harness(args: argparse.Namespace, default_out: str | None) -> int:
     import tempfile
 
     from hf_kvcache.evaluation.harness import CompareSettings, run_compare
-    from hf_kvcache.evaluation.report import markdown_table, summarize, write_reports
+    from hf_kvcache.evaluation.report import markdown_table, summarize, table_columns, write_reports
 
     _check_specs(args.strategies)
     if args.text_file is not None and not Path(args.text_file).is_file():
         raise SystemExit(f"error: --text-file {args.text_file!r} does not exist")
+    metrics = list(args.metrics)
     try:
         settings = CompareSettings(
             model=args.model,
@@ -149,21 +187,26 @@ def run_harness(args: argparse.Namespace, metrics: tuple[str, ...], default_out:
             chunk_size=args.chunk_size,
             dtype=args.dtype,
             device=args.device,
-            decode_tokens=args.decode_tokens,
-            passkey_lengths=tuple(args.passkey_lengths),
-            passkey_depths=tuple(args.passkey_depths),
-            passkey_trials=args.passkey_trials,
-            metrics=metrics,
+            metrics=tuple(metrics),
+            metric_options=metric_options_from_args(args, metrics),
         )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     out = args.out or default_out or tempfile.mkdtemp(prefix="hf-kvcache-")
     records = run_compare(args.strategies, settings, out, force=args.force, device_map=args.device_map)
-    records = [r for r in records if r["metric"] in metrics]
     paths = write_reports(records, out)
-    print(markdown_table(summarize(records)))
+    print(markdown_table(summarize(records), table_columns(records)))
     print("wrote " + ", ".join(str(p) for p in [Path(out) / "results.json", *paths]))
     return 0
+
+
+def add_measuring_command(commands, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand that loads a model and text: the shared model arguments and the examples."""
+    command = commands.add_parser(
+        name, help=summary, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_arguments(command)
+    return command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,29 +219,31 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="list registered strategies")
     listing.set_defaults(run=run_list)
-    ppl = commands.add_parser(
-        "ppl",
-        help="streaming perplexity",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_arguments(ppl)
+    ppl = add_measuring_command(commands, "ppl", "streaming perplexity")
     ppl.add_argument("--strategies", nargs="+", default=["full"], help="strategy specs (default: full)")
     ppl.set_defaults(run=run_ppl)
-    from hf_kvcache.evaluation.harness import DEFAULT_STRATEGIES, METRICS
+    from hf_kvcache.evaluation import get_metric, list_metrics
+    from hf_kvcache.evaluation.harness import DEFAULT_STRATEGIES
 
-    for name, metrics, summary in (
-        ("compare", METRICS, "the main job: perplexity, memory, speed and passkey for every strategy"),
-        ("speed", ("speed",), "prefill and decode tokens/s"),
-        ("passkey", ("passkey",), "long-context passkey retrieval accuracy"),
-    ):
-        command = commands.add_parser(
-            name, help=summary, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
-        )
-        add_model_arguments(command)
-        add_harness_arguments(command, list(DEFAULT_STRATEGIES))
-        default_out = "results" if name == "compare" else None
-        command.set_defaults(run=lambda args, m=metrics, o=default_out: run_harness(args, m, o))
+    compare = add_measuring_command(
+        commands,
+        "compare",
+        "the main job: every metric (perplexity, memory, speed, passkey, ...) for every strategy",
+    )
+    add_harness_arguments(compare, list(DEFAULT_STRATEGIES), list_metrics())
+    compare.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=list_metrics(),
+        default=list_metrics(),
+        help="metrics to measure (default: all)",
+    )
+    compare.set_defaults(run=lambda args: run_harness(args, "results"))
+    # One subcommand per metric, so that `hf-kvcache passkey ...` measures just that.
+    for name in list_metrics():
+        command = add_measuring_command(commands, name, get_metric(name).summary)
+        add_harness_arguments(command, list(DEFAULT_STRATEGIES), [name])
+        command.set_defaults(run=lambda args: run_harness(args, None), metrics=[name])
     return parser
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import signal
 import subprocess
@@ -9,8 +10,10 @@ import pytest
 from transformers import AutoTokenizer, DynamicCache
 
 from hf_kvcache.cli import main
+from hf_kvcache.evaluation import Column, Metric, register_metric
 from hf_kvcache.evaluation.harness import CompareSettings
-from hf_kvcache.evaluation.passkey import make_passkey_prompt
+from hf_kvcache.evaluation.metric import _METRICS
+from hf_kvcache.evaluation.passkey import PasskeyOptions, make_passkey_prompt
 from hf_kvcache.evaluation.speed import measure_speed_interleaved
 from tests.conftest import make_tiny_model, random_ids
 
@@ -113,7 +116,13 @@ def test_passkey_needle_sits_at_the_requested_depth(tiny_model_dir, filler_file,
         (["compare", "--strategies", "slidng-window"], "Did you mean 'sliding-window'"),
         (["compare", "--text-file", "/no/such/file.txt"], "--text-file '/no/such/file.txt' does not exist"),
         (["compare", "--max-tokens", "-5"], "expected a positive integer, got -5"),
-        (["passkey", "--passkey-depths", "1.5"], "expected a depth between 0 and 1, got 1.5"),
+        (["passkey", "--passkey-depths", "1.5"], "passkey depths must lie in \\[0, 1\\], got \\[1.5\\]"),
+        (
+            ["passkey", "--passkey-lengths", "32"],
+            "passkey lengths must be integers of at least 64 tokens, got \\[32\\]",
+        ),
+        (["speed", "--speed-decode-tokens", "0"], "speed decode_tokens must be a positive integer, got 0"),
+        (["compare", "--metrics", "latency"], "invalid choice: 'latency'"),
         (["speed", "--strategies", "quantized:nbits=3"], "nbits must be one of \\[2, 4, 8\\], got 3"),
     ],
 )
@@ -129,7 +138,71 @@ def test_settings_reject_bad_values():
         CompareSettings(max_tokens=-1)
     with pytest.raises(ValueError, match="unknown metrics \\['latency'\\]"):
         CompareSettings(metrics=("latency",))
-    assert CompareSettings().fingerprint() != CompareSettings(max_tokens=2048).fingerprint()
+    with pytest.raises(TypeError, match="options of metric 'speed' must be a SpeedOptions"):
+        CompareSettings(metric_options={"speed": PasskeyOptions()})
+
+
+def test_a_metric_record_depends_on_its_own_options_only():
+    base, longer = (
+        CompareSettings(),
+        CompareSettings(metric_options={"passkey": PasskeyOptions(lengths=(4096,))}),
+    )
+    assert base.fingerprint("passkey") != longer.fingerprint("passkey")
+    for name in ("perplexity", "memory", "speed"):
+        assert base.fingerprint(name) == longer.fingerprint(name)
+    assert base.fingerprint("memory") != CompareSettings(max_tokens=2048).fingerprint("memory")
+    assert longer.record_settings("passkey")["options"] == {
+        "lengths": (4096,),
+        "depths": (0.1, 0.3, 0.5, 0.7, 0.9),
+        "trials": 1,
+    }
+
+
+@pytest.fixture
+def bytes_per_token_metric():
+    """A metric declared in one place, as a contributor would add it in one file."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        scale: int = 1
+
+        def __post_init__(self):
+            if self.scale < 1:
+                raise ValueError(f"bytes-per-token scale must be >= 1, got {self.scale}")
+
+    @register_metric
+    class BytesPerToken(Metric):
+        name, summary = "bytes-per-token", "cache bytes per prompt token"
+        options_class = Options
+        columns = (Column("bytes_per_token", "B/token", "{:.1f}"),)
+        uses_stream = True
+
+        def measure(self, run, spec, tick):
+            return {
+                "bytes_per_token": self.options.scale * run.stream(spec, tick).cache_bytes / run.prompt_tokens
+            }
+
+    yield BytesPerToken
+    _METRICS.pop("bytes-per-token")
+
+
+def test_a_metric_in_one_place_runs_through_compare(
+    bytes_per_token_metric, tiny_model_dir, filler_file, tmp_path, capsys
+):
+    args = compare_args(tiny_model_dir, filler_file, tmp_path, "--metrics", "memory", "bytes-per-token")
+    assert main([*args, "--bytes-per-token-scale", "2"]) == 0
+    records = {
+        (r["spec"], r["metric"]): r for r in json.loads((tmp_path / "results.json").read_text())["records"]
+    }
+    assert len(records) == 2 * len(STRATEGIES)
+    for spec in STRATEGIES:
+        memory, added = records[(spec, "memory")]["values"], records[(spec, "bytes-per-token")]
+        assert added["values"]["bytes_per_token"] == 2 * memory["cache_bytes"] / 128
+        assert added["settings"]["options"] == {"scale": 2}
+    table = capsys.readouterr().out
+    assert "| strategy | cache MiB | × full | B/token |" in table
+    with pytest.raises(SystemExit, match="bytes-per-token scale must be >= 1, got 0"):
+        main([*args, "--bytes-per-token-scale", "0"])
 
 
 def test_speed_rounds_interleave_the_caches_and_time_each_once_per_round():

@@ -19,12 +19,15 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from hf_kvcache.base import cache_nbytes
+from hf_kvcache.evaluation.metric import Metric, get_metric, list_metrics
+from hf_kvcache.evaluation.perplexity import PerplexityResult, perplexity
 from hf_kvcache.layout import attention_layout
-from hf_kvcache.registry import build_cache, canonical_spec, parse_spec
+from hf_kvcache.registry import build_cache, canonical_spec
 
 DEFAULT_STRATEGIES = (
     "full",
@@ -34,13 +37,17 @@ DEFAULT_STRATEGIES = (
     "sliding-window:window_length=256,num_sink_tokens=0",
     "heavy-hitter:heavy_budget=128,recent_budget=128",
 )
-METRICS = ("perplexity", "memory", "speed", "passkey")
 SCHEMA_VERSION = 1
+
+
+def default_metrics() -> tuple[str, ...]:
+    """Every registered metric, in registration order: what ``compare`` measures unless told otherwise."""
+    return tuple(list_metrics())
 
 
 @dataclass(frozen=True)
 class CompareSettings:
-    """What to measure on; every field takes part in the records' fingerprint."""
+    """What to measure on. ``metric_options`` maps a metric name to its options (defaults where absent)."""
 
     model: str | None = None
     dataset: str | None = None
@@ -50,30 +57,37 @@ class CompareSettings:
     chunk_size: int = 16
     dtype: str | None = None
     device: str | None = None
-    decode_tokens: int = 16
-    passkey_lengths: tuple[int, ...] = (1024, 2048)
-    passkey_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    passkey_trials: int = 1
-    metrics: tuple[str, ...] = field(default=METRICS)
+    metrics: tuple[str, ...] = field(default_factory=default_metrics)
+    metric_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("max_tokens", "chunk_size", "decode_tokens", "passkey_trials"):
+        for name in ("max_tokens", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_tokens < 2:
             raise ValueError(f"max_tokens must be at least 2, got {self.max_tokens}")
-        if any(length < 64 for length in self.passkey_lengths):
-            raise ValueError(f"passkey lengths must be at least 64 tokens, got {list(self.passkey_lengths)}")
-        if any(not 0 <= depth <= 1 for depth in self.passkey_depths):
-            raise ValueError(f"passkey depths must lie in [0, 1], got {list(self.passkey_depths)}")
-        unknown = sorted(set(self.metrics) - set(METRICS))
+        unknown = sorted(set(self.metrics) - set(list_metrics()))
         if unknown:
-            raise ValueError(f"unknown metrics {unknown}; allowed: {list(METRICS)}")
+            raise ValueError(f"unknown metrics {unknown}; allowed: {list_metrics()}")
+        for name, options in self.metric_options.items():
+            expected = get_metric(name).options_class
+            if not isinstance(options, expected):
+                raise TypeError(f"options of metric {name!r} must be a {expected.__name__}, got {options!r}")
 
-    def fingerprint(self) -> str:
-        fields = dataclasses.asdict(self)
-        fields.pop("metrics")
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    def metric(self, name: str) -> Metric:
+        """The metric ``name`` with this run's options."""
+        return get_metric(name)(self.metric_options.get(name))
+
+    def record_settings(self, name: str) -> dict:
+        """The settings a record of metric ``name`` depends on: the shared ones and that metric's options."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shared.pop("metrics"), shared.pop("metric_options")
+        return {**shared, "options": dataclasses.asdict(self.metric(name).options)}
+
+    def fingerprint(self, name: str) -> str:
+        """Hash of :meth:`record_settings`: a record is reused only under the same one."""
+        settings = json.dumps(self.record_settings(name), sort_keys=True)
+        return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 
 class ResultStore:
@@ -155,61 +169,45 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
 
 
-def measure_quality_and_memory(model, spec: str, input_ids: torch.Tensor, settings: CompareSettings, tick):
-    from hf_kvcache.evaluation.perplexity import perplexity
+@dataclass(frozen=True)
+class StreamOutcome:
+    """One perplexity stream of the run's prompt through a fresh cache, and what the cache held at its end."""
 
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
-    cache = build_cache(spec, model)
-    start = time.perf_counter()
-    result = perplexity(model, input_ids, cache=cache, chunk_size=settings.chunk_size, on_chunk=tick)
-    seconds = time.perf_counter() - start
-    tokens = input_ids.shape[1]
-    held, full = cache_nbytes(cache), full_cache_bytes(model, tokens)
-    peak, peak_kind = peak_memory(model.device)
-    quality = {
-        "perplexity": result.perplexity,
-        "mean_nll": result.mean_nll,
-        "num_tokens": result.num_tokens,
-        "seconds": seconds,
-        "stream_tokens_per_s": tokens / seconds,
-    }
-    memory = {
-        "tokens": tokens,
-        "cache_bytes": held,
-        "full_cache_bytes": full,
-        "ratio_to_full": held / full,
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": peak_kind,
-    }
-    return quality, memory
+    perplexity: PerplexityResult
+    seconds: float
+    cache_bytes: int
+    full_cache_bytes: int
+    peak_memory_bytes: int
+    peak_memory_kind: str
 
 
-def measure_speed_record(model, spec: str, input_ids: torch.Tensor, settings: CompareSettings) -> dict:
-    from hf_kvcache.evaluation.speed import measure_speed
+class Run:
+    """What metrics measure on: the model, tokenizer, corpus text and prompt ``input_ids`` ``[1, T]`` of one run."""
 
-    result = measure_speed(
-        model, input_ids, lambda: build_cache(spec, model), settings.decode_tokens, prefill_chunk_size=512
-    )
-    return dataclasses.asdict(result)
+    def __init__(self, model, tokenizer, text: str, input_ids: torch.Tensor, settings: CompareSettings):
+        self.model, self.tokenizer, self.text = model, tokenizer, text
+        self.input_ids, self.settings = input_ids, settings
+        self._streams: dict[str, StreamOutcome] = {}
 
+    @property
+    def prompt_tokens(self) -> int:
+        return self.input_ids.shape[1]
 
-def measure_passkey(model, tokenizer, spec: str, text: str, settings: CompareSettings, tick) -> dict:
-    from hf_kvcache.evaluation.passkey import make_passkey_prompt, run_passkey
-
-    cells = []
-    for length in settings.passkey_lengths:
-        for depth in settings.passkey_depths:
-            correct = 0
-            for trial in range(settings.passkey_trials):
-                prompt = make_passkey_prompt(tokenizer, text, length, depth, seed=trial)
-                correct += run_passkey(model, tokenizer, prompt, build_cache(spec, model))
-                tick(length)
-            cells.append(
-                {"length": length, "depth": depth, "correct": correct, "trials": settings.passkey_trials}
+    def stream(self, spec: str, tick) -> StreamOutcome:
+        """Stream the prompt through a fresh ``spec`` cache, once per spec however many metrics ask."""
+        if spec not in self._streams:
+            if self.model.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.model.device)
+            cache = build_cache(spec, self.model)
+            start = time.perf_counter()
+            result = perplexity(
+                self.model, self.input_ids, cache=cache, chunk_size=self.settings.chunk_size, on_chunk=tick
             )
-    total = sum(c["trials"] for c in cells)
-    return {"cells": cells, "accuracy": sum(c["correct"] for c in cells) / total}
+            seconds = time.perf_counter() - start
+            peak, peak_kind = peak_memory(self.model.device)
+            full = full_cache_bytes(self.model, self.prompt_tokens)
+            self._streams[spec] = StreamOutcome(result, seconds, cache_nbytes(cache), full, peak, peak_kind)
+        return self._streams[spec]
 
 
 def run_compare(
@@ -227,67 +225,51 @@ def run_compare(
     from hf_kvcache.evaluation.model import load_model
 
     canonical = {spec: canonical_spec(spec) for spec in strategies}  # validates every spec before any work
-    for spec in strategies:
-        parse_spec(spec)
     store = ResultStore(Path(out_dir) / "results.json")
-    fingerprint = settings.fingerprint()
+    metrics = {name: settings.metric(name) for name in settings.metrics}
+    fingerprints = {name: settings.fingerprint(name) for name in metrics}
 
-    def pending(spec: str, metric: str) -> bool:
-        return metric in settings.metrics and (
-            force or store.find(canonical[spec], metric, fingerprint) is None
-        )
+    def pending(spec: str, name: str) -> bool:
+        return force or store.find(canonical[spec], name, fingerprints[name]) is None
 
-    todo = [(s, m) for s in strategies for m in settings.metrics if pending(s, m)]
-    records = [
-        r for r in store.records if r["fingerprint"] == fingerprint and r["strategy"] in canonical.values()
-    ]
+    def current() -> list[dict]:
+        return [
+            r
+            for r in store.records
+            if r["metric"] in metrics
+            and r["fingerprint"] == fingerprints[r["metric"]]
+            and r["strategy"] in canonical.values()
+        ]
+
+    todo = [(spec, name) for spec in strategies for name in metrics if pending(spec, name)]
     if not todo:
-        return records
+        return current()
     if settings.text_file is not None and not Path(settings.text_file).is_file():
         raise FileNotFoundError(f"text file {settings.text_file!r} does not exist")
     text = load_corpus(settings.text_file or settings.dataset, split=settings.split)
     model, tokenizer = load_model(
         settings.model, settings.dtype, "auto" if device_map == "auto" else settings.device
     )
-    input_ids = corpus_token_ids(tokenizer, text, settings.max_tokens)
+    run = Run(model, tokenizer, text, corpus_token_ids(tokenizer, text, settings.max_tokens), settings)
     env = environment(model, settings)
-
-    def save(spec: str, metric: str, values: dict) -> None:
-        record = {
-            "strategy": canonical[spec],
-            "spec": spec,
-            "metric": metric,
-            "values": values,
-            "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "metrics"},
-            "environment": env,
-            "fingerprint": fingerprint,
-            "finished_at": datetime.now(timezone.utc).isoformat(),
-        }
-        store.put(record)
-
-    streamed = {s for s, m in todo if m in ("perplexity", "memory")}
-    # The bar counts prompt tokens fed through the model, the bulk of every measurement, so its rate and
-    # ETA stay meaningful across perplexity streams, speed runs (warm-up + timed) and passkey prompts.
-    prompt_tokens = input_ids.shape[1]
-    speed_tokens = 2 * prompt_tokens
-    passkey_tokens = settings.passkey_trials * len(settings.passkey_depths) * sum(settings.passkey_lengths)
-    work = len(streamed) * prompt_tokens + sum(
-        {"speed": speed_tokens, "passkey": passkey_tokens}.get(m, 0) for _, m in todo
-    )
+    # The bar counts prompt tokens fed through the model, the bulk of every measurement, so its rate and ETA
+    # stay meaningful across perplexity streams (shared by the metrics that use them), speed runs and prompts.
+    streamed = {spec for spec, name in todo if metrics[name].uses_stream}
+    work = len(streamed) * run.prompt_tokens + sum(metrics[name].work(run) for _, name in todo)
     with tqdm(total=work, desc="compare", unit="tok", disable=not progress) as bar:
-        for spec in strategies:
-            bar.set_postfix_str(spec)
-            if spec in streamed:
-                # One streaming run gives both: the perplexity, and the bytes the cache holds at its end.
-                quality, memory = measure_quality_and_memory(model, spec, input_ids, settings, bar.update)
-                for metric, values in (("perplexity", quality), ("memory", memory)):
-                    if metric in settings.metrics:
-                        save(spec, metric, values)
-            if pending(spec, "speed"):
-                save(spec, "speed", measure_speed_record(model, spec, input_ids, settings))
-                bar.update(speed_tokens)
-            if pending(spec, "passkey"):
-                save(spec, "passkey", measure_passkey(model, tokenizer, spec, text, settings, bar.update))
-    return [
-        r for r in store.records if r["fingerprint"] == fingerprint and r["strategy"] in canonical.values()
-    ]
+        for spec, name in todo:
+            bar.set_postfix_str(f"{spec} {name}")
+            values = metrics[name].measure(run, spec, bar.update)
+            store.put(
+                {
+                    "strategy": canonical[spec],
+                    "spec": spec,
+                    "metric": name,
+                    "values": values,
+                    "settings": settings.record_settings(name),
+                    "environment": env,
+                    "fingerprint": fingerprints[name],
+                    "finished_at": datetime.now(timezone.utc).isoformat(),
+                }
+            )
+    return current()

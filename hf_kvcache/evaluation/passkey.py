@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import Cache, PreTrainedModel
+
+from hf_kvcache.evaluation.metric import Column, Metric, register_metric
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "\n\nWhat is the pass key? The pass key is"
@@ -73,3 +76,71 @@ def run_passkey(
         generated.append(int(token))
         token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
     return prompt.key in tokenizer.decode(generated)
+
+
+@dataclass(frozen=True)
+class PasskeyOptions:
+    """Options of the passkey metric."""
+
+    lengths: tuple[int, ...] = field(default=(1024, 2048), metadata={"help": "prompt lengths in tokens"})
+    depths: tuple[float, ...] = field(
+        default=(0.1, 0.3, 0.5, 0.7, 0.9),
+        metadata={"help": "needle depths, fractions of the filler in [0, 1]"},
+    )
+    trials: int = field(default=1, metadata={"help": "keys per (length, depth)"})
+
+    def __post_init__(self):
+        if not self.lengths or any(not isinstance(n, int) or n < 64 for n in self.lengths):
+            raise ValueError(
+                f"passkey lengths must be integers of at least 64 tokens, got {list(self.lengths)}"
+            )
+        if not self.depths or any(not 0 <= depth <= 1 for depth in self.depths):
+            raise ValueError(f"passkey depths must lie in [0, 1], got {list(self.depths)}")
+        if not isinstance(self.trials, int) or self.trials < 1:
+            raise ValueError(f"passkey trials must be a positive integer, got {self.trials!r}")
+
+
+@register_metric
+class PasskeyMetric(Metric):
+    """Pass-key retrieval accuracy per (length, depth) cell, prompts fed in chunks of 512 through the cache."""
+
+    name = "passkey"
+    summary = "long-context passkey retrieval accuracy"
+    options_class = PasskeyOptions
+    columns = (Column("accuracy", "passkey", "{:.0%}"),)
+
+    def work(self, run) -> int:
+        return self.options.trials * len(self.options.depths) * sum(self.options.lengths)
+
+    def measure(self, run, spec: str, tick) -> dict:
+        from hf_kvcache.registry import build_cache
+
+        cells = []
+        for length in self.options.lengths:
+            for depth in self.options.depths:
+                correct = 0
+                for trial in range(self.options.trials):
+                    prompt = make_passkey_prompt(run.tokenizer, run.text, length, depth, seed=trial)
+                    correct += run_passkey(run.model, run.tokenizer, prompt, build_cache(spec, run.model))
+                    tick(length)
+                cells.append(
+                    {"length": length, "depth": depth, "correct": correct, "trials": self.options.trials}
+                )
+        total = sum(c["trials"] for c in cells)
+        return {"cells": cells, "accuracy": sum(c["correct"] for c in cells) / total}
+
+    def plots(self, records: list[dict], out: Path) -> list[Path]:
+        import matplotlib.pyplot as plt
+
+        columns = [(c["length"], c["depth"]) for c in records[0]["values"]["cells"]]
+        grid = [[c["correct"] / c["trials"] for c in r["values"]["cells"]] for r in records]
+        figure, axis = plt.subplots(figsize=(4 + 0.6 * len(columns), 1.5 + 0.45 * len(records)))
+        axis.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        axis.set_xticks(range(len(columns)), [f"{n}\n{d:.0%}" for n, d in columns], fontsize=7)
+        axis.set_yticks(range(len(records)), [r["spec"] for r in records], fontsize=7)
+        axis.set_xlabel("prompt tokens / needle depth")
+        axis.set_title("Passkey retrieval accuracy")
+        figure.tight_layout()
+        figure.savefig(out / "passkey.png", dpi=120)
+        plt.close(figure)
+        return [out / "passkey.png"]

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel
 
+from hf_kvcache.evaluation.metric import Column, Metric, register_metric
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -85,3 +87,30 @@ def perplexity(
         mean_nll=mean_nll,
         token_nll=token_nll if keep_token_nll else None,
     )
+
+
+@register_metric
+class PerplexityMetric(Metric):
+    """Streaming perplexity over the run's prompt, in chunks of ``--chunk-size`` (see :func:`perplexity`)."""
+
+    name = "perplexity"
+    summary = "streaming perplexity, chunk by chunk through the cache"
+    columns = (Column("perplexity", "perplexity", "{:.3f}"), Column("perplexity_ratio", "× full", "{:.3f}"))
+    uses_stream = True
+
+    def measure(self, run, spec: str, tick) -> dict:
+        stream = run.stream(spec, tick)
+        result = stream.perplexity
+        return {
+            "perplexity": result.perplexity,
+            "mean_nll": result.mean_nll,
+            "num_tokens": result.num_tokens,
+            "seconds": stream.seconds,
+            "stream_tokens_per_s": run.prompt_tokens / stream.seconds,
+        }
+
+    def finish_rows(self, rows: list[dict]) -> None:
+        full = next((r for r in rows if r["strategy"] == "full" and "perplexity" in r), None)
+        for row in rows:
+            if full is not None and "perplexity" in row:
+                row["perplexity_ratio"] = row["perplexity"] / full["perplexity"]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import Cache, PreTrainedModel
+
+from hf_kvcache.evaluation.metric import Column, Metric, register_metric
 
 
 @dataclass(frozen=True)
@@ -96,3 +99,58 @@ def measure_speed_interleaved(
         for name, make_cache in make_caches.items():
             runs[name].append(measure_speed(model, prompt_ids, make_cache, **options))
     return runs
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """Options of the speed metric."""
+
+    decode_tokens: int = field(
+        default=16, metadata={"help": "timed greedy decode steps", "aliases": ("--decode-tokens",)}
+    )
+
+    def __post_init__(self):
+        if not isinstance(self.decode_tokens, int) or self.decode_tokens < 1:
+            raise ValueError(f"speed decode_tokens must be a positive integer, got {self.decode_tokens!r}")
+
+
+@register_metric
+class SpeedMetric(Metric):
+    """Prefill tokens/s over the run's prompt (chunks of 512) and decode tokens/s, after a warm-up run."""
+
+    name = "speed"
+    summary = "prefill and decode tokens/s"
+    options_class = SpeedOptions
+    columns = (
+        Column("prefill_tokens_per_s", "prefill tok/s", "{:.1f}"),
+        Column("decode_tokens_per_s", "decode tok/s", "{:.2f}"),
+    )
+
+    def work(self, run) -> int:
+        return 2 * run.prompt_tokens  # warm-up and timed prefill
+
+    def measure(self, run, spec: str, tick) -> dict:
+        from hf_kvcache.registry import build_cache
+
+        result = measure_speed(
+            run.model,
+            run.input_ids,
+            lambda: build_cache(spec, run.model),
+            self.options.decode_tokens,
+            prefill_chunk_size=512,
+        )
+        tick(self.work(run))
+        return asdict(result)
+
+    def plots(self, records: list[dict], out: Path) -> list[Path]:
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(7, 4))
+        axis.barh([r["spec"] for r in records], [r["values"]["decode_tokens_per_s"] for r in records])
+        axis.set_xlabel("decode tokens/s")
+        axis.invert_yaxis()
+        axis.tick_params(axis="y", labelsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "decode_speed.png", dpi=120)
+        plt.close(figure)
+        return [out / "decode_speed.png"]
