@@ -7,6 +7,7 @@ Tensor shape convention: keys and values are ``[B, H, S, D]`` (batch, KV heads, 
 """
 
 from hf_kvcache.base import KVCache, cache_nbytes
+from hf_kvcache.prefill import prefill
 from hf_kvcache.registry import build_cache, canonical_spec, list_strategies, parse_spec, register_strategy
 from hf_kvcache.strategies import *  # noqa: F403  (registers the built-ins)
 from hf_kvcache.strategies import __all__ as _strategy_exports
@@ -20,6 +21,7 @@ __all__ = [
     "canonical_spec",
     "list_strategies",
     "parse_spec",
+    "prefill",
     "register_strategy",
     *_strategy_exports,
 ]
