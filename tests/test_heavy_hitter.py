@@ -84,8 +84,11 @@ def test_memory_is_bounded(chunk):
         for s in range(0, 100, chunk):
             model(ids[:, s : s + chunk], past_key_values=cache)
             assert cache.layers[0].keys.shape[2] == min(s + chunk, 16)
-    # 2 layers x (keys + values: 4 heads x 16 x 16 x 4 bytes, scores: 4 heads x 16 x 4 bytes, two int64 counters)
-    assert cache.nbytes == 2 * (2 * 4 * 16 * 16 * 4 + 4 * 16 * 4 + 2 * 8)
+        model(ids[:, :1], past_key_values=cache)  # a decoding step: evicts in place
+    # Per layer: 17 slots (the budget and the slot the next step refills) of keys + values (4 heads x 16 x 4
+    # bytes each), of int32 token positions and of float32 scores; two int64 counters; the victim per head.
+    slots = 4 * 17
+    assert cache.nbytes == 2 * (slots * 16 * 4 * 2 + slots * 4 + slots * 4 + 2 * 8 + 4 * 8)
 
 
 def test_left_padded_rows_match_their_unpadded_runs():

@@ -82,9 +82,12 @@ def test_memory_never_exceeds_window_plus_chunk(chunk):
         for s in range(0, 120, chunk):
             model(ids[:, s : s + chunk], past_key_values=cache)
             peak = max(peak, cache.layers[0].keys.shape[2])
-    assert peak == 16 and cache.get_seq_length() == 120
-    # 2 layers x keys and values x 2 KV heads x 16 tokens x 16 dims x 4 bytes, plus two [1] int64 counters each
-    assert cache.nbytes == 2 * 2 * 2 * 16 * 16 * 4 + 2 * 2 * 8
+        model(ids[:, :1], past_key_values=cache)  # a decoding step: evicts in place
+    assert peak == 16 and cache.get_seq_length() == 121
+    # Per layer: 17 slots (the window and the slot the next step refills) of keys + values (2 KV heads x 16 x 4
+    # bytes each) and int32 positions; the 2 sinks' unshifted keys; two int64 counters; the victim per head.
+    slots = 2 * 17
+    assert cache.nbytes == 2 * (slots * 16 * 4 * 2 + slots * 4 + 2 * 2 * 16 * 4 + 2 * 8 + 2 * 8)
 
 
 def test_left_padded_rows_match_their_unpadded_runs():

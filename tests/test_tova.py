@@ -81,8 +81,11 @@ def test_memory_is_the_budget_and_nothing_else():
         for s in range(0, 60, 7):
             model(ids[:, s : s + 7], past_key_values=cache)
             assert cache.layers[0].keys.shape[2] == min(s + 7, 9)
-    # 2 layers x (keys + values: 4 heads x 9 x 16 x 4 bytes, two int64 counters); no score is held between steps
-    assert cache.nbytes == 2 * (2 * 4 * 9 * 16 * 4 + 2 * 8)
+        model(ids[:, :1], past_key_values=cache)  # a decoding step: evicts in place
+    # Per layer: 10 slots (the budget and the slot the next step refills) of keys + values (4 heads x 16 x 4
+    # bytes each) and int32 token positions; two int64 counters; the victim per head. No score is held.
+    slots = 4 * 10
+    assert cache.nbytes == 2 * (slots * 16 * 4 * 2 + slots * 4 + 2 * 8 + 4 * 8)
 
 
 def test_left_padded_rows_match_their_unpadded_runs():

@@ -1,10 +1,17 @@
-"""Shared machinery of caches that drop tokens: per-row selection that respects left padding.
+"""Shared machinery of caches that drop tokens: preallocated buffers, per-row selection that respects left padding.
 
 Each row of the batch keeps the same number of entries, chosen per row (and per KV head). The mask that
 ``transformers`` builds reads the 2D padding mask at columns ``seen - kept + i`` for stored entry ``i``; with left
 padding those columns are padding exactly for the first ``max(0, kept - real_tokens)`` entries. So a row that has
 enough real tokens keeps only real ones, and a row that has fewer keeps all of them behind that many padding
 entries, which then line up with the padded columns.
+
+Cost per step: a decoding step that evicts one entry per row and head, once no row holds padding, writes the new
+token into a free slot of preallocated buffers and hands attention a view of them; the evicted slot is refilled
+with that token at the start of the next step (attention still reads the view until then). Nothing is copied
+but the new token, so the cost follows the tokens held, not those seen or evicted. Other steps (chunks of
+prompt, rows still holding padding, the first step past the budget) take the general path: concatenate and
+gather, which also puts the entries back in age order.
 """
 
 from __future__ import annotations
@@ -24,21 +31,42 @@ class ForwardState:
     """What the current forward call looks like, shared by the layers of one cache."""
 
     def __init__(self):
-        self.attention_mask: torch.Tensor | None = None
+        self.observe(None)
+
+    def observe(self, attention_mask: torch.Tensor | None) -> None:
+        self.attention_mask = attention_mask
+        self._pads: dict[torch.device, torch.Tensor] = {}
+        self.max_pad = 0
+
+    def padding(self, batch: int, total: int, device: torch.device) -> torch.Tensor:
+        """Left-padding tokens per row ``[B]`` of this forward's mask, checked once per forward and device."""
+        if device not in self._pads:
+            if self._pads:
+                pads = next(iter(self._pads.values())).to(device)
+            else:
+                pads = left_padding_counts(self.attention_mask, batch, total, device)
+                self.max_pad = int(pads.max()) if batch else 0
+            self._pads[device] = pads
+        return self._pads[device]
 
 
 class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
-    """Keys and values ``[B, H, K, D]``; whenever an update would leave more than ``capacity(new)`` entries, the
-    subclass's :meth:`choose` picks which to keep.
+    """Keys and values of one layer in buffers ``[B, H, capacity, D]``, of which ``stored`` slots are held; whenever
+    an update would leave more than ``capacity(new)`` entries, the subclass chooses which to keep.
 
-    Bookkeeping per row: ``real_seen`` real (non-padding) tokens so far and ``cached_real`` of them still held.
-    Subclasses name per-entry tensors ``[B, H, K]`` in ``entry_state``: they follow each eviction.
+    ``slot_positions`` ``[B, H, capacity]`` (int32) is the token column of each slot; slots are in age order
+    except after decoding steps, which fill the evicted slot with the newest token. ``keys`` and ``values`` give
+    the held entries in age order. Bookkeeping per row: ``real_seen`` real (non-padding) tokens so far and
+    ``cached_real`` of them still held. Subclasses name per-slot tensors ``[B, H, capacity]`` in
+    ``entry_state``: they follow every eviction.
     """
 
     is_compileable = False
     is_sliding = False
     is_croppable = False
-    batched: ClassVar[tuple[str, ...]] = ("keys", "values", "real_seen", "cached_real")
+    batched: ClassVar[tuple[str, ...]] = (
+        "key_buffer", "value_buffer", "slot_positions", "real_seen", "cached_real", "pending_victim",
+    )  # fmt: skip
     entry_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, budget: int, state: ForwardState):
@@ -48,45 +76,81 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         self.reset()
 
     def reset(self) -> None:
-        self.keys = self.values = None
-        self.real_seen = self.cached_real = None
+        self.key_buffer = self.value_buffer = self.slot_positions = None
+        self.real_seen = self.cached_real = self.pending_victim = None
         for name in self.entry_state:
             setattr(self, name, None)
-        self.seen = 0
+        self.seen = self.stored = 0
+        self.holds_padding = True
         self.is_initialized = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        batch = key_states.shape[0]
-        self.keys, self.values = key_states[..., :0, :].clone(), value_states[..., :0, :].clone()
+        batch, heads = key_states.shape[:2]
+        self.key_buffer, self.value_buffer = key_states[..., :0, :].clone(), value_states[..., :0, :].clone()
+        self.slot_positions = torch.zeros(batch, heads, 0, dtype=torch.int32, device=self.device)
         self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.cached_real = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
+    # --- reading ----------------------------------------------------------------------------------------
+    def ordered(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The held slots of a per-slot tensor (``[B, H, capacity, ...]``) in age order: for inspection and tests."""
+        self._apply_pending_eviction()
+        self.restore_buffers()
+        held = tensor[:, :, : self.stored]
+        order = self.slot_positions[..., : self.stored].argsort(dim=-1, stable=True)
+        return held.gather(2, order.view(*order.shape, *([1] * (held.dim() - 3))).expand_as(held))
+
     @property
-    def stored(self) -> int:
-        """Entries held now."""
-        return 0 if self.keys is None else self.keys.shape[-2]
+    def keys(self) -> torch.Tensor | None:
+        return None if not self.is_initialized else self.ordered(self.key_buffer)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if not self.is_initialized else self.ordered(self.value_buffer)
+
+    @keys.setter
+    def keys(self, value: None) -> None:
+        # CacheLayerMixin.__init__ clears keys and values; what is held lives in the buffers.
+        if value is not None:
+            raise AttributeError(f"{type(self).__name__}.keys is a read-only view of its buffers")
+
+    @values.setter
+    def values(self, value: None) -> None:
+        if value is not None:
+            raise AttributeError(f"{type(self).__name__}.values is a read-only view of its buffers")
 
     # --- hooks for subclasses -------------------------------------------------------------------------
     def capacity(self, new: int) -> int:
         """Entries kept after an update that adds ``new``; more than that triggers :meth:`choose`."""
         return self.budget
 
-    def attention_keys(self, keys: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
-        """Keys handed to attention this step (stored keys plus new); ``evicted`` real tokens per row so far."""
+    def attention_keys(self, keys: torch.Tensor, evicted: torch.Tensor, in_place: bool) -> torch.Tensor:
+        """Keys handed to attention this step (held keys plus new); ``evicted`` real tokens per row so far.
+
+        ``in_place``: ``keys`` is a view of the layer's own buffers, which may be written (decoding steps).
+        """
         return keys
+
+    def restore_buffers(self) -> None:
+        """Undo what :meth:`attention_keys` wrote into the buffers, before the general path reorders them."""
 
     def observe_attention(
         self, keys: torch.Tensor, new_valid: torch.Tensor, real_in_full: torch.Tensor, evicting: bool
     ) -> None:
-        """Called after concatenation and before eviction (score-based strategies score here).
+        """Called with the keys attention sees and before eviction (score-based strategies score here).
 
         ``new_valid`` ``[B, new]`` marks real new tokens; ``real_in_full`` ``[B]`` counts real entries in ``keys``.
         """
 
     def choose(self, total: int, kept: int, real_in_full: torch.Tensor) -> torch.Tensor:
-        """Indices ``[B, H, kept]`` into the ``total`` entries, ascending, for rows with ``kept`` real entries."""
+        """Indices ``[B, H, kept]`` into ``total`` age-ordered entries, ascending, for rows with ``kept`` real ones."""
+        raise NotImplementedError
+
+    def choose_victim(self, total: int, positions: torch.Tensor) -> torch.Tensor:
+        """The one slot ``[B, H]`` to evict among ``total`` slots holding only real tokens, in any order, whose
+        token columns are ``positions`` ``[B, H, total]``; the newest token is in the last slot."""
         raise NotImplementedError
 
     # --------------------------------------------------------------------------------------------------
@@ -95,36 +159,104 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._apply_pending_eviction()
         batch, heads, new, _ = key_states.shape
-        pads = left_padding_counts(self.state.attention_mask, batch, self.seen + new, self.device)
-        before = (self.seen - pads).clamp(min=0)
-        after = (self.seen + new - pads).clamp(min=0)
-        new_real = after - before
-        # New entry j of row b is real when its column seen + j is past the row's padding.  # [B, new]
-        new_valid = (self.seen + torch.arange(new, device=self.device))[None, :] >= pads[:, None]
-        full_keys = torch.cat([self.keys, key_states], dim=-2)
-        full_values = torch.cat([self.values, value_states], dim=-2)
+        pads = self.state.padding(batch, self.seen + new, self.device)
+        new_real = (self.seen + new - pads).clamp(min=0) - (self.seen - pads).clamp(min=0)
         real_in_full = self.cached_real + new_real
-        total = full_keys.shape[-2]
+        total = self.stored + new
         kept = min(total, self.capacity(new))
-        returned_keys = self.attention_keys(full_keys, self.real_seen - self.cached_real)
-        self.observe_attention(returned_keys, new_valid, real_in_full, evicting=kept < total)
+        evicted = self.real_seen - self.cached_real
+        fast = new == 1 and kept >= total - 1 and not self.holds_padding and self.seen >= self.state.max_pad
+        if fast:
+            result = self._decode_in_place(key_states, value_states, evicted, real_in_full, kept < total)
+        else:
+            result = self._update_general(key_states, value_states, pads, evicted, real_in_full, kept)
         self.seen += new
         self.real_seen = self.real_seen + new_real
+        return result
+
+    def _decode_in_place(self, key_states, value_states, evicted, real_in_full, evicting: bool):
+        """One new real token, at most one entry evicted per row and head, no padding held: write in place."""
+        total = self.stored + 1
+        if self.key_buffer.shape[2] < total:
+            # A layer that keeps growing (nothing to evict) gets some room, never more than DynamicCache holds.
+            self._grow_buffers(total if evicting else min(self.seen + 1, total + total // 8))
+        self.key_buffer[:, :, self.stored] = key_states[:, :, 0]
+        self.value_buffer[:, :, self.stored] = value_states[:, :, 0]
+        self.slot_positions[:, :, self.stored] = self.seen
+        keys = self.attention_keys(self.key_buffer[:, :, :total], evicted, in_place=True)
+        all_real = torch.ones(keys.shape[0], 1, dtype=torch.bool, device=self.device)
+        self.observe_attention(keys, all_real, real_in_full, evicting=evicting)
+        values = self.value_buffer[:, :, :total]
+        if evicting:
+            self.pending_victim = self.choose_victim(total, self.slot_positions[..., :total])
+            self.stored, self.cached_real = total - 1, real_in_full - 1
+        else:
+            self.stored, self.cached_real = total, real_in_full
+        return keys, values
+
+    def _apply_pending_eviction(self) -> None:
+        """Refill the slot evicted at the last decoding step with that step's token (the last slot)."""
+        if self.pending_victim is None:
+            return
+        victim, last = self.pending_victim.unsqueeze(-1), self.stored
+        for name in ("key_buffer", "value_buffer", "slot_positions", *self.entry_state):
+            tensor = getattr(self, name)
+            source = tensor[:, :, last : last + 1].clone()
+            index = victim.view(*victim.shape, *([1] * (tensor.dim() - 3))).expand_as(source)
+            tensor.scatter_(2, index, source)
+        self.pending_victim = None
+
+    def _grow_buffers(self, size: int) -> None:
+        for name in ("key_buffer", "value_buffer", "slot_positions", *self.entry_state):
+            tensor = getattr(self, name)
+            grown = tensor.new_empty(*tensor.shape[:2], size, *tensor.shape[3:])
+            grown[:, :, : tensor.shape[2]] = tensor
+            setattr(self, name, grown)
+
+    def _update_general(self, key_states, value_states, pads, evicted, real_in_full, kept):
+        batch, heads, new, _ = key_states.shape
+        self.restore_buffers()
+        self._sort_by_age()
+        stored = self.stored
+        # New entry j of row b is real when its column seen + j is past the row's padding.  # [B, new]
+        columns = self.seen + torch.arange(new, device=self.device)
+        new_valid = columns[None, :] >= pads[:, None]
+        full_keys = torch.cat([self.key_buffer[:, :, :stored], key_states], dim=-2)
+        full_values = torch.cat([self.value_buffer[:, :, :stored], value_states], dim=-2)
+        positions = torch.cat(
+            [self.slot_positions[..., :stored], columns.to(torch.int32).expand(batch, heads, new)], dim=-1
+        )
+        total = stored + new
+        returned_keys = self.attention_keys(full_keys, evicted, in_place=False)
+        self.observe_attention(returned_keys, new_valid, real_in_full, evicting=kept < total)
         if kept == total:
-            self.keys, self.values, self.cached_real = full_keys, full_values, real_in_full
-            return returned_keys, full_values
-        # Rows short of real tokens keep the newest `kept` entries: all real ones behind padding.
-        fallback = torch.arange(total - kept, total, device=self.device).expand(batch, heads, kept)
-        enough = (real_in_full >= kept)[:, None, None]
-        indices = torch.where(enough, self.choose(total, kept, real_in_full), fallback)
-        gather = indices.unsqueeze(-1).expand(-1, -1, -1, full_keys.shape[-1])
-        self.keys = full_keys.gather(2, gather)
-        self.values = full_values.gather(2, gather)
+            self.key_buffer, self.value_buffer, self.slot_positions = full_keys, full_values, positions
+            self.cached_real = real_in_full
+        else:
+            # Rows short of real tokens keep the newest `kept` entries: all real ones behind padding.
+            fallback = torch.arange(total - kept, total, device=self.device).expand(batch, heads, kept)
+            enough = (real_in_full >= kept)[:, None, None]
+            indices = torch.where(enough, self.choose(total, kept, real_in_full), fallback)
+            self._gather_slots(indices, full_keys, full_values, positions)
+            self.cached_real = real_in_full.clamp(max=kept)
+        self.stored = kept
+        self.holds_padding = bool((self.cached_real < kept).any())
+        return returned_keys, full_values
+
+    def _gather_slots(self, indices, keys, values, positions) -> None:
+        gather = indices.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+        self.key_buffer, self.value_buffer = keys.gather(2, gather), values.gather(2, gather)
+        self.slot_positions = positions.gather(2, indices)
         for name in self.entry_state:
             setattr(self, name, getattr(self, name).gather(2, indices))
-        self.cached_real = real_in_full.clamp(max=kept)
-        return returned_keys, full_values
+
+    def _sort_by_age(self) -> None:
+        """Put the held slots back in age order, which decoding steps scramble."""
+        order = self.slot_positions[..., : self.stored].argsort(dim=-1, stable=True)
+        if not bool((order == torch.arange(self.stored, device=self.device)).all()):
+            self._gather_slots(order, self.key_buffer, self.value_buffer, self.slot_positions)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -136,11 +268,13 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         return self.budget
 
     def select_rows(self, select) -> None:
+        self._apply_pending_eviction()
         super().select_rows(select)
         if self.is_initialized:
             for name in self.entry_state:
                 if getattr(self, name) is not None:
                     setattr(self, name, select(getattr(self, name)))
+            self.holds_padding = bool((self.cached_real < self.stored).any())
 
     def crop(self, max_length: int) -> None:
         raise ValueError(
@@ -165,8 +299,8 @@ class EvictionCache(KVCache):
 
     def observe_forward(self, attention_mask: torch.Tensor | None, query_length: int) -> None:
         """Called by the model hook before each forward with the 2D mask of that call."""
-        self.forward_state.attention_mask = attention_mask
+        self.forward_state.observe(attention_mask)
 
     def reset(self) -> None:
         super().reset()
-        self.forward_state.attention_mask = None
+        self.forward_state.observe(None)

@@ -31,16 +31,23 @@ class HeavyHitterOptions:
 
 
 class HeavyHitterLayer(ScoringLayer):
-    """``scores`` ``[B, H_kv, K]`` (float32): the attention each held entry has received, summed over all queries
-    so far and over the query heads sharing its KV head; it follows every eviction."""
+    """``accumulated`` ``[B, H_kv, capacity]`` (float32): the attention each held slot has received, summed over all
+    queries so far and over the query heads sharing its KV head; it follows every eviction."""
 
     accumulates = True
-    entry_state = ("scores",)
+    entry_state = ("accumulated",)
 
     def score(self, mass: torch.Tensor, new: int) -> torch.Tensor:
-        if self.scores is None:
-            return mass
-        return torch.nn.functional.pad(self.scores, (0, new)) + mass
+        held = mass.shape[-1] - new
+        if self.accumulated is not None:
+            mass[..., :held] += self.accumulated[..., :held]
+        self.accumulated = mass
+        return mass
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Accumulated attention ``[B, H_kv, K]`` of the held entries, in age order."""
+        return self.ordered(self.accumulated)
 
 
 @register_strategy(

@@ -83,7 +83,7 @@ class ScoringLayer(EvictingLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.scores = self.queries = None
+        self.step_scores = self.queries = None
         self.scaling = 1.0
 
     def wants_queries(self, new: int) -> bool:
@@ -124,19 +124,23 @@ class ScoringLayer(EvictingLayer):
             total - count,
             self.scaling,
         )
-        self.scores = self.score(mass, new)
+        self.step_scores = self.score(mass, new)
+
+    def choose_victim(self, total: int, positions: torch.Tensor) -> torch.Tensor:
+        scores, self.step_scores = self.step_scores, None
+        # The newest `keep_recent` tokens (columns seen - keep_recent + 1 .. seen) are never evicted.
+        candidate = positions <= self.seen - self.keep_recent
+        return scores.masked_fill(~candidate, float("inf")).argmin(dim=-1)
 
     def choose(self, total: int, kept: int, real_in_full: torch.Tensor) -> torch.Tensor:
-        batch, heads = real_in_full.shape[0], self.scores.shape[1]
+        batch, heads = real_in_full.shape[0], self.step_scores.shape[1]
         recent = torch.arange(total - self.keep_recent, total, device=self.device).expand(batch, heads, -1)
         if kept == self.keep_recent:
             return recent
         entry = torch.arange(total, device=self.device)
         first_real = (total - real_in_full)[:, None, None]
         candidate = (entry >= first_real) & (entry < total - self.keep_recent)
-        scores = self.scores
-        if not self.accumulates:
-            self.scores = None  # this forward's scores only: nothing to hold until the next eviction
+        scores, self.step_scores = self.step_scores, None  # nothing to hold until the next eviction
         top = scores.masked_fill(~candidate, float("-inf")).topk(kept - self.keep_recent, dim=-1).indices
         return torch.cat([top, recent], dim=-1).sort(dim=-1).values
 

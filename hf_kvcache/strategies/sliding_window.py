@@ -46,14 +46,35 @@ class SlidingWindowLayer(EvictingLayer):
         self.rotator = rotator
         super().__init__(options.window_length, state)
 
-    def attention_keys(self, keys: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
+    def reset(self) -> None:
+        super().reset()
+        self.sink_originals = None
+
+    def attention_keys(self, keys: torch.Tensor, evicted: torch.Tensor, in_place: bool) -> torch.Tensor:
         # Shifted positions: the kept tokens sit at consecutive positions ending just before the new ones.
-        # The recent tokens already do; the sinks are moved up by the number of real tokens evicted so far.
-        # Stored sinks keep their original rotation, so the shift is never applied twice.
+        # The recent tokens already do; the sinks are moved up by the number of real tokens evicted so far,
+        # always from their original rotation, so the shift is never applied twice.
         if self.rotator is None or self.num_sink_tokens == 0 or not bool((evicted > 0).any()):
             return keys
-        sinks = self.rotator.shift(keys[..., : self.num_sink_tokens, :], evicted)
-        return torch.cat([sinks, keys[..., self.num_sink_tokens :, :]], dim=-2)
+        sinks = self.num_sink_tokens
+        if not in_place:
+            return torch.cat(
+                [self.rotator.shift(keys[..., :sinks, :], evicted), keys[..., sinks:, :]], dim=-2
+            )
+        # Decoding steps write the shifted sinks over the buffer's (they never move there) and keep the originals.
+        if self.sink_originals is None:
+            self.sink_originals = keys[..., :sinks, :].clone()
+        keys[..., :sinks, :] = self.rotator.shift(self.sink_originals, evicted)
+        return keys
+
+    def restore_buffers(self) -> None:
+        if self.sink_originals is not None:
+            self.key_buffer[:, :, : self.num_sink_tokens] = self.sink_originals
+            self.sink_originals = None
+
+    def choose_victim(self, total: int, positions: torch.Tensor) -> torch.Tensor:
+        # The sinks hold the first slots; the victim is the oldest token after them.
+        return self.num_sink_tokens + positions[..., self.num_sink_tokens : total].argmin(dim=-1)
 
     def choose(self, total: int, kept: int, real_in_full: torch.Tensor) -> torch.Tensor:
         batch, heads = real_in_full.shape[0], self.keys.shape[1]
