@@ -97,20 +97,22 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
-def recompute_queries(module: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """The rotated queries ``[B, H_q, S, D]`` that ``module`` computes from ``hidden_states``.
+def _query_projection(module: nn.Module) -> nn.Module:
+    return module.q_proj if hasattr(module, "q_proj") else module.qkv_proj
 
-    SDPA never materializes attention probabilities, so score-based caches recompute the queries from the
-    module's own weights (projection, optional q-norm, the RoPE it receives) and score them themselves.
+
+def rotated_queries(module: nn.Module, projected: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """The rotated queries ``[B, H_q, S, D]`` of ``module`` from its query projection's output ``[B, S, ...]``.
+
+    SDPA never materializes attention probabilities, so score-based caches take the queries the model itself
+    projected, apply what the module applies after the projection (q-norm, the RoPE it receives) and score
+    them themselves.
     """
-    batch, length, _ = hidden_states.shape
+    batch, length, _ = projected.shape
     head_dim = module.head_dim
-    num_heads = module.config.num_attention_heads
-    if hasattr(module, "q_proj"):
-        queries = module.q_proj(hidden_states)
-    else:  # fused projection (Phi3): queries come first
-        queries = module.qkv_proj(hidden_states)[..., : num_heads * head_dim]
-    queries = queries.view(batch, length, -1, head_dim)
+    if not hasattr(module, "q_proj"):  # fused projection (Phi3): queries come first
+        projected = projected[..., : module.config.num_attention_heads * head_dim]
+    queries = projected.view(batch, length, -1, head_dim)
     if hasattr(module, "q_norm"):
         queries = module.q_norm(queries)
     queries = queries.transpose(1, 2)
@@ -120,21 +122,38 @@ def recompute_queries(module: nn.Module, hidden_states: torch.Tensor, position_e
     return queries
 
 
-def _capture_queries(module: nn.Module, args: tuple, kwargs: dict) -> None:
+def _arm_query_capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    # Before the attention module runs: if this call's cache wants the queries, remember it and the RoPE
+    # tables until the query projection (which runs next, inside the module) produces them.
+    module._hf_kvcache_capture = None
     cache = kwargs.get("past_key_values")
-    observe = getattr(cache, "observe_queries", None)
-    if observe is None:
+    if getattr(cache, "observe_queries", None) is None:
         return
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    if not cache.wants_queries(module.layer_idx, hidden_states.shape[1]):
-        return
-    with torch.no_grad():
-        queries = recompute_queries(module, hidden_states, kwargs.get("position_embeddings"))
-    observe(module.layer_idx, queries, getattr(module, "scaling", module.head_dim**-0.5))
+    if cache.wants_queries(module.layer_idx, hidden_states.shape[1]):
+        module._hf_kvcache_capture = (cache, kwargs.get("position_embeddings"))
+
+
+def _make_projection_hook(module: nn.Module):
+    def capture(projection: nn.Module, inputs: tuple, projected: torch.Tensor) -> None:
+        armed = getattr(module, "_hf_kvcache_capture", None)
+        if armed is None:
+            return
+        module._hf_kvcache_capture = None
+        cache, position_embeddings = armed
+        with torch.no_grad():
+            queries = rotated_queries(module, projected, position_embeddings)
+        cache.observe_queries(module.layer_idx, queries, getattr(module, "scaling", module.head_dim**-0.5))
+
+    return capture
 
 
 def install_query_capture(model: nn.Module, num_layers: int) -> None:
-    """Hook every attention module of ``model`` (once per model) so caches can observe the queries."""
+    """Hook every attention module of ``model`` (once per model) so caches can observe the queries.
+
+    A pre-hook on the attention module arms the capture when the call's cache wants the queries; a forward
+    hook on its query projection then hands over what the model computed, so no projection runs twice.
+    """
     if model in _QUERY_HOOKS:
         return
     modules = attention_modules(model)
@@ -143,7 +162,11 @@ def install_query_capture(model: nn.Module, num_layers: int) -> None:
             f"found {len(modules)} attention modules with a query projection in {type(model).__name__}, expected "
             f"{num_layers}; score-based caches support Llama-style attention (q_proj or qkv_proj, layer_idx)"
         )
-    _QUERY_HOOKS[model] = [m.register_forward_pre_hook(_capture_queries, with_kwargs=True) for m in modules]
+    handles = []
+    for module in modules:
+        handles.append(module.register_forward_pre_hook(_arm_query_capture, with_kwargs=True))
+        handles.append(_query_projection(module).register_forward_hook(_make_projection_hook(module)))
+    _QUERY_HOOKS[model] = handles
 
 
 # --- RoPE ---------------------------------------------------------------------------------------------------

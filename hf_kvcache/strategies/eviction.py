@@ -141,7 +141,8 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
     ) -> None:
         """Called with the keys attention sees and before eviction (score-based strategies score here).
 
-        ``new_valid`` ``[B, new]`` marks real new tokens; ``real_in_full`` ``[B]`` counts real entries in ``keys``.
+        ``new_valid`` ``[B, new]`` marks real new tokens, or is ``None`` on a decoding step that holds no padding
+        (one new real token, every entry real); ``real_in_full`` ``[B]`` counts real entries in ``keys``.
         """
 
     def choose(self, total: int, kept: int, real_in_full: torch.Tensor) -> torch.Tensor:
@@ -186,8 +187,7 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         self.value_buffer[:, :, self.stored] = value_states[:, :, 0]
         self.slot_positions[:, :, self.stored] = self.seen
         keys = self.attention_keys(self.key_buffer[:, :, :total], evicted, in_place=True)
-        all_real = torch.ones(keys.shape[0], 1, dtype=torch.bool, device=self.device)
-        self.observe_attention(keys, all_real, real_in_full, evicting=evicting)
+        self.observe_attention(keys, None, real_in_full, evicting=evicting)
         values = self.value_buffer[:, :, :total]
         if evicting:
             self.pending_victim = self.choose_victim(total, self.slot_positions[..., :total])

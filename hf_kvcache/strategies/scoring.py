@@ -28,8 +28,8 @@ SCORE_BLOCK_ELEMENTS = 2**24
 def attention_mass(
     queries: torch.Tensor,
     keys: torch.Tensor,
-    query_valid: torch.Tensor,
-    key_valid: torch.Tensor,
+    query_valid: torch.Tensor | None,
+    key_valid: torch.Tensor | None,
     first_query_position: int,
     scaling: float,
 ) -> torch.Tensor:
@@ -39,8 +39,9 @@ def attention_mass(
         queries: ``[B, H_q, q, D]`` rotated queries; query ``i`` sits at entry position ``first_query_position + i``
             and sees the entries up to and including its own position.
         keys: ``[B, H_kv, K, D]``, ``H_q`` a multiple of ``H_kv`` (grouped-query attention).
-        query_valid: ``[B, q]``, False for padding queries, which attend to nothing real and must not vote.
-        key_valid: ``[B, K]``, False for padding entries.
+        query_valid: ``[B, q]``, False for padding queries, which attend to nothing real and must not vote;
+            ``None``: all real.
+        key_valid: ``[B, K]``, False for padding entries; ``None``: all real.
         first_query_position: entry index of the first query.
         scaling: the factor the model applies to ``q . k`` (usually ``D ** -0.5``).
 
@@ -52,6 +53,11 @@ def attention_mass(
     groups = queries.shape[1] // kv_heads
     grouped = queries.float().reshape(batch, kv_heads, groups, length, head_dim)  # [B, Hkv, G, q, D]
     keys = keys.float()
+    if length == 1 and key_valid is None and first_query_position == total - 1:
+        # A decoding step with nothing masked: the one query sees every entry.
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", grouped, keys) * scaling
+        probs = torch.softmax(logits, dim=-1)
+        return probs.sum(dim=(2, 3)) if query_valid is None else probs.sum(dim=(2, 3)) * query_valid
     entry = torch.arange(total, device=keys.device)
     mass = keys.new_zeros(batch, kv_heads, total)
     block = max(1, SCORE_BLOCK_ELEMENTS // (batch * kv_heads * groups * total))
@@ -59,10 +65,13 @@ def attention_mass(
         stop = min(start + block, length)
         logits = torch.einsum("bhgqd,bhkd->bhgqk", grouped[:, :, :, start:stop], keys) * scaling
         position = first_query_position + torch.arange(start, stop, device=keys.device)
-        visible = (entry[None, :] <= position[:, None])[None] & key_valid[:, None, :]  # [B, q_block, K]
+        visible = (entry[None, :] <= position[:, None])[None]  # [1, q_block, K]
+        if key_valid is not None:
+            visible = visible & key_valid[:, None, :]  # [B, q_block, K]
         logits.masked_fill_(~visible[:, None, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-        probs.mul_(query_valid[:, None, None, start:stop, None])
+        if query_valid is not None:
+            probs.mul_(query_valid[:, None, None, start:stop, None])
         mass += probs.sum(dim=(2, 3))
     return mass
 
@@ -98,7 +107,7 @@ class ScoringLayer(EvictingLayer):
         return mass
 
     def observe_attention(
-        self, keys: torch.Tensor, new_valid: torch.Tensor, real_in_full: torch.Tensor, evicting: bool
+        self, keys: torch.Tensor, new_valid: torch.Tensor | None, real_in_full: torch.Tensor, evicting: bool
     ) -> None:
         queries, self.queries = self.queries, None
         if not (evicting or self.accumulates):
@@ -108,21 +117,20 @@ class ScoringLayer(EvictingLayer):
                 f"the {type(self).__name__} got no queries for this layer: call the model it was built for "
                 "(its attention hooks feed the scores), not a copy or another model"
             )
-        total, new = keys.shape[-2], new_valid.shape[-1]
+        total = keys.shape[-2]
+        new = 1 if new_valid is None else new_valid.shape[-1]
         count = new if self.scored_queries is None else min(new, self.scored_queries)
-        stored = total - new
-        entry = torch.arange(total, device=self.device)
-        # Padding sits first among the stored entries; new entries are real where new_valid says so.
-        key_valid = torch.cat(
-            [entry[None, :stored] >= (stored - self.cached_real)[:, None], new_valid], dim=-1
-        )
+        if new_valid is None:  # a decoding step that holds no padding: nothing to mask
+            key_valid = query_valid = None
+        else:
+            stored = total - new
+            entry = torch.arange(total, device=self.device)
+            # Padding sits first among the stored entries; new entries are real where new_valid says so.
+            stored_real = entry[None, :stored] >= (stored - self.cached_real)[:, None]
+            key_valid = torch.cat([stored_real, new_valid], dim=-1)
+            query_valid = new_valid[:, new - count :]
         mass = attention_mass(
-            queries[..., new - count :, :],
-            keys,
-            new_valid[:, new - count :],
-            key_valid,
-            total - count,
-            self.scaling,
+            queries[..., new - count :, :], keys, query_valid, key_valid, total - count, self.scaling
         )
         self.step_scores = self.score(mass, new)
 
