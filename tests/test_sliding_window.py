@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
-from hf_kvcache import SlidingWindowKVCache, build_cache
+from hf_kvcache import SlidingWindowKVCache, build_cache, cache_nbytes
 from tests.conftest import assert_left_padded_rows_match_unpadded_runs, make_tiny_model, random_ids
 
 
@@ -142,3 +142,13 @@ def test_other_caches_are_unaffected_after_serving_a_sliding_window(llama):
     before = stream(llama, ids, DynamicCache(config=llama.config), 4)
     stream(llama, ids, SlidingWindowKVCache(llama, 8, 2), 4)
     assert torch.equal(stream(llama, ids, DynamicCache(config=llama.config), 4), before)
+
+
+def test_before_any_eviction_the_window_holds_what_dynamic_cache_holds():
+    model = make_tiny_model("llama-gqa")
+    ids = random_ids(48, batch=2)
+    window, reference = SlidingWindowKVCache(model, 64, 4), DynamicCache(config=model.config)
+    stream(model, ids, window, 5)
+    stream(model, ids, reference, 5)
+    # Token positions are implicit until something is evicted: only the two [2] int64 row counters remain.
+    assert window.nbytes == cache_nbytes(reference) + 2 * (2 * 2 * 8)

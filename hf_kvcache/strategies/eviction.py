@@ -54,7 +54,8 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
     """Keys and values of one layer in buffers ``[B, H, capacity, D]``, of which ``stored`` slots are held; whenever
     an update would leave more than ``capacity(new)`` entries, the subclass chooses which to keep.
 
-    ``slot_positions`` ``[B, H, capacity]`` (int32) is the token column of each slot; slots are in age order
+    ``slot_positions`` ``[B, H, capacity]`` (int32) is the token column of each slot, or ``None`` until the first
+    eviction: slot ``i`` then holds column ``seen - stored + i``, and no byte is spent on it. Slots are in age order
     except after decoding steps, which fill the evicted slot with the newest token. ``keys`` and ``values`` give
     the held entries in age order. Bookkeeping per row: ``real_seen`` real (non-padding) tokens so far and
     ``cached_real`` of them still held. Subclasses name per-slot tensors ``[B, H, capacity]`` in
@@ -88,7 +89,6 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads = key_states.shape[:2]
         self.key_buffer, self.value_buffer = key_states[..., :0, :].clone(), value_states[..., :0, :].clone()
-        self.slot_positions = torch.zeros(batch, heads, 0, dtype=torch.int32, device=self.device)
         self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.cached_real = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.is_initialized = True
@@ -99,6 +99,8 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         self._apply_pending_eviction()
         self.restore_buffers()
         held = tensor[:, :, : self.stored]
+        if self.slot_positions is None:
+            return held
         order = self.slot_positions[..., : self.stored].argsort(dim=-1, stable=True)
         return held.gather(2, order.view(*order.shape, *([1] * (held.dim() - 3))).expand_as(held))
 
@@ -185,7 +187,10 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
             self._grow_buffers(total if evicting else min(self.seen + 1, total + total // 8))
         self.key_buffer[:, :, self.stored] = key_states[:, :, 0]
         self.value_buffer[:, :, self.stored] = value_states[:, :, 0]
-        self.slot_positions[:, :, self.stored] = self.seen
+        if evicting and self.slot_positions is None:
+            self.slot_positions = self._implicit_positions(self.key_buffer.shape[2])
+        if self.slot_positions is not None:
+            self.slot_positions[:, :, self.stored] = self.seen
         keys = self.attention_keys(self.key_buffer[:, :, :total], evicted, in_place=True)
         self.observe_attention(keys, None, real_in_full, evicting=evicting)
         values = self.value_buffer[:, :, :total]
@@ -203,14 +208,24 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         victim, last = self.pending_victim.unsqueeze(-1), self.stored
         for name in ("key_buffer", "value_buffer", "slot_positions", *self.entry_state):
             tensor = getattr(self, name)
+            if tensor is None:
+                continue
             source = tensor[:, :, last : last + 1].clone()
             index = victim.view(*victim.shape, *([1] * (tensor.dim() - 3))).expand_as(source)
             tensor.scatter_(2, index, source)
         self.pending_victim = None
 
+    def _implicit_positions(self, size: int) -> torch.Tensor:
+        """Token columns ``[B, H, size]`` of slots that are still in plain age order (nothing evicted yet)."""
+        batch, heads = self.key_buffer.shape[:2]
+        columns = torch.arange(self.seen - self.stored, self.seen - self.stored + size, device=self.device)
+        return columns.to(torch.int32).expand(batch, heads, size).contiguous()
+
     def _grow_buffers(self, size: int) -> None:
         for name in ("key_buffer", "value_buffer", "slot_positions", *self.entry_state):
             tensor = getattr(self, name)
+            if tensor is None:
+                continue
             grown = tensor.new_empty(*tensor.shape[:2], size, *tensor.shape[3:])
             grown[:, :, : tensor.shape[2]] = tensor
             setattr(self, name, grown)
@@ -225,10 +240,14 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         new_valid = columns[None, :] >= pads[:, None]
         full_keys = torch.cat([self.key_buffer[:, :, :stored], key_states], dim=-2)
         full_values = torch.cat([self.value_buffer[:, :, :stored], value_states], dim=-2)
-        positions = torch.cat(
-            [self.slot_positions[..., :stored], columns.to(torch.int32).expand(batch, heads, new)], dim=-1
-        )
         total = stored + new
+        positions = None  # implicit while nothing has been evicted
+        if kept < total or self.slot_positions is not None:
+            held = (
+                self.slot_positions if self.slot_positions is not None else self._implicit_positions(stored)
+            )
+            new_columns = columns.to(torch.int32).expand(batch, heads, new)
+            positions = torch.cat([held[..., :stored], new_columns], dim=-1)
         returned_keys = self.attention_keys(full_keys, evicted, in_place=False)
         self.observe_attention(returned_keys, new_valid, real_in_full, evicting=kept < total)
         if kept == total:
@@ -248,12 +267,14 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
     def _gather_slots(self, indices, keys, values, positions) -> None:
         gather = indices.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
         self.key_buffer, self.value_buffer = keys.gather(2, gather), values.gather(2, gather)
-        self.slot_positions = positions.gather(2, indices)
+        self.slot_positions = None if positions is None else positions.gather(2, indices)
         for name in self.entry_state:
             setattr(self, name, getattr(self, name).gather(2, indices))
 
     def _sort_by_age(self) -> None:
         """Put the held slots back in age order, which decoding steps scramble."""
+        if self.slot_positions is None:
+            return
         order = self.slot_positions[..., : self.stored].argsort(dim=-1, stable=True)
         if not bool((order == torch.arange(self.stored, device=self.device)).all()):
             self._gather_slots(order, self.key_buffer, self.value_buffer, self.slot_positions)
