@@ -64,10 +64,14 @@ class BatchRowsMixin:
 
     batched: ClassVar[tuple[str, ...]] = ()
 
+    def row_tensors(self) -> tuple[str, ...]:
+        """Names of the tensors whose first dimension is the batch (by default ``batched``)."""
+        return self.batched
+
     def select_rows(self, select: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if not self.is_initialized:
             return
-        for name in self.batched:
+        for name in self.row_tensors():
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, select(tensor))

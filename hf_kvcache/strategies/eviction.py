@@ -206,7 +206,7 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         if self.pending_victim is None:
             return
         victim, last = self.pending_victim.unsqueeze(-1), self.stored
-        for name in ("key_buffer", "value_buffer", "slot_positions", *self.entry_state):
+        for name in self.slot_tensors():
             tensor = getattr(self, name)
             if tensor is None:
                 continue
@@ -222,7 +222,7 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         return columns.to(torch.int32).expand(batch, heads, size).contiguous()
 
     def _grow_buffers(self, size: int) -> None:
-        for name in ("key_buffer", "value_buffer", "slot_positions", *self.entry_state):
+        for name in self.slot_tensors():
             tensor = getattr(self, name)
             if tensor is None:
                 continue
@@ -288,13 +288,17 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.budget
 
+    def slot_tensors(self) -> tuple[str, ...]:
+        """Names of the per-slot tensors ``[B, H, capacity, ...]``: they move together when slots do."""
+        return ("key_buffer", "value_buffer", "slot_positions", *self.entry_state)
+
+    def row_tensors(self) -> tuple[str, ...]:
+        return (*self.batched, *self.entry_state)
+
     def select_rows(self, select) -> None:
         self._apply_pending_eviction()
         super().select_rows(select)
         if self.is_initialized:
-            for name in self.entry_state:
-                if getattr(self, name) is not None:
-                    setattr(self, name, select(getattr(self, name)))
             self.holds_padding = bool((self.cached_real < self.stored).any())
 
     def crop(self, max_length: int) -> None:
