@@ -3,7 +3,7 @@
 Codes of ``nbits`` in {2, 4, 8} are packed along the last dimension into ``uint8``: four 2-bit codes or two
 4-bit codes per byte, in the planar layout of :func:`pack_codes`. Two codecs implement the same scheme and
 produce the same bytes: ``"torch"`` (pure PyTorch) and ``"quanto"`` (optimum-quanto's range optimizer and
-packing kernels). Both unpack with :func:`unpack_into`.
+packing kernels). Both unpack with :func:`unpack_slots`.
 """
 
 from __future__ import annotations
@@ -37,39 +37,29 @@ def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
     return packed
 
 
-def _slot_codes(packed: torch.Tensor, slot: int, nbits: int) -> torch.Tensor:
-    """The codes in bit slot ``slot`` of every byte, as ``uint8``."""
+def unpack_slots(packed: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Split every byte of ``packed`` ``[..., m]`` into its bit slots: ``uint8`` codes ``[..., 8 // nbits, m]``.
+
+    Slot ``s`` of the result holds bits ``[s * nbits, (s + 1) * nbits)`` of every byte, which for bytes from
+    :func:`pack_codes` are codes ``s * m`` to ``(s + 1) * m - 1``: one shift and mask per slot over whole rows.
+    """
+    per_byte = 8 // nbits
+    if nbits == 8:
+        return packed.unsqueeze(-2)
     mask = 2**nbits - 1
-    # Viewing bytes as int64 needs whole, 8-byte-aligned words; any other slice takes the per-byte path.
+    shifts = torch.arange(0, 8, nbits, device=packed.device).view(per_byte, 1)
+    # Eight bytes per shift where the bytes form whole, aligned int64 words: a byte's slot never takes bits from
+    # its neighbours once masked per byte.
     if packed.is_contiguous() and packed.shape[-1] % 8 == 0 and packed.storage_offset() % 8 == 0:
-        # Eight bytes per shift: a byte's slot never takes bits from its neighbours once masked per byte.
-        words = packed.view(torch.int64)
-        return ((words >> (slot * nbits)) & int.from_bytes(bytes([mask]) * 8, "little", signed=True)).view(
-            torch.uint8
-        )
-    shifted = packed >> (slot * nbits) if slot else packed
-    return shifted if (slot + 1) * nbits == 8 else shifted & mask
+        words = packed.view(torch.int64).unsqueeze(-2)
+        word_mask = int.from_bytes(bytes([mask]) * 8, "little", signed=True)
+        return ((words >> shifts) & word_mask).view(torch.uint8)
+    return (packed.unsqueeze(-2) >> shifts.to(torch.uint8)) & mask
 
 
 def unpack_codes(packed: torch.Tensor, nbits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: ``[..., m]`` bytes to ``[..., m * 8 // nbits]`` codes."""
-    if nbits == 8:
-        return packed
-    return torch.cat([_slot_codes(packed, slot, nbits) for slot in range(8 // nbits)], dim=-1)
-
-
-def unpack_into(packed: torch.Tensor, nbits: int, out: torch.Tensor) -> torch.Tensor:
-    """Write the codes of ``packed`` ``[..., n * nbits // 8]`` into ``out`` ``[..., n]``, converting to its dtype.
-
-    ``out`` may be a strided view, e.g. a slice of a larger keys tensor: dequantizing in place there saves a
-    temporary and a copy per decode step.
-    """
-    if nbits == 8:
-        return out.copy_(packed)
-    out_slots = out.unflatten(-1, (8 // nbits, -1))
-    for slot in range(8 // nbits):
-        out_slots[..., slot, :].copy_(_slot_codes(packed, slot, nbits))
-    return out
+    return unpack_slots(packed, nbits).flatten(-2)
 
 
 def min_max_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,9 +84,6 @@ class TorchCodec:
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         return unpack_codes(packed, self.nbits)
-
-    def unpack_into(self, packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return unpack_into(packed, self.nbits, out)
 
     def quantize(
         self, x: torch.Tensor, dim: int, scale_dtype: torch.dtype

@@ -15,7 +15,7 @@ from transformers.cache_utils import CacheLayerMixin
 from hf_kvcache.base import BatchRowsMixin, KVCache
 from hf_kvcache.layout import FULL_ATTENTION, SLIDING_ATTENTION, AttentionLayout, require_layer_types
 from hf_kvcache.registry import register_strategy
-from hf_kvcache.strategies.packing import BACKENDS, SUPPORTED_NBITS, TorchCodec, make_codec
+from hf_kvcache.strategies.packing import BACKENDS, SUPPORTED_NBITS, TorchCodec, make_codec, unpack_slots
 
 
 @dataclass(frozen=True)
@@ -39,30 +39,36 @@ class QuantizedOptions:
             raise ValueError(f"num_sink_tokens must be an integer >= 0, got {self.num_sink_tokens!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.group_size % (8 // self.nbits):
+            per_byte = 8 // self.nbits
+            raise ValueError(
+                f"group_size={self.group_size} must be a multiple of {per_byte} for nbits={self.nbits}: the "
+                f"{per_byte} codes in a byte belong to tokens of the same group"
+            )
 
     def check_head_dim(self, head_dim: int) -> None:
-        """Value groups split the head dimension, and packing needs whole bytes per token."""
+        """Value groups split the head dimension."""
         if head_dim % self.group_size:
             raise ValueError(
                 f"group_size={self.group_size} must divide the model's head dimension {head_dim}; "
                 f"allowed: {[g for g in range(1, head_dim + 1) if head_dim % g == 0]}"
-            )
-        if head_dim % (8 // self.nbits):
-            allowed = [n for n in SUPPORTED_NBITS if head_dim % (8 // n) == 0]
-            raise ValueError(
-                f"nbits={self.nbits} packs {8 // self.nbits} codes per byte, which must divide the model's "
-                f"head dimension {head_dim}; allowed nbits: {allowed}"
             )
 
 
 class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
     """One model layer's quantized keys and values.
 
-    Storage (``T_q`` quantized tokens, ``R`` residual tokens, ``G`` = group size, ``P = D * nbits / 8``):
-    ``key_codes``/``value_codes`` ``[B, H, T_q, P]`` uint8; ``key_scale``/``key_zero`` ``[B, H, T_q / G, D]``
-    (per channel, per group of G tokens); ``value_scale``/``value_zero`` ``[B, H, T_q, D / G]`` (per token,
-    per group of G channels); ``keys``/``values`` ``[B, H, R, D]`` and ``sink_keys``/``sink_values``
-    ``[B, H, S, D]`` in the model's dtype. The sequence is sinks, then quantized tokens, then the residual.
+    Storage (``T_q`` quantized tokens, ``R`` residual tokens, ``G`` = group size):
+    ``key_codes``/``value_codes`` ``[B, H, T_q * nbits / 8, D]`` uint8; ``key_scale``/``key_zero``
+    ``[B, H, T_q / G, D]`` (per channel, per group of G tokens); ``value_scale``/``value_zero``
+    ``[B, H, T_q, D / G]`` (per token, per group of G channels); ``keys``/``values`` ``[B, H, R, D]`` and
+    ``sink_keys``/``sink_values`` ``[B, H, S, D]`` in the model's dtype. The sequence is sinks, then quantized
+    tokens, then the residual.
+
+    Codes are packed along the tokens of each group (:func:`~hf_kvcache.strategies.packing.pack_codes`'s
+    planar layout over the group's ``G`` tokens): token ``i`` of a group sits in byte row ``i % (G * nbits / 8)``
+    of that group, bit slot ``i // (G * nbits / 8)``. Each bit slot then unpacks to ``G * nbits / 8`` whole
+    consecutive tokens, which makes dequantizing the history one long contiguous copy instead of many short ones.
     """
 
     is_compileable = False
@@ -88,12 +94,11 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads, _, head_dim = key_states.shape
-        packed_dim = head_dim * self.options.nbits // 8
         groups = head_dim // self.options.group_size
         empty = key_states.new_empty
         self.keys, self.values = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
         self.sink_keys, self.sink_values = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
-        self.key_codes = torch.empty(batch, heads, 0, packed_dim, dtype=torch.uint8, device=self.device)
+        self.key_codes = torch.empty(batch, heads, 0, head_dim, dtype=torch.uint8, device=self.device)
         self.value_codes = torch.empty_like(self.key_codes)
         self.key_scale, self.key_zero = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
         self.value_scale, self.value_zero = empty(batch, heads, 0, groups), empty(batch, heads, 0, groups)
@@ -101,7 +106,7 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
 
     @property
     def quantized_length(self) -> int:
-        return 0 if not self.is_initialized else self.key_codes.shape[-2]
+        return 0 if not self.is_initialized else self.key_codes.shape[-2] * 8 // self.options.nbits
 
     def _quantize_and_append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize whole groups of tokens and append them; they are never requantized afterwards."""
@@ -115,22 +120,34 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
         value_codes, value_scale, value_zero = self.codec.quantize(
             value_groups, dim=4, scale_dtype=self.dtype
         )
-        # Both are packed along the whole head dimension: long contiguous runs per bit slot unpack fastest.
-        self.key_codes = torch.cat([self.key_codes, self._pack_rows(key_codes, length)], dim=-2)
+        self.key_codes = torch.cat([self.key_codes, self._pack_groups(key_codes)], dim=-2)
         self.key_scale = torch.cat([self.key_scale, key_scale.squeeze(3)], dim=-2)
         self.key_zero = torch.cat([self.key_zero, key_zero.squeeze(3)], dim=-2)
-        self.value_codes = torch.cat([self.value_codes, self._pack_rows(value_codes, length)], dim=-2)
+        self.value_codes = torch.cat([self.value_codes, self._pack_groups(value_codes)], dim=-2)
         self.value_scale = torch.cat([self.value_scale, value_scale.squeeze(4)], dim=-2)
         self.value_zero = torch.cat([self.value_zero, value_zero.squeeze(4)], dim=-2)
 
-    def _pack_rows(self, codes: torch.Tensor, length: int) -> torch.Tensor:
-        """``[B, H, ...]`` codes of ``length`` tokens to packed ``[B, H, length, D * nbits / 8]`` bytes."""
-        return self.codec.pack(codes.reshape(*codes.shape[:2], length, -1))
+    def _pack_groups(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes of whole groups (``[B, H, ...]``, tokens in order) to packed ``[B, H, T * nbits / 8, D]`` bytes."""
+        batch, heads = codes.shape[:2]
+        head_dim = self.keys.shape[-1]
+        groups = codes.reshape(batch, heads, -1, self.options.group_size, head_dim)  # [B, H, n, G, D]
+        packed = self.codec.pack(groups.transpose(-1, -2)).transpose(-1, -2)  # [B, H, n, G * nbits / 8, D]
+        return packed.reshape(batch, heads, -1, head_dim)
+
+    def _unpack_groups(self, packed: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_pack_groups`: ``uint8`` codes ``[B, H, n, G, D]``."""
+        batch, heads, rows, head_dim = packed.shape
+        per_group = self.options.group_size * self.options.nbits // 8
+        flat = packed.reshape(batch, heads, rows // per_group, per_group * head_dim)
+        return unpack_slots(flat, self.options.nbits).view(
+            batch, heads, -1, self.options.group_size, head_dim
+        )
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The quantized part of the keys and values, ``[B, H, T_q, D]`` in the model's dtype."""
-        batch, heads, length, _ = self.key_codes.shape
-        shape = (batch, heads, length, self.keys.shape[-1])
+        batch, heads, _, head_dim = self.keys.shape
+        shape = (batch, heads, self.quantized_length, head_dim)
         keys, values = self.keys.new_empty(shape), self.values.new_empty(shape)
         self._dequantize_into(keys, values)
         return keys, values
@@ -139,12 +156,12 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
         """Dequantize the quantized tokens into ``keys``/``values`` ``[B, H, T_q, D]`` (views are fine)."""
         batch, heads, length, head_dim = keys.shape
         size = self.options.group_size
-        # In-place multiply-add over whole rows: broadcasting the scales this way is much faster on CPU than
-        # a broadcasting addcmul.
-        self.codec.unpack_into(self.key_codes, keys)
+        # One conversion of all codes, then in-place multiply-add over whole rows: on CPU this is much faster
+        # than a broadcasting addcmul.
         key_groups = keys.view(batch, heads, length // size, size, head_dim)
+        key_groups.copy_(self._unpack_groups(self.key_codes))
         key_groups.mul_(self.key_scale.unsqueeze(3)).add_(self.key_zero.unsqueeze(3))
-        self.codec.unpack_into(self.value_codes, values)
+        values.view(batch, heads, length // size, size, head_dim).copy_(self._unpack_groups(self.value_codes))
         value_groups = values.view(batch, heads, length, head_dim // size, size)
         value_groups.mul_(self.value_scale.unsqueeze(4)).add_(self.value_zero.unsqueeze(4))
 
@@ -243,10 +260,10 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
                 f"{self.options.group_size} tokens; crop to a multiple of {self.options.group_size} or to at "
                 f"least {sinks + self.quantized_length} tokens"
             )
-        groups = keep // self.options.group_size
+        groups, rows = keep // self.options.group_size, keep * self.options.nbits // 8
         self.key_codes, self.value_codes = (
-            self.key_codes[..., :keep, :].clone(),
-            self.value_codes[..., :keep, :].clone(),
+            self.key_codes[..., :rows, :].clone(),
+            self.value_codes[..., :rows, :].clone(),
         )
         self.value_scale, self.value_zero = (
             self.value_scale[..., :keep, :].clone(),
