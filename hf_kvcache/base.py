@@ -115,6 +115,12 @@ class KVCache(Cache):
             self.options = option_args[0]
         else:
             self.options = self.options_class(*option_args, **option_kwargs)
+        config = getattr(model, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            raise ValueError(
+                f"{type(self).__name__} serves decoder-only models; {type(model).__name__} is an encoder-decoder "
+                "whose cross-attention needs transformers' EncoderDecoderCache"
+            )
         super().__init__(layers=self.build_layers(model, attention_layout(model)))
 
     def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[CacheLayerMixin]:

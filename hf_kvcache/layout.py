@@ -13,6 +13,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 # Layer kinds whose keys and values form one growing sequence that a compression strategy may manage.
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
+CHUNKED_ATTENTION = "chunked_attention"
+# Kinds whose attention only reaches back a fixed number of tokens, so DynamicCache keeps only that many.
+LOCAL_ATTENTION = (SLIDING_ATTENTION, CHUNKED_ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,15 @@ class AttentionLayout:
     num_key_value_heads: int
     head_dim: int
     layer_types: tuple[str, ...]
+    windows: tuple[int | None, ...] = ()
+
+    def window(self, layer: int) -> int | None:
+        """How many tokens layer ``layer``'s attention reaches back (including the query's own), or ``None``.
+
+        Sliding layers reach back ``sliding_window`` tokens and chunked ones at most ``attention_chunk_size``;
+        ``DynamicCache`` keeps one token fewer than that between forward calls.
+        """
+        return self.windows[layer] if self.windows else None
 
     @property
     def num_key_value_groups(self) -> int:
@@ -55,7 +67,19 @@ def attention_layout(model_or_config: PreTrainedModel | PretrainedConfig) -> Att
             config, "use_sliding_window", True
         )
         layer_types = [SLIDING_ATTENTION if has_window else FULL_ATTENTION] * num_layers
-    return AttentionLayout(num_layers, num_heads, num_kv_heads, head_dim, tuple(layer_types[:num_layers]))
+    layer_types = tuple(layer_types[:num_layers])
+    windows = tuple(_window(config, kind) for kind in layer_types)
+    return AttentionLayout(num_layers, num_heads, num_kv_heads, head_dim, layer_types, windows)
+
+
+def _window(config: PretrainedConfig, kind: str) -> int | None:
+    if kind not in LOCAL_ATTENTION:
+        return None
+    field = "sliding_window" if kind == SLIDING_ATTENTION else "attention_chunk_size"
+    window = getattr(config, field, None)
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"the model's layers of kind {kind!r} need config.{field} >= 1, got {window!r}")
+    return window
 
 
 def require_layer_types(layout: AttentionLayout, allowed: tuple[str, ...], strategy: str) -> None:

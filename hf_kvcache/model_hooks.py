@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -31,8 +32,36 @@ class CacheObserver(Protocol):
     def wants_queries(self, layer_idx: int, query_length: int) -> bool:
         """Before each attention layer: whether the cache needs this forward's queries of that layer."""
 
-    def observe_queries(self, layer_idx: int, queries: torch.Tensor, scaling: float) -> None:
-        """The layer's new rotated queries ``[B, H_q, q, D]`` and the scale its attention applies to logits."""
+    def observe_queries(self, layer_idx: int, queries: torch.Tensor, math: AttentionMath) -> None:
+        """The layer's new rotated queries ``[B, H_q, q, D]`` and how its attention turns logits into weights."""
+
+
+@dataclass(frozen=True)
+class AttentionMath:
+    """What an attention module does between ``q . k`` and its weights, read from the module itself.
+
+    Args:
+        scaling: factor on ``q . k`` (``module.scaling``: ``D ** -0.5``, Gemma's ``query_pre_attn_scalar ** -0.5``,
+            Granite's attention multiplier).
+        softcap: logits become ``softcap * tanh(logits / softcap)`` (Gemma 2); ``None``: no capping.
+        sinks: ``[H_q]`` learned logits of a virtual entry every query attends to, which takes its share of the
+            softmax and is then dropped (gpt-oss); ``None``: no sinks.
+    """
+
+    scaling: float
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, module: nn.Module) -> AttentionMath:
+        head_dim = getattr(module, "head_dim", None) or module.head_size
+        softcap = getattr(module, "attn_logit_softcapping", None)
+        sinks = getattr(module, "sinks", None)
+        return cls(
+            float(getattr(module, "scaling", head_dim**-0.5)),
+            float(softcap) if softcap else None,
+            sinks.detach() if isinstance(sinks, torch.Tensor) else None,
+        )
 
 
 # --- the forward observer: padding mask of each call -------------------------------------------------------
@@ -86,19 +115,47 @@ def left_padding_counts(attention_mask: torch.Tensor | None, batch: int, total: 
     return pads
 
 
+class ForwardState:
+    """What the current forward call looks like, shared by the layers of one cache."""
+
+    def __init__(self):
+        self.observe(None)
+
+    def observe(self, attention_mask: torch.Tensor | None) -> None:
+        self.attention_mask = attention_mask
+        self._pads: dict[torch.device, torch.Tensor] = {}
+        self.max_pad = 0
+
+    def padding(self, batch: int, total: int, device: torch.device) -> torch.Tensor:
+        """Left-padding tokens per row ``[B]`` of this forward's mask, checked once per forward and device."""
+        if device not in self._pads:
+            if self._pads:
+                pads = next(iter(self._pads.values())).to(device)
+            else:
+                pads = left_padding_counts(self.attention_mask, batch, total, device)
+                self.max_pad = int(pads.max()) if batch else 0
+            self._pads[device] = pads
+        return self._pads[device]
+
+
 # --- query capture: the queries of each attention layer, under any attention implementation ---------------
+# The projections that produce queries: separate (most models), fused with keys and values in that order
+# (Phi-3), or fused per head as [q | k | v] (GPT-NeoX).
+QUERY_PROJECTIONS = ("q_proj", "qkv_proj", "query_key_value")
+
+
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The model's self-attention modules in layer order (those with ``layer_idx`` and a query projection)."""
     found = [
         m
         for m in model.modules()
-        if isinstance(getattr(m, "layer_idx", None), int) and (hasattr(m, "q_proj") or hasattr(m, "qkv_proj"))
+        if isinstance(getattr(m, "layer_idx", None), int) and any(hasattr(m, p) for p in QUERY_PROJECTIONS)
     ]
     return sorted(found, key=lambda m: m.layer_idx)
 
 
 def _query_projection(module: nn.Module) -> nn.Module:
-    return module.q_proj if hasattr(module, "q_proj") else module.qkv_proj
+    return next(getattr(module, name) for name in QUERY_PROJECTIONS if hasattr(module, name))
 
 
 def rotated_queries(module: nn.Module, projected: torch.Tensor, position_embeddings) -> torch.Tensor:
@@ -109,24 +166,49 @@ def rotated_queries(module: nn.Module, projected: torch.Tensor, position_embeddi
     them themselves.
     """
     batch, length, _ = projected.shape
-    head_dim = module.head_dim
-    if not hasattr(module, "q_proj"):  # fused projection (Phi3): queries come first
-        projected = projected[..., : module.config.num_attention_heads * head_dim]
-    queries = projected.view(batch, length, -1, head_dim)
-    if hasattr(module, "q_norm"):
-        queries = module.q_norm(queries)
+    head_dim = getattr(module, "head_dim", None) or module.head_size
+    heads = module.config.num_attention_heads
+    if hasattr(module, "query_key_value"):  # per head [q | k | v]
+        queries = projected.view(batch, length, heads, 3 * head_dim)[..., :head_dim]
+    else:
+        if hasattr(module, "qkv_proj"):  # queries come first
+            projected = projected[..., : heads * head_dim]
+        norm = getattr(module, "q_norm", None)
+        # Some models normalize all heads' queries together (Olmo 2), others each head (Qwen 3, Gemma 3).
+        joint_norm = norm is not None and getattr(norm, "weight", torch.empty(0)).numel() == heads * head_dim
+        if joint_norm and heads > 1:
+            projected = norm(projected)
+        queries = projected.view(batch, length, heads, head_dim)
+        if norm is not None and not (joint_norm and heads > 1):
+            queries = norm(queries)
     queries = queries.transpose(1, 2)
-    if position_embeddings is not None:
+    if position_embeddings is not None and applies_rope(module):
         cos, sin = position_embeddings
+        if cos.shape[-1] * 2 == head_dim and getattr(module.config, "model_type", None) == "gpt_oss":
+            # gpt-oss hands over each frequency once and rotates both halves of the head with it.
+            cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
         queries = rotate_half_rope(queries, cos.unsqueeze(1), sin.unsqueeze(1))
     return queries
+
+
+def applies_rope(module: nn.Module) -> bool:
+    """Whether an attention module rotates its queries and keys at all.
+
+    Some models leave positions out of some layers: those with ``use_rope`` false (SmolLM 3, Llama 4) and
+    Cohere 2's global layers, which rotate only where they have a sliding window.
+    """
+    if hasattr(module, "use_rope"):
+        return bool(module.use_rope)
+    if getattr(module.config, "model_type", None) == "cohere2":
+        return getattr(module, "sliding_window", None) is not None
+    return True
 
 
 def _arm_query_capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
     # Before the attention module runs: if this call's cache wants the queries, remember it and the RoPE
     # tables until the query projection (which runs next, inside the module) produces them.
     module._hf_kvcache_capture = None
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
     if getattr(cache, "observe_queries", None) is None:
         return
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -143,7 +225,7 @@ def _make_projection_hook(module: nn.Module):
         cache, position_embeddings = armed
         with torch.no_grad():
             queries = rotated_queries(module, projected, position_embeddings)
-        cache.observe_queries(module.layer_idx, queries, getattr(module, "scaling", module.head_dim**-0.5))
+        cache.observe_queries(module.layer_idx, queries, AttentionMath.of(module))
 
     return capture
 
@@ -160,7 +242,8 @@ def install_query_capture(model: nn.Module, num_layers: int) -> None:
     if len(modules) != num_layers:
         raise ValueError(
             f"found {len(modules)} attention modules with a query projection in {type(model).__name__}, expected "
-            f"{num_layers}; score-based caches support Llama-style attention (q_proj or qkv_proj, layer_idx)"
+            f"{num_layers}; score-based caches support attention modules with a layer_idx and one of "
+            f"{list(QUERY_PROJECTIONS)}"
         )
     handles = []
     for module in modules:
@@ -184,8 +267,15 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def find_rotary_module(model: nn.Module) -> nn.Module | None:
-    """The model's rotary-embedding module (the one holding ``inv_freq``), or ``None`` without RoPE."""
-    found = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    """The model's rotary-embedding module, or ``None`` without RoPE.
+
+    It holds ``inv_freq``, or one ``<layer type>_inv_freq`` per kind of layer (Gemma 3: local and global bases).
+    """
+    found = [
+        m
+        for m in model.modules()
+        if any(name.endswith("inv_freq") for name, _ in m.named_buffers(recurse=False))
+    ]
     if len({id(m) for m in found}) > 1:
         raise ValueError(
             f"model has {len(found)} rotary embeddings ({[type(m).__name__ for m in found]}); re-rotating keys "
@@ -199,14 +289,25 @@ class KeyRotator:
 
     RoPE rotates each channel pair by ``position * inv_freq``; rotating a key at position ``p`` by
     ``delta * inv_freq`` puts it at ``p + delta``. ``inv_freq`` comes from the model's rotary module, so default,
-    linear and llama3 scaling are covered.
+    linear and llama3 scaling are covered; ``layer_type`` picks that kind of layer's table where the model has
+    one per kind.
     """
 
-    def __init__(self, rotary_module: nn.Module):
+    def __init__(self, rotary_module: nn.Module, layer_type: str | None = None):
         self.rotary_module = rotary_module
+        # Models with a RoPE per kind of layer keep one frequency table per kind.
+        per_kind = f"{layer_type}_inv_freq"
+        self.frequencies = (
+            per_kind if isinstance(getattr(rotary_module, per_kind, None), torch.Tensor) else "inv_freq"
+        )
+        if not isinstance(getattr(rotary_module, self.frequencies, None), torch.Tensor):
+            raise ValueError(
+                f"{type(rotary_module).__name__} has no RoPE frequencies for layers of kind {layer_type!r}; "
+                "use positions='original'"
+            )
 
     def shift(self, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        inv_freq = self.rotary_module.inv_freq.to(device=keys.device, dtype=torch.float32)
+        inv_freq = getattr(self.rotary_module, self.frequencies).to(device=keys.device, dtype=torch.float32)
         angles = offsets.to(torch.float32)[:, None] * inv_freq[None, :]  # [B, rotary_dim / 2]
         angles = torch.cat([angles, angles], dim=-1)[:, None, None, :]  # [B, 1, 1, rotary_dim]
         return rotate_half_rope(keys.float(), angles.cos(), angles.sin()).to(keys.dtype)

@@ -6,8 +6,15 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Cohere2Config,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPTNeoXConfig,
+    GptOssConfig,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
@@ -25,10 +32,39 @@ ARCHITECTURES = {
     "phi3": (Phi3Config, {"partial_rotary_factor": 0.5, "pad_token_id": 0}),
 }
 
+# Local (sliding-window) layers next to global ones, model-specific attention math, fused projections. Windows
+# of 8 tokens, so that the short runs of the tests go past them.
+WINDOW = 8
+ALTERNATING = ["sliding_attention", "full_attention"] * 2
+MORE_ARCHITECTURES = {
+    # Gemma 2: logit soft-capping, query_pre_attn_scalar; eager attention only.
+    "gemma2": (Gemma2Config, {"sliding_window": WINDOW, "head_dim": 16, "query_pre_attn_scalar": 32,
+                              "layer_types": ALTERNATING}),
+    # Gemma 3: q/k norms, separate RoPE for local and global layers.
+    "gemma3": (Gemma3TextConfig, {"sliding_window": WINDOW, "head_dim": 16, "query_pre_attn_scalar": 32,
+                                  "layer_types": ALTERNATING}),
+    "cohere2": (Cohere2Config, {"sliding_window": WINDOW, "layer_types": ALTERNATING}),
+    # gpt-oss: attention sinks, mixture of experts; eager attention only.
+    "gpt-oss": (GptOssConfig, {"sliding_window": WINDOW, "head_dim": 16, "num_local_experts": 4,
+                               "num_experts_per_tok": 2, "layer_types": ALTERNATING}),
+    "mistral-sliding": (MistralConfig, {"sliding_window": WINDOW}),
+    "qwen2-sliding": (Qwen2Config, {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
+    "olmo2": (Olmo2Config, {}),
+    "granite": (GraniteConfig, {"attention_multiplier": 0.5}),
+    # GPT-NeoX: one fused query_key_value projection, partial rotary.
+    "gpt-neox": (GPTNeoXConfig, {"rotary_pct": 0.5}),
+}  # fmt: skip
+EAGER_ONLY = {"gemma2", "gpt-oss"}
+
 
 def make_tiny_model(arch: str = "llama", seed: int = 0, num_layers: int = 2, attn: str = "sdpa", **overrides):
     """A seeded random causal LM of architecture ``arch`` with 4 query heads of size 16, in float32."""
-    config_class, extra = ARCHITECTURES[arch]
+    config_class, extra = {**ARCHITECTURES, **MORE_ARCHITECTURES}[arch]
+    if arch in EAGER_ONLY:
+        attn = "eager"
+    layer_types = overrides.get("layer_types", extra.get("layer_types"))
+    if layer_types is not None:
+        num_layers = len(layer_types)
     options = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -51,7 +87,7 @@ def make_tiny_model(arch: str = "llama", seed: int = 0, num_layers: int = 2, att
     # so that compression errors show up in the logits instead of averaging away.
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if any(part in name for part in ("q_proj", "k_proj", "qkv_proj")):
+            if any(part in name for part in ("q_proj", "k_proj", "qkv_proj", "query_key_value")):
                 param.mul_(4.0)
     return model.eval()
 

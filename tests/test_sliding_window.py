@@ -31,12 +31,15 @@ def next_logits_after_stream(model, ids, cache, chunk, next_token=7):
         return model(torch.tensor([[next_token]]), past_key_values=cache).logits[0, -1]
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-gqa", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize(
+    "arch",
+    ["llama", "llama-gqa", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "olmo2", "granite", "gpt-neox"],
+)
 @pytest.mark.parametrize("positions", ["shifted", "original"])
 @pytest.mark.parametrize("chunk", [1, 6])
 def test_next_token_equals_fresh_pass_over_kept_tokens(arch, positions, chunk):
     """Reference: a one-layer model, recomputed from scratch without any cache over exactly the kept tokens."""
-    model = make_tiny_model(arch, num_layers=1)
+    model = make_tiny_model(arch, num_layers=1, layer_types=["full_attention"])
     length, window, sinks = 61, 20, 4
     ids = random_ids(length, seed=3)
     got = next_logits_after_stream(model, ids, SlidingWindowKVCache(model, window, sinks, positions), chunk)

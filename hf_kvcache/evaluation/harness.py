@@ -156,10 +156,13 @@ def environment(model, settings: CompareSettings) -> dict:
 
 
 def full_cache_bytes(model, tokens: int) -> int:
-    """Bytes a ``DynamicCache`` holds for ``tokens`` tokens of one sequence: keys and values of every layer."""
+    """Bytes a ``DynamicCache`` holds after ``tokens`` tokens of one sequence: keys and values of every layer,
+    where local (sliding-window, chunked) layers keep only their last ``window - 1`` tokens, as it does."""
     layout = attention_layout(model)
     element = torch.finfo(model.dtype).bits // 8
-    return 2 * layout.num_layers * layout.num_key_value_heads * layout.head_dim * tokens * element
+    per_token = 2 * layout.num_key_value_heads * layout.head_dim * element
+    windows = (layout.window(index) for index in range(layout.num_layers))
+    return sum(per_token * (tokens if window is None else min(tokens, window - 1)) for window in windows)
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

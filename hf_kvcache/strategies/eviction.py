@@ -20,34 +20,11 @@ from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
-from transformers.cache_utils import CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
 from hf_kvcache.base import BatchRowsMixin, KVCache
-from hf_kvcache.layout import FULL_ATTENTION, AttentionLayout, require_layer_types
-from hf_kvcache.model_hooks import install_forward_observer, left_padding_counts
-
-
-class ForwardState:
-    """What the current forward call looks like, shared by the layers of one cache."""
-
-    def __init__(self):
-        self.observe(None)
-
-    def observe(self, attention_mask: torch.Tensor | None) -> None:
-        self.attention_mask = attention_mask
-        self._pads: dict[torch.device, torch.Tensor] = {}
-        self.max_pad = 0
-
-    def padding(self, batch: int, total: int, device: torch.device) -> torch.Tensor:
-        """Left-padding tokens per row ``[B]`` of this forward's mask, checked once per forward and device."""
-        if device not in self._pads:
-            if self._pads:
-                pads = next(iter(self._pads.values())).to(device)
-            else:
-                pads = left_padding_counts(self.attention_mask, batch, total, device)
-                self.max_pad = int(pads.max()) if batch else 0
-            self._pads[device] = pads
-        return self._pads[device]
+from hf_kvcache.layout import FULL_ATTENTION, LOCAL_ATTENTION, AttentionLayout, require_layer_types
+from hf_kvcache.model_hooks import ForwardState, install_forward_observer
 
 
 class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
@@ -183,8 +160,7 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         """One new real token, at most one entry evicted per row and head, no padding held: write in place."""
         total = self.stored + 1
         if self.key_buffer.shape[2] < total:
-            # A layer that keeps growing (nothing to evict) gets some room, never more than DynamicCache holds.
-            self._grow_buffers(total if evicting else min(self.seen + 1, total + total // 8))
+            self._grow_buffers(total if evicting else self._growth_size(total))
         self.key_buffer[:, :, self.stored] = key_states[:, :, 0]
         self.value_buffer[:, :, self.stored] = value_states[:, :, 0]
         if evicting and self.slot_positions is None:
@@ -200,6 +176,18 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         else:
             self.stored, self.cached_real = total, real_in_full
         return keys, values
+
+    def _growth_size(self, total: int) -> int:
+        """Slots for a layer that keeps growing (nothing to evict): about 1/8 more than ``total``, but never more
+        bytes, positions and scores included, than ``DynamicCache`` holds for the tokens seen by then."""
+        token_bytes = self.key_buffer[0, 0, 0].nbytes + self.value_buffer[0, 0, 0].nbytes
+        slot_bytes = sum(
+            getattr(self, name)[0, 0, :1].nbytes
+            for name in self.slot_tensors()
+            if getattr(self, name) is not None
+        )
+        affordable = (self.seen + 1) * token_bytes // slot_bytes
+        return max(total, min(affordable, total + total // 8))
 
     def _apply_pending_eviction(self) -> None:
         """Refill the slot evicted at the last decoding step with that step's token (the last slot)."""
@@ -312,11 +300,31 @@ class EvictionCache(KVCache):
     """A cache of :class:`EvictingLayer` s, one per full-attention layer, that learns each forward's padding mask
     from the model. Subclasses implement :meth:`make_layer`."""
 
-    def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[EvictingLayer]:
-        require_layer_types(layout, (FULL_ATTENTION,), type(self).__name__)
+    def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[CacheLayerMixin]:
+        """A strategy layer per full-attention layer; a plain recent window per local (sliding, chunked) layer.
+
+        A local layer's attention never reaches past its window, so the strategy's choice among older tokens
+        would be wasted there: it keeps the newest ``min(budget, window - 1)`` tokens, never more than
+        ``DynamicCache`` keeps for it.
+        """
+        require_layer_types(layout, (FULL_ATTENTION, *LOCAL_ATTENTION), type(self).__name__)
+        config = model.config.get_text_config(decoder=True)
+        if getattr(config, "alibi", False) or getattr(config, "model_type", None) in ("bloom", "mpt"):
+            # ALiBi biases each key by its distance to the query, computed from the mask's columns, which
+            # after an eviction no longer are the kept tokens' positions: the result would be silently wrong.
+            raise ValueError(
+                f"{type(self).__name__} cannot serve {type(model).__name__}: its ALiBi attention biases keys by "
+                "position, which evicting tokens breaks; use 'quantized' (any options) or 'full'"
+            )
         install_forward_observer(model)
         self.forward_state = ForwardState()
-        return [self.make_layer(layout) for _ in range(layout.num_layers)]
+        layers = []
+        for index in range(layout.num_layers):
+            layer, window = self.make_layer(layout), layout.window(index)
+            if window is not None:
+                layer = DynamicSlidingWindowLayer(sliding_window=min(window, layer.budget + 1))
+            layers.append(layer)
+        return layers
 
     def make_layer(self, layout: AttentionLayout) -> EvictingLayer:
         """A fresh layer for one model layer; it shares ``self.forward_state``."""

@@ -62,6 +62,23 @@ def unpack_codes(packed: torch.Tensor, nbits: int) -> torch.Tensor:
     return unpack_slots(packed, nbits).flatten(-2)
 
 
+def pack_token_groups(codec: TorchCodec, codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Codes ``[B, H, T, D]`` or ``[B, H, n, G, D]`` of whole groups of ``group_size`` tokens to
+    bytes ``[B, H, T * nbits / 8, D]``, packed along the tokens of each group in :func:`pack_codes`' layout."""
+    batch, heads, head_dim = codes.shape[0], codes.shape[1], codes.shape[-1]
+    groups = codes.reshape(batch, heads, -1, group_size, head_dim)  # [B, H, n, G, D]
+    packed = codec.pack(groups.transpose(-1, -2)).transpose(-1, -2)  # [B, H, n, G * nbits / 8, D]
+    return packed.reshape(batch, heads, -1, head_dim)
+
+
+def unpack_token_groups(packed: torch.Tensor, nbits: int, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`pack_token_groups`: ``uint8`` codes ``[B, H, n, G, D]``."""
+    batch, heads, rows, head_dim = packed.shape
+    per_group = group_size * nbits // 8
+    flat = packed.reshape(batch, heads, rows // per_group, per_group * head_dim)
+    return unpack_slots(flat, nbits).view(batch, heads, -1, group_size, head_dim)
+
+
 def min_max_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group ``(low, high)`` of ``x`` reduced over ``dim``, in float32, keeping the dimension."""
     x = x.float()

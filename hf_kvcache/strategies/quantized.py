@@ -13,9 +13,16 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
 from hf_kvcache.base import BatchRowsMixin, KVCache
-from hf_kvcache.layout import FULL_ATTENTION, SLIDING_ATTENTION, AttentionLayout, require_layer_types
+from hf_kvcache.layout import FULL_ATTENTION, LOCAL_ATTENTION, AttentionLayout, require_layer_types
 from hf_kvcache.registry import register_strategy
-from hf_kvcache.strategies.packing import BACKENDS, SUPPORTED_NBITS, TorchCodec, make_codec, unpack_slots
+from hf_kvcache.strategies.packing import (
+    BACKENDS,
+    SUPPORTED_NBITS,
+    TorchCodec,
+    make_codec,
+    pack_token_groups,
+    unpack_token_groups,
+)
 
 
 @dataclass(frozen=True)
@@ -79,16 +86,19 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
         "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero",
     )  # fmt: skip
 
-    def __init__(self, options: QuantizedOptions, codec: TorchCodec):
+    def __init__(self, options: QuantizedOptions, codec: TorchCodec, window: int | None = None):
         super().__init__()
-        self.options = options
-        self.codec = codec
+        self.options, self.codec, self.window = options, codec, window
+        self.is_sliding = window is not None
+        # Sinks would sit outside a local layer's window, where the model never looks.
+        self.sink_tokens = 0 if window is not None else options.num_sink_tokens
         self._clear()
 
     def _clear(self) -> None:
         self.keys = self.values = self.sink_keys = self.sink_values = None
         self.key_codes = self.key_scale = self.key_zero = None
         self.value_codes = self.value_scale = self.value_zero = None
+        self.dropped = 0  # tokens a local layer let go of once they were behind its window
         self.is_initialized = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -102,6 +112,9 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
         self.value_codes = torch.empty_like(self.key_codes)
         self.key_scale, self.key_zero = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
         self.value_scale, self.value_zero = empty(batch, heads, 0, groups), empty(batch, heads, 0, groups)
+        self.residual_tokens = self.options.residual_length
+        if self.window is not None:
+            self.residual_tokens = self._local_residual_tokens(head_dim, key_states.element_size())
         self.is_initialized = True
 
     @property
@@ -120,29 +133,14 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
         value_codes, value_scale, value_zero = self.codec.quantize(
             value_groups, dim=4, scale_dtype=self.dtype
         )
-        self.key_codes = torch.cat([self.key_codes, self._pack_groups(key_codes)], dim=-2)
+        value_codes = value_codes.reshape(batch, heads, length, head_dim)
+        key_codes, value_codes = (pack_token_groups(self.codec, c, size) for c in (key_codes, value_codes))
+        self.key_codes = torch.cat([self.key_codes, key_codes], dim=-2)
         self.key_scale = torch.cat([self.key_scale, key_scale.squeeze(3)], dim=-2)
         self.key_zero = torch.cat([self.key_zero, key_zero.squeeze(3)], dim=-2)
-        self.value_codes = torch.cat([self.value_codes, self._pack_groups(value_codes)], dim=-2)
+        self.value_codes = torch.cat([self.value_codes, value_codes], dim=-2)
         self.value_scale = torch.cat([self.value_scale, value_scale.squeeze(4)], dim=-2)
         self.value_zero = torch.cat([self.value_zero, value_zero.squeeze(4)], dim=-2)
-
-    def _pack_groups(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes of whole groups (``[B, H, ...]``, tokens in order) to packed ``[B, H, T * nbits / 8, D]`` bytes."""
-        batch, heads = codes.shape[:2]
-        head_dim = self.keys.shape[-1]
-        groups = codes.reshape(batch, heads, -1, self.options.group_size, head_dim)  # [B, H, n, G, D]
-        packed = self.codec.pack(groups.transpose(-1, -2)).transpose(-1, -2)  # [B, H, n, G * nbits / 8, D]
-        return packed.reshape(batch, heads, -1, head_dim)
-
-    def _unpack_groups(self, packed: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`_pack_groups`: ``uint8`` codes ``[B, H, n, G, D]``."""
-        batch, heads, rows, head_dim = packed.shape
-        per_group = self.options.group_size * self.options.nbits // 8
-        flat = packed.reshape(batch, heads, rows // per_group, per_group * head_dim)
-        return unpack_slots(flat, self.options.nbits).view(
-            batch, heads, -1, self.options.group_size, head_dim
-        )
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The quantized part of the keys and values, ``[B, H, T_q, D]`` in the model's dtype."""
@@ -156,12 +154,13 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
         """Dequantize the quantized tokens into ``keys``/``values`` ``[B, H, T_q, D]`` (views are fine)."""
         batch, heads, length, head_dim = keys.shape
         size = self.options.group_size
-        # One conversion of all codes, then in-place multiply-add over whole rows: on CPU this is much faster
-        # than a broadcasting addcmul.
+        # One conversion of all codes, then in-place multiply-add over whole rows: faster on CPU than addcmul.
         key_groups = keys.view(batch, heads, length // size, size, head_dim)
-        key_groups.copy_(self._unpack_groups(self.key_codes))
+        key_groups.copy_(unpack_token_groups(self.key_codes, self.options.nbits, size))
         key_groups.mul_(self.key_scale.unsqueeze(3)).add_(self.key_zero.unsqueeze(3))
-        values.view(batch, heads, length // size, size, head_dim).copy_(self._unpack_groups(self.value_codes))
+        values.view(batch, heads, length // size, size, head_dim).copy_(
+            unpack_token_groups(self.value_codes, self.options.nbits, size)
+        )
         value_groups = values.view(batch, heads, length, head_dim // size, size)
         value_groups.mul_(self.value_scale.unsqueeze(4)).add_(self.value_zero.unsqueeze(4))
 
@@ -171,7 +170,7 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # The first tokens draw a large share of attention everywhere (attention sinks): keep them exact.
-        missing_sinks = self.options.num_sink_tokens - self.sink_keys.shape[-2]
+        missing_sinks = self.sink_tokens - self.sink_keys.shape[-2]
         if missing_sinks > 0:
             self.sink_keys = torch.cat([self.sink_keys, key_states[..., :missing_sinks, :]], dim=-2)
             self.sink_values = torch.cat([self.sink_values, value_states[..., :missing_sinks, :]], dim=-2)
@@ -183,7 +182,7 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
         residual_values = torch.cat([self.values, value_states], dim=-2)
         all_keys, all_values = self._assemble(residual_keys, residual_values)
         # Move the oldest whole groups out of the residual, keeping at least `residual_length` tokens there.
-        overflow = residual_keys.shape[-2] - self.options.residual_length
+        overflow = residual_keys.shape[-2] - self.residual_tokens
         flush = max(overflow, 0) // self.options.group_size * self.options.group_size
         if flush:
             self._quantize_and_append(residual_keys[..., :flush, :], residual_values[..., :flush, :])
@@ -191,7 +190,36 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
             residual_keys = residual_keys[..., flush:, :].clone()
             residual_values = residual_values[..., flush:, :].clone()
         self.keys, self.values = residual_keys, residual_values
+        if self.window is not None:
+            self._drop_behind_window()
         return all_keys, all_values
+
+    def _drop_behind_window(self) -> None:
+        """Let go of what the next query of a local layer cannot see: whole quantized groups (a group is kept
+        while any of its tokens is in the window; the mask hides the rest) or, before anything is quantized,
+        the oldest residual tokens."""
+        span, size = self.window - 1, self.options.group_size
+        excess = self.quantized_length + self.keys.shape[-2] - span
+        groups = min(max(excess, 0) // size, self.quantized_length // size)
+        if groups:
+            self._slice_quantized(groups * size, self.quantized_length)
+            self.dropped += groups * size
+        elif self.quantized_length == 0 and excess > 0:
+            self.keys, self.values = self.keys[..., excess:, :].clone(), self.values[..., excess:, :].clone()
+            self.dropped += excess
+
+    def _local_residual_tokens(self, head_dim: int, element_size: int) -> int:
+        """Full-precision tokens of a local layer: as many as asked, unless quantizing the rest of the window
+        could then hold more bytes than ``DynamicCache``'s ``window - 1`` full-precision tokens."""
+        span, size = self.window - 1, self.options.group_size
+        residual = min(self.options.residual_length, span)
+        full = 2 * head_dim * element_size
+        # codes, then key scales and zeros per group of tokens, then value scales and zeros per group of channels
+        quantized = 2 * head_dim * self.options.nbits / 8 + 4 * head_dim * element_size / size
+        # Worst case between drops: residual + size - 1 full-precision tokens, span - residual quantized ones.
+        if (size - 1) * full <= (span - residual) * (full - quantized):
+            return residual
+        return span
 
     def _assemble(
         self, residual_keys: torch.Tensor, residual_values: torch.Tensor
@@ -222,13 +250,15 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.sink_keys.shape[-2] + self.quantized_length + self.keys.shape[-2]
+        return self.sink_keys.shape[-2] + self.dropped + self.quantized_length + self.keys.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        # Held tokens are consecutive from column `dropped` on; a local layer's mask then hides what is past
+        # the window in the oldest group it keeps.
+        return self.get_seq_length() - self.dropped + query_length, self.dropped
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.window is None else self.window
 
     def reset(self) -> None:
         self._clear()
@@ -240,6 +270,11 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
         otherwise a ``ValueError``, since a key group's scale would no longer describe its tokens.
         """
         length = self.get_seq_length()
+        if self.dropped:
+            raise ValueError(
+                f"cannot crop this local layer: it let go of {self.dropped} tokens behind its window of "
+                f"{self.window}, so rolling back cannot be exact"
+            )
         keep = length + max_length if max_length < 0 else min(max_length, length)
         if keep < 0:
             raise ValueError(f"cannot crop {-max_length} tokens from a cache of {length}")
@@ -260,20 +295,21 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
                 f"{self.options.group_size} tokens; crop to a multiple of {self.options.group_size} or to at "
                 f"least {sinks + self.quantized_length} tokens"
             )
-        groups, rows = keep // self.options.group_size, keep * self.options.nbits // 8
-        self.key_codes, self.value_codes = (
-            self.key_codes[..., :rows, :].clone(),
-            self.value_codes[..., :rows, :].clone(),
-        )
-        self.value_scale, self.value_zero = (
-            self.value_scale[..., :keep, :].clone(),
-            self.value_zero[..., :keep, :].clone(),
-        )
-        self.key_scale, self.key_zero = (
-            self.key_scale[..., :groups, :].clone(),
-            self.key_zero[..., :groups, :].clone(),
-        )
+        self._slice_quantized(0, keep)
         self.keys, self.values = self.keys[..., :0, :].clone(), self.values[..., :0, :].clone()
+
+    def _slice_quantized(self, start: int, stop: int) -> None:
+        """Keep quantized tokens ``start`` to ``stop``, both multiples of the group size: no code changes."""
+        size, per_byte = self.options.group_size, 8 // self.options.nbits
+        rows, groups = slice(start // per_byte, stop // per_byte), slice(start // size, stop // size)
+        self.key_codes = self.key_codes[..., rows, :].clone()
+        self.value_codes = self.value_codes[..., rows, :].clone()
+        self.key_scale, self.key_zero = (
+            self.key_scale[..., groups, :].clone(),
+            self.key_zero[..., groups, :].clone(),
+        )
+        self.value_scale = self.value_scale[..., start:stop, :].clone()
+        self.value_zero = self.value_zero[..., start:stop, :].clone()
 
 
 @register_strategy(
@@ -307,7 +343,7 @@ class QuantizedKVCache(KVCache):
     options_class = QuantizedOptions
 
     def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[QuantizedLayer]:
-        require_layer_types(layout, (FULL_ATTENTION, SLIDING_ATTENTION), type(self).__name__)
+        require_layer_types(layout, (FULL_ATTENTION, *LOCAL_ATTENTION), type(self).__name__)
         self.options.check_head_dim(layout.head_dim)
         codec = make_codec(self.options.nbits, self.options.backend)
-        return [QuantizedLayer(self.options, codec) for _ in range(layout.num_layers)]
+        return [QuantizedLayer(self.options, codec, layout.window(i)) for i in range(layout.num_layers)]

@@ -18,11 +18,11 @@ from typing import ClassVar
 import torch
 
 from hf_kvcache.layout import AttentionLayout
-from hf_kvcache.model_hooks import install_query_capture
+from hf_kvcache.model_hooks import AttentionMath, install_query_capture
 from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache, ForwardState
 
-# Upper bound on the float32 elements of one block of attention logits (64 MiB).
-SCORE_BLOCK_ELEMENTS = 2**24
+# Upper bound on the float32 elements of one block of attention logits (16 MiB).
+SCORE_BLOCK_ELEMENTS = 2**22
 
 
 def attention_mass(
@@ -31,7 +31,7 @@ def attention_mass(
     query_valid: torch.Tensor | None,
     key_valid: torch.Tensor | None,
     first_query_position: int,
-    scaling: float,
+    math: AttentionMath,
 ) -> torch.Tensor:
     """Attention probability each key receives, summed over the queries and over the query heads of its group.
 
@@ -43,7 +43,7 @@ def attention_mass(
             ``None``: all real.
         key_valid: ``[B, K]``, False for padding entries; ``None``: all real.
         first_query_position: entry index of the first query.
-        scaling: the factor the model applies to ``q . k`` (usually ``D ** -0.5``).
+        math: the module's scaling, logit soft-capping and sinks, applied as its eager attention does.
 
     Returns:
         ``[B, H_kv, K]`` float32.
@@ -53,27 +53,50 @@ def attention_mass(
     groups = queries.shape[1] // kv_heads
     grouped = queries.float().reshape(batch, kv_heads, groups, length, head_dim)  # [B, Hkv, G, q, D]
     keys = keys.float()
+    sinks = None if math.sinks is None else math.sinks.float().view(1, kv_heads, groups, 1, 1)
     if length == 1 and key_valid is None and first_query_position == total - 1:
         # A decoding step with nothing masked: the one query sees every entry.
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", grouped, keys) * scaling
-        probs = torch.softmax(logits, dim=-1)
+        logits = _capped(torch.einsum("bhgqd,bhkd->bhgqk", grouped, keys).mul_(math.scaling), math.softcap)
+        probs = _softmax(logits, sinks)
         return probs.sum(dim=(2, 3)) if query_valid is None else probs.sum(dim=(2, 3)) * query_valid
-    entry = torch.arange(total, device=keys.device)
     mass = keys.new_zeros(batch, kv_heads, total)
     block = max(1, SCORE_BLOCK_ELEMENTS // (batch * kv_heads * groups * total))
     for start in range(0, length, block):
         stop = min(start + block, length)
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", grouped[:, :, :, start:stop], keys) * scaling
-        position = first_query_position + torch.arange(start, stop, device=keys.device)
-        visible = (entry[None, :] <= position[:, None])[None]  # [1, q_block, K]
+        # Causality: no query of this block sees past its last one's position, so the later keys are skipped
+        # (half of the work of a prompt), and only the block's own diagonal needs a mask.
+        first, last = first_query_position + start, first_query_position + stop - 1
+        visible_keys = min(last + 1, total)
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", grouped[:, :, :, start:stop], keys[:, :, :visible_keys])
+        logits = _capped(logits.mul_(math.scaling), math.softcap)
+        if first + 1 < visible_keys:
+            diagonal = torch.arange(first + 1, visible_keys, device=keys.device)
+            position = torch.arange(first, last + 1, device=keys.device)
+            hidden = diagonal[None, :] > position[:, None]  # [q_block, keys after the first query]
+            logits[..., first + 1 :].masked_fill_(hidden, float("-inf"))
         if key_valid is not None:
-            visible = visible & key_valid[:, None, :]  # [B, q_block, K]
-        logits.masked_fill_(~visible[:, None, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+            padding = ~key_valid[:, None, None, None, :visible_keys]  # [B, 1, 1, 1, K]
+            logits.masked_fill_(padding, float("-inf"))
+        probs = _softmax(logits, sinks)
+        if key_valid is not None:  # a padding query may see no real key at all: its row is NaN
+            probs.nan_to_num_(0.0)
         if query_valid is not None:
             probs.mul_(query_valid[:, None, None, start:stop, None])
-        mass += probs.sum(dim=(2, 3))
+        mass[..., :visible_keys] += probs.sum(dim=(2, 3))
     return mass
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else logits.div_(softcap).tanh_().mul_(softcap)
+
+
+def _softmax(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dimension, with each head's sink logit taking its share of the denominator."""
+    if sinks is None:
+        return torch.softmax(logits, dim=-1)
+    top = torch.maximum(logits.amax(dim=-1, keepdim=True), sinks)
+    weights = (logits - top).exp_()
+    return weights.div_(weights.sum(dim=-1, keepdim=True) + (sinks - top).exp())
 
 
 class ScoringLayer(EvictingLayer):
@@ -92,8 +115,7 @@ class ScoringLayer(EvictingLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.step_scores = self.queries = None
-        self.scaling = 1.0
+        self.step_scores = self.queries = self.math = None
 
     def wants_queries(self, new: int) -> bool:
         return self.accumulates or self.stored + new > self.capacity(new)
@@ -130,7 +152,7 @@ class ScoringLayer(EvictingLayer):
             key_valid = torch.cat([stored_real, new_valid], dim=-1)
             query_valid = new_valid[:, new - count :]
         mass = attention_mass(
-            queries[..., new - count :, :], keys, query_valid, key_valid, total - count, self.scaling
+            queries[..., new - count :, :], keys, query_valid, key_valid, total - count, self.math
         )
         self.step_scores = self.score(mass, new)
 
@@ -162,8 +184,9 @@ class ScoringCache(EvictionCache):
         return layers
 
     def wants_queries(self, layer_idx: int, query_length: int) -> bool:
-        return self.layers[layer_idx].wants_queries(query_length)
-
-    def observe_queries(self, layer_idx: int, queries: torch.Tensor, scaling: float) -> None:
         layer = self.layers[layer_idx]
-        layer.queries, layer.scaling = queries, scaling
+        return isinstance(layer, ScoringLayer) and layer.wants_queries(query_length)
+
+    def observe_queries(self, layer_idx: int, queries: torch.Tensor, math: AttentionMath) -> None:
+        layer = self.layers[layer_idx]
+        layer.queries, layer.math = queries, math

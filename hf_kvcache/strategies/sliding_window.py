@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hf_kvcache.layout import AttentionLayout
-from hf_kvcache.model_hooks import KeyRotator, find_rotary_module
+from hf_kvcache.model_hooks import KeyRotator, applies_rope, attention_modules, find_rotary_module
 from hf_kvcache.registry import register_strategy
 from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache, ForwardState
 
@@ -113,7 +113,7 @@ class SlidingWindowKVCache(EvictionCache):
     options_class = SlidingWindowOptions
 
     def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[SlidingWindowLayer]:
-        self.rotator = None
+        rotary = None
         if self.options.positions == "shifted" and self.options.num_sink_tokens > 0:
             rotary = find_rotary_module(model)
             if rotary is None:
@@ -121,8 +121,15 @@ class SlidingWindowKVCache(EvictionCache):
                     f"positions='shifted' re-rotates cached keys and needs a RoPE model; {type(model).__name__} "
                     "has no rotary embedding. Use positions='original'."
                 )
-            self.rotator = KeyRotator(rotary)
-        return super().build_layers(model, layout)
+        layers = super().build_layers(model, layout)
+        if rotary is not None:
+            modules = attention_modules(model)
+            for index, (kind, layer) in enumerate(zip(layout.layer_types, layers, strict=True)):
+                # A layer without positions (NoPE) has nothing to re-rotate.
+                uses_rope = index >= len(modules) or applies_rope(modules[index])
+                if isinstance(layer, SlidingWindowLayer) and uses_rope:
+                    layer.rotator = KeyRotator(rotary, kind)
+        return layers
 
     def make_layer(self, layout: AttentionLayout) -> SlidingWindowLayer:
-        return SlidingWindowLayer(self.options, self.forward_state, self.rotator)
+        return SlidingWindowLayer(self.options, self.forward_state, rotator=None)
