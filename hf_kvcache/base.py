@@ -121,7 +121,17 @@ class KVCache(Cache):
                 f"{type(self).__name__} serves decoder-only models; {type(model).__name__} is an encoder-decoder "
                 "whose cross-attention needs transformers' EncoderDecoderCache"
             )
-        super().__init__(layers=self.build_layers(model, attention_layout(model)))
+        self.layout = attention_layout(model)
+        super().__init__(layers=self.build_layers(model, self.layout))
+
+    def check_model(self, model: PreTrainedModel) -> None:
+        """Raise a ``ValueError`` unless ``model`` has the attention geometry this cache was built for."""
+        layout = attention_layout(model)
+        if layout != self.layout:
+            raise ValueError(
+                f"this {type(self).__name__} was built for a model with {self.layout.describe()}, but "
+                f"{type(model).__name__} has {layout.describe()}; build the cache for the model you call"
+            )
 
     def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[CacheLayerMixin]:
         """One layer object per model layer, for ``model`` whose geometry is ``layout``."""

@@ -37,6 +37,13 @@ class AttentionLayout:
         """
         return self.windows[layer] if self.windows else None
 
+    def describe(self) -> str:
+        kinds = sorted(set(self.layer_types))
+        return (
+            f"{self.num_layers} layers of kinds {kinds}, {self.num_key_value_heads} KV heads of size "
+            f"{self.head_dim}, windows {sorted({w for w in self.windows if w is not None}) or 'none'}"
+        )
+
     @property
     def num_key_value_groups(self) -> int:
         """Query heads sharing one KV head (1 without GQA)."""

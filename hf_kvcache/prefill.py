@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import Cache, PreTrainedModel
 
+from hf_kvcache.base import KVCache
+
 
 @torch.no_grad()
 def prefill(
@@ -50,6 +52,8 @@ def prefill(
         )
     if not isinstance(cache, Cache):
         raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__}")
+    if isinstance(cache, KVCache):
+        cache.check_model(model)
     past, end = cache.get_seq_length(), input_ids.shape[1] - 1
     if past > end:
         raise ValueError(

@@ -101,3 +101,12 @@ def test_bad_arguments_are_named(llama, kwargs, error, message):
     arguments = {"input_ids": random_ids(10), "cache": DynamicCache(config=llama.config), **kwargs}
     with pytest.raises(error, match=message):
         prefill(llama, **arguments)
+
+
+def test_a_cache_built_for_another_model_is_named():
+    cache = build_cache("sliding-window:window_length=16", make_tiny_model("llama"))
+    other = make_tiny_model("llama-gqa", num_layers=3)
+    with pytest.raises(
+        ValueError, match="built for a model with 2 layers .* 4 KV heads .* LlamaForCausalLM has 3 layers"
+    ):
+        prefill(other, random_ids(20), cache)
