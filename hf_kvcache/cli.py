@@ -81,10 +81,15 @@ def _check_specs(specs: list[str]) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from hf_kvcache.registry import canonical_spec, get_strategy, list_strategies
+    from hf_kvcache.registry import canonical_spec, compositions, get_strategy, list_strategies
 
     for name in list_strategies():
         print(f"{name:16s} {get_strategy(name).summary}\n{'':16s} default: {canonical_spec(name)}")
+    print(
+        "\ncompositions (eviction strategy + storage format, e.g. 'sliding-window:window_length=512+quantized:nbits=4'):"
+    )
+    for composition in compositions():
+        print(f"  {composition:30s} default: {canonical_spec(composition)}")
     return 0
 
 

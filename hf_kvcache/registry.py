@@ -2,6 +2,9 @@
 
 A spec string is ``name`` or ``name:option=value,option=value``, for example ``"quantized:nbits=2,group_size=32"``.
 Option names and types come from the strategy's frozen options dataclass, which also checks the values.
+A composition joins an eviction strategy and a storage format with ``+``, e.g.
+``"sliding-window:window_length=512+quantized:nbits=4"``: the eviction strategy's options declare a field with
+``metadata={"composes": "quantized"}``, which holds the second half's options.
 This module imports no strategy: each built-in registers itself when ``hf_kvcache.strategies`` is imported,
 which ``import hf_kvcache`` does.
 """
@@ -112,25 +115,75 @@ def _convert(value: str, kind: type, option: str, strategy: str) -> Any:
     raise ValueError(f"option {option}={value!r} of strategy {strategy!r} must be of type {kind.__name__}")
 
 
-def parse_spec(spec: str) -> tuple[Strategy, Any]:
-    """Turn a spec string into its strategy and a validated options instance."""
+def _plain_fields(options_class: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(options_class) if f.init and "composes" not in f.metadata]
+
+
+def _composed_fields(options_class: type) -> dict[str, str]:
+    """Strategy name -> the field of ``options_class`` that holds that strategy's options in a composition."""
+    return {
+        f.metadata["composes"]: f.name for f in dataclasses.fields(options_class) if "composes" in f.metadata
+    }
+
+
+def compositions() -> list[str]:
+    """Every composition the registered strategies allow, as ``"eviction+storage"``."""
+    return sorted(
+        f"{name}+{other}" for name, s in _STRATEGIES.items() for other in _composed_fields(s.options_class)
+    )
+
+
+def _parse_one(spec: str, whole: str) -> tuple[Strategy, Any]:
     name, raw = split_spec(spec)
     strategy = get_strategy(name)
     hints = typing.get_type_hints(strategy.options_class)
-    fields = [f.name for f in dataclasses.fields(strategy.options_class) if f.init]
+    fields = [f.name for f in _plain_fields(strategy.options_class)]
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         allowed = ", ".join(f"{f} ({hints[f].__name__})" for f in fields) or "none"
-        raise ValueError(f"unknown option(s) {unknown} for strategy {name!r}; allowed options: {allowed}")
+        raise ValueError(
+            f"unknown option(s) {unknown} for strategy {name!r} in {whole!r}; allowed options: {allowed}"
+        )
     options = {key: _convert(value, hints[key], key, name) for key, value in raw.items()}
     return strategy, strategy.options_class(**options)
 
 
+def parse_spec(spec: str) -> tuple[Strategy, Any]:
+    """Turn a spec string (one strategy, or ``eviction+storage``) into its strategy and validated options."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a strategy spec must be a non-empty string like 'quantized:nbits=2', got {spec!r}")
+    parts = spec.split("+")
+    strategy, options = _parse_one(parts[0], spec)
+    if len(parts) == 1:
+        return strategy, options
+    allowed = f"allowed compositions: {', '.join(compositions())} (eviction first, then storage)"
+    if len(parts) > 2:
+        raise ValueError(f"spec {spec!r} joins {len(parts)} strategies; a composition joins two; {allowed}")
+    second, second_options = _parse_one(parts[1], spec)
+    slots = _composed_fields(strategy.options_class)
+    if second.name not in slots:
+        if any(strategy.name in _composed_fields(s.options_class) for s in _STRATEGIES.values()):
+            reason = f"{strategy.name!r} is a storage format and goes second"
+        else:
+            reason = f"{strategy.name!r} cannot be composed with {second.name!r}"
+        raise ValueError(f"cannot compose {spec!r}: {reason}; {allowed}")
+    return strategy, dataclasses.replace(options, **{slots[second.name]: second_options})
+
+
+def _spelled(name: str, options: Any) -> str:
+    spelled = ",".join(f"{f.name}={getattr(options, f.name)}" for f in _plain_fields(type(options)))
+    return f"{name}:{spelled}" if spelled else name
+
+
 def canonical_spec(spec: str) -> str:
-    """The spec with every option spelled out, e.g. ``"quantized"`` -> ``"quantized:nbits=4,group_size=32,..."``."""
+    """The spec with every option spelled out, e.g. ``"quantized"`` -> ``"quantized:nbits=4,group_size=32,..."``;
+    a composition spells out both halves."""
     strategy, options = parse_spec(spec)
-    spelled = ",".join(f"{f.name}={getattr(options, f.name)}" for f in dataclasses.fields(options) if f.init)
-    return f"{strategy.name}:{spelled}" if spelled else strategy.name
+    text = _spelled(strategy.name, options)
+    for other, name in _composed_fields(type(options)).items():
+        if getattr(options, name) is not None:
+            text += "+" + _spelled(other, getattr(options, name))
+    return text
 
 
 def build_cache(spec: str, model: PreTrainedModel) -> Cache:

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_kvcache import build_cache, list_strategies
+from hf_kvcache.registry import compositions
 from tests.conftest import left_padded_ids, make_tiny_model
 
 PROMPT, NEW = 24, 12
@@ -20,6 +21,8 @@ LOSSLESS = {
     "heavy-hitter": "heavy-hitter:heavy_budget=32,recent_budget=32",
     "tova": "tova:budget=64",
     "snapkv": "snapkv:budget=64,window_size=8",
+    "sliding-window+quantized": "sliding-window:window_length=64+quantized:nbits=2,group_size=8,residual_length=64",
+    "heavy-hitter+quantized": "heavy-hitter:heavy_budget=8,recent_budget=64+quantized:group_size=8,residual_length=64",
 }
 LOSSY = {
     "full": "full",
@@ -28,11 +31,13 @@ LOSSY = {
     "heavy-hitter": "heavy-hitter:heavy_budget=6,recent_budget=6",
     "tova": "tova:budget=12",
     "snapkv": "snapkv:budget=12,window_size=4,kernel_size=3",
+    "sliding-window+quantized": "sliding-window:window_length=16+quantized:nbits=2,group_size=8,residual_length=4",
+    "heavy-hitter+quantized": "heavy-hitter:heavy_budget=8,recent_budget=8+quantized:group_size=8,residual_length=4",
 }
 
 
 def test_every_registered_strategy_is_in_the_tables():
-    assert sorted(LOSSLESS) == list_strategies() == sorted(LOSSY)
+    assert sorted(LOSSLESS) == sorted(list_strategies() + compositions()) == sorted(LOSSY)
 
 
 def left_padded_batch():

@@ -46,6 +46,9 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         "key_buffer", "value_buffer", "slot_positions", "real_seen", "cached_real", "pending_victim",
     )  # fmt: skip
     entry_state: ClassVar[tuple[str, ...]] = ()
+    # Whether decoding steps may take the in-place path, which needs per-slot positions; a layer that stores
+    # entries in another form (quantized storage) always takes the general path and keeps no positions.
+    decodes_in_place: ClassVar[bool] = True
 
     def __init__(self, budget: int, state: ForwardState):
         super().__init__()
@@ -81,24 +84,23 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         order = self.slot_positions[..., : self.stored].argsort(dim=-1, stable=True)
         return held.gather(2, order.view(*order.shape, *([1] * (held.dim() - 3))).expand_as(held))
 
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return None if not self.is_initialized else self.ordered(self.key_buffer)
+    def held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H, stored, D]`` of the held entries, in age order."""
+        return self.ordered(self.key_buffer), self.ordered(self.value_buffer)
 
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None if not self.is_initialized else self.ordered(self.value_buffer)
-
-    @keys.setter
-    def keys(self, value: None) -> None:
+    def _read_only(self, value: None) -> None:
         # CacheLayerMixin.__init__ clears keys and values; what is held lives in the buffers.
         if value is not None:
-            raise AttributeError(f"{type(self).__name__}.keys is a read-only view of its buffers")
+            raise AttributeError(
+                f"{type(self).__name__}.keys and .values are read-only views of what it holds"
+            )
 
-    @values.setter
-    def values(self, value: None) -> None:
-        if value is not None:
-            raise AttributeError(f"{type(self).__name__}.values is a read-only view of its buffers")
+    keys = property(
+        lambda self: self.held()[0] if self.is_initialized else None, _read_only, doc="Held keys."
+    )
+    values = property(
+        lambda self: self.held()[1] if self.is_initialized else None, _read_only, doc="Held values."
+    )
 
     # --- hooks for subclasses -------------------------------------------------------------------------
     def capacity(self, new: int) -> int:
@@ -147,8 +149,8 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         total = self.stored + new
         kept = min(total, self.capacity(new))
         evicted = self.real_seen - self.cached_real
-        fast = new == 1 and kept >= total - 1 and not self.holds_padding and self.seen >= self.state.max_pad
-        if fast:
+        fast = self.decodes_in_place and new == 1 and kept >= total - 1 and not self.holds_padding
+        if fast and self.seen >= self.state.max_pad:
             result = self._decode_in_place(key_states, value_states, evicted, real_in_full, kept < total)
         else:
             result = self._update_general(key_states, value_states, pads, evicted, real_in_full, kept)
@@ -226,20 +228,18 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         # New entry j of row b is real when its column seen + j is past the row's padding.  # [B, new]
         columns = self.seen + torch.arange(new, device=self.device)
         new_valid = columns[None, :] >= pads[:, None]
-        full_keys = torch.cat([self.key_buffer[:, :, :stored], key_states], dim=-2)
-        full_values = torch.cat([self.value_buffer[:, :, :stored], value_states], dim=-2)
+        full_keys, full_values = self.entries_with(key_states, value_states)
         total = stored + new
         positions = None  # implicit while nothing has been evicted
-        if kept < total or self.slot_positions is not None:
-            held = (
-                self.slot_positions if self.slot_positions is not None else self._implicit_positions(stored)
-            )
+        if self.decodes_in_place and (kept < total or self.slot_positions is not None):
+            held = self._implicit_positions(stored) if self.slot_positions is None else self.slot_positions
             new_columns = columns.to(torch.int32).expand(batch, heads, new)
             positions = torch.cat([held[..., :stored], new_columns], dim=-1)
         returned_keys = self.attention_keys(full_keys, evicted, in_place=False)
         self.observe_attention(returned_keys, new_valid, real_in_full, evicting=kept < total)
         if kept == total:
-            self.key_buffer, self.value_buffer, self.slot_positions = full_keys, full_values, positions
+            self.store_entries(full_keys, full_values, None)
+            self.slot_positions = positions
             self.cached_real = real_in_full
         else:
             # Rows short of real tokens keep the newest `kept` entries: all real ones behind padding.
@@ -252,9 +252,20 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
         self.holds_padding = bool((self.cached_real < kept).any())
         return returned_keys, full_values
 
+    def entries_with(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Held entries in age order, then the new ones: keys and values ``[B, H, stored + new, D]``."""
+        keys, values = self.key_buffer[:, :, : self.stored], self.value_buffer[:, :, : self.stored]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    def store_entries(self, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor | None) -> None:
+        """Hold entries ``indices`` ``[B, H, kept]`` (ascending; ``None``: all) of :meth:`entries_with`' output."""
+        if indices is not None:
+            gather = indices.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+            keys, values = keys.gather(2, gather), values.gather(2, gather)
+        self.key_buffer, self.value_buffer = keys, values
+
     def _gather_slots(self, indices, keys, values, positions) -> None:
-        gather = indices.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-        self.key_buffer, self.value_buffer = keys.gather(2, gather), values.gather(2, gather)
+        self.store_entries(keys, values, indices)
         self.slot_positions = None if positions is None else positions.gather(2, indices)
         for name in self.entry_state:
             setattr(self, name, getattr(self, name).gather(2, indices))

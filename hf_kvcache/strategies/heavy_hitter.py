@@ -6,11 +6,13 @@ https://arxiv.org/abs/2306.14048
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from hf_kvcache.registry import register_strategy
+from hf_kvcache.strategies.quantized import QuantizedOptions
+from hf_kvcache.strategies.quantized_storage import QuantizedStorage, check_composed_quantization
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 
 
@@ -20,14 +22,28 @@ class HeavyHitterOptions:
 
     heavy_budget: int = 128
     recent_budget: int = 128
+    quantization: QuantizedOptions | None = field(default=None, metadata={"composes": "quantized"})
 
     def __post_init__(self):
+        check_composed_quantization(self.quantization)
         for name in ("heavy_budget", "recent_budget"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.heavy_budget + self.recent_budget < 1:
             raise ValueError("heavy_budget + recent_budget must be at least 1, got 0")
+        quantization = self.quantization
+        if quantization is not None and quantization.residual_length > self.recent_budget:
+            raise ValueError(
+                f"residual_length={quantization.residual_length} of the quantized half must be at most "
+                f"recent_budget={self.recent_budget}: the full-precision residual is the newest tokens, which "
+                "heavy-hitter eviction must never evict"
+            )
+        if quantization is not None and quantization.num_sink_tokens > self.heavy_budget:
+            raise ValueError(
+                f"num_sink_tokens={quantization.num_sink_tokens} of the quantized half must be at most "
+                f"heavy_budget={self.heavy_budget}: the sinks are always kept, out of the heavy budget"
+            )
 
 
 class HeavyHitterLayer(ScoringLayer):
@@ -50,6 +66,15 @@ class HeavyHitterLayer(ScoringLayer):
         return self.ordered(self.accumulated)
 
 
+class QuantizedHeavyHitterLayer(QuantizedStorage, HeavyHitterLayer):
+    """A heavy-hitter layer that holds its entries in quantized storage (``heavy-hitter+quantized``); its sinks
+    are always kept, out of the heavy budget."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.protected_sinks = self.sink_target
+
+
 @register_strategy(
     "heavy-hitter", "H2O: recent tokens plus those with the most accumulated attention, per KV head"
 )
@@ -67,6 +92,11 @@ class HeavyHitterKVCache(ScoringCache):
         model: the model the cache serves (Llama-style attention: Llama, Mistral, Qwen2/3, Phi3, ...).
         heavy_budget: older tokens kept by accumulated attention. Default 128.
         recent_budget: newest tokens always kept. Default 128.
+        quantization: a :class:`~hf_kvcache.strategies.quantized.QuantizedOptions` to hold the kept tokens
+            bit-packed (spec ``heavy-hitter:...+quantized:...``; see :mod:`~.quantized_storage` for how single
+            tokens leave per-channel key groups): the first ``num_sink_tokens`` tokens are then always kept in
+            full precision, out of the heavy budget, and the newest ``residual_length`` (at most
+            ``recent_budget``) too. ``None``: everything in full precision. Default ``None``.
 
     Example:
         >>> cache = HeavyHitterKVCache(model, heavy_budget=128, recent_budget=128)
@@ -77,4 +107,11 @@ class HeavyHitterKVCache(ScoringCache):
 
     def make_layer(self, layout) -> HeavyHitterLayer:
         budget = self.options.heavy_budget + self.options.recent_budget
-        return HeavyHitterLayer(budget, self.forward_state, keep_recent=self.options.recent_budget)
+        quantization = self.options.quantization
+        if quantization is None:
+            return HeavyHitterLayer(budget, self.forward_state, keep_recent=self.options.recent_budget)
+        quantization.check_head_dim(layout.head_dim)
+        return QuantizedHeavyHitterLayer(
+            budget, self.forward_state, keep_recent=self.options.recent_budget, quantization=quantization,
+            num_sink_tokens=quantization.num_sink_tokens,
+        )  # fmt: skip

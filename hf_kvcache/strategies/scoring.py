@@ -115,6 +115,9 @@ class ScoringLayer(EvictingLayer):
 
     def __init__(self, budget: int, state: ForwardState, keep_recent: int):
         self.keep_recent = keep_recent
+        self.protected_sinks = (
+            0  # first real tokens always kept by the general path (quantized storage's sinks)
+        )
         super().__init__(budget, state)
 
     def reset(self) -> None:
@@ -169,14 +172,16 @@ class ScoringLayer(EvictingLayer):
     def choose(self, total: int, kept: int, real_in_full: torch.Tensor) -> torch.Tensor:
         batch, heads = real_in_full.shape[0], self.step_scores.shape[1]
         recent = torch.arange(total - self.keep_recent, total, device=self.device).expand(batch, heads, -1)
-        if kept == self.keep_recent:
-            return recent
-        entry = torch.arange(total, device=self.device)
         first_real = (total - real_in_full)[:, None, None]
-        candidate = (entry >= first_real) & (entry < total - self.keep_recent)
+        sinks = (first_real + torch.arange(self.protected_sinks, device=self.device)).expand(batch, heads, -1)
         scores, self.step_scores = self.step_scores, None  # nothing to hold until the next eviction
-        top = scores.masked_fill(~candidate, float("-inf")).topk(kept - self.keep_recent, dim=-1).indices
-        return torch.cat([top, recent], dim=-1).sort(dim=-1).values
+        heavy = kept - self.keep_recent - self.protected_sinks
+        if heavy == 0:
+            return torch.cat([sinks, recent], dim=-1)
+        entry = torch.arange(total, device=self.device)
+        candidate = (entry >= first_real + self.protected_sinks) & (entry < total - self.keep_recent)
+        top = scores.masked_fill(~candidate, float("-inf")).topk(heavy, dim=-1).indices
+        return torch.cat([sinks, top, recent], dim=-1).sort(dim=-1).values
 
 
 class ScoringCache(EvictionCache):

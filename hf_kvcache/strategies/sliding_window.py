@@ -5,7 +5,7 @@ Paper: "Efficient Streaming Language Models with Attention Sinks", https://arxiv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
@@ -14,6 +14,8 @@ from hf_kvcache.layout import AttentionLayout
 from hf_kvcache.model_hooks import KeyRotator, applies_rope, attention_modules, find_rotary_module
 from hf_kvcache.registry import register_strategy
 from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache, ForwardState
+from hf_kvcache.strategies.quantized import QuantizedOptions
+from hf_kvcache.strategies.quantized_storage import QuantizedStorage, check_composed_quantization
 
 POSITION_MODES = ("shifted", "original")
 
@@ -25,8 +27,10 @@ class SlidingWindowOptions:
     window_length: int = 256
     num_sink_tokens: int = 4
     positions: str = "shifted"
+    quantization: QuantizedOptions | None = field(default=None, metadata={"composes": "quantized"})
 
     def __post_init__(self):
+        check_composed_quantization(self.quantization)
         if not isinstance(self.num_sink_tokens, int) or self.num_sink_tokens < 0:
             raise ValueError(f"num_sink_tokens must be an integer >= 0, got {self.num_sink_tokens!r}")
         if not isinstance(self.window_length, int) or self.window_length <= self.num_sink_tokens:
@@ -85,6 +89,10 @@ class SlidingWindowLayer(EvictingLayer):
         return indices[:, None, :].expand(batch, heads, kept)
 
 
+class QuantizedSlidingWindowLayer(QuantizedStorage, SlidingWindowLayer):
+    """A sliding-window layer that holds its entries in quantized storage (``sliding-window+quantized``)."""
+
+
 @register_strategy(
     "sliding-window",
     "StreamingLLM: attention sinks plus the most recent tokens, positions shifted into the window",
@@ -104,10 +112,15 @@ class SlidingWindowKVCache(EvictionCache):
         positions: ``"shifted"``: attention sees the kept tokens at consecutive positions, as StreamingLLM
             does, which keeps streaming stable far past the trained context (RoPE models only).
             ``"original"``: kept keys keep the positions they were computed at. Default ``'shifted'``.
+        quantization: a :class:`~hf_kvcache.strategies.quantized.QuantizedOptions` to hold the kept tokens
+            bit-packed (spec ``sliding-window:...+quantized:...``; see :mod:`~.quantized_storage`): sinks and
+            the newest ``residual_length`` tokens in full precision, the rest of the window packed. ``None``:
+            everything in full precision. Default ``None``.
 
     Example:
         >>> cache = SlidingWindowKVCache(model, window_length=256, num_sink_tokens=4)
         >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=2000)
+        >>> cache = SlidingWindowKVCache(model, window_length=512, quantization=QuantizedOptions(nbits=4))
     """
 
     options_class = SlidingWindowOptions
@@ -132,4 +145,12 @@ class SlidingWindowKVCache(EvictionCache):
         return layers
 
     def make_layer(self, layout: AttentionLayout) -> SlidingWindowLayer:
-        return SlidingWindowLayer(self.options, self.forward_state, rotator=None)
+        quantization = self.options.quantization
+        if quantization is None:
+            return SlidingWindowLayer(self.options, self.forward_state, rotator=None)
+        quantization.check_head_dim(layout.head_dim)
+        # Window sinks past the quantizer's are held packed; they are never evicted either way.
+        sinks = min(quantization.num_sink_tokens, self.options.num_sink_tokens)
+        return QuantizedSlidingWindowLayer(
+            self.options, self.forward_state, None, quantization=quantization, num_sink_tokens=sinks
+        )
