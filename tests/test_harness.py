@@ -122,6 +122,10 @@ def test_passkey_needle_sits_at_the_requested_depth(tiny_model_dir, filler_file,
             "passkey lengths must be integers of at least 64 tokens, got \\[32\\]",
         ),
         (["speed", "--speed-decode-tokens", "0"], "speed decode_tokens must be a positive integer, got 0"),
+        (
+            ["speed", "--speed-rounds", "2"],
+            "speed rounds must be an integer of at least 3 .a median needs them., got 2",
+        ),
         (["compare", "--metrics", "latency"], "invalid choice: 'latency'"),
         (["speed", "--strategies", "quantized:nbits=3"], "nbits must be one of \\[2, 4, 8\\], got 3"),
     ],
@@ -225,3 +229,52 @@ def test_speed_rounds_interleave_the_caches_and_time_each_once_per_round():
     assert all(r.prefill_tokens == 20 and r.decode_tokens == 2 for rs in runs.values() for r in rs)
     with pytest.raises(ValueError, match="rounds must be positive, got 0"):
         measure_speed_interleaved(model, random_ids(20), {"a": maker("a")}, rounds=0)
+
+
+def test_speed_metric_reports_medians_and_spread_of_interleaved_rounds(monkeypatch):
+    import statistics
+    from types import SimpleNamespace
+
+    import hf_kvcache.registry
+    from hf_kvcache.evaluation.speed import SpeedMetric, SpeedOptions
+
+    model = make_tiny_model("llama")
+    built, build = [], hf_kvcache.registry.build_cache
+
+    def spy(spec, model):
+        built.append(spec)
+        return build(spec, model)
+
+    monkeypatch.setattr(hf_kvcache.registry, "build_cache", spy)
+    run = SimpleNamespace(model=model, input_ids=random_ids(80), prompt_tokens=80)
+    specs = ["full", "sliding-window:window_length=16"]
+    ticks = []
+    values = SpeedMetric(SpeedOptions(decode_tokens=2, rounds=3)).measure_many(run, specs, ticks.append)
+    # One short warm-up each, then the rounds alternate between the strategies.
+    assert built == specs + specs * 3
+    assert sum(ticks) == SpeedMetric(SpeedOptions(rounds=3)).work(run) * len(specs)
+    for spec in specs:
+        figures = values[spec]
+        assert figures["rounds"] == 3 and figures["prefill_tokens"] == 80 and figures["decode_tokens"] == 2
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_token"):
+            rounds = figures[f"{key}_rounds"]
+            assert len(rounds) == 3 and figures[key] == statistics.median(rounds)
+            assert figures[f"{key}_min"] == min(rounds) and figures[f"{key}_max"] == max(rounds)
+        row = SpeedMetric().headline(figures)
+        low, high = (float(x) for x in row["decode_tokens_per_s_spread"].split("–"))
+        assert low <= row["decode_tokens_per_s"] <= high
+
+
+def test_pareto_frontier_keeps_exactly_the_non_dominated_strategies():
+    from hf_kvcache.evaluation.report import pareto_frontier
+
+    rows = [
+        {"spec": "full", "ratio_to_full": 1.0, "perplexity": 20.0},
+        {"spec": "a", "ratio_to_full": 0.25, "perplexity": 21.0},
+        {"spec": "dominated", "ratio_to_full": 0.3, "perplexity": 22.0},
+        {"spec": "tie-later", "ratio_to_full": 0.25, "perplexity": 21.0},
+        {"spec": "small", "ratio_to_full": 0.05, "perplexity": 30.0},
+        {"spec": "bigger-but-better", "ratio_to_full": 1.2, "perplexity": 19.0},
+        {"spec": "no-quality", "ratio_to_full": 0.01},
+    ]
+    assert [r["spec"] for r in pareto_frontier(rows)] == ["small", "a", "full", "bigger-but-better"]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from hf_kvcache.base import cache_nbytes
-from hf_kvcache.evaluation.metric import Metric, get_metric, list_metrics
+from hf_kvcache.evaluation.metric import Metric, default_metric_names, get_metric, list_metrics
 from hf_kvcache.evaluation.perplexity import PerplexityResult, perplexity
 from hf_kvcache.layout import attention_layout
 from hf_kvcache.registry import build_cache, canonical_spec
@@ -34,15 +34,18 @@ DEFAULT_STRATEGIES = (
     "quantized:nbits=4",
     "quantized:nbits=2",
     "sliding-window:window_length=256,num_sink_tokens=4",
-    "sliding-window:window_length=256,num_sink_tokens=0",
     "heavy-hitter:heavy_budget=128,recent_budget=128",
+    # Eviction and quantization multiply: the same windows, held at 4 bits.
+    "sliding-window:window_length=256,num_sink_tokens=4+quantized:nbits=4",
+    "heavy-hitter:heavy_budget=128,recent_budget=128+quantized:nbits=4",
 )
 SCHEMA_VERSION = 1
 
 
 def default_metrics() -> tuple[str, ...]:
-    """Every registered metric, in registration order: what ``compare`` measures unless told otherwise."""
-    return tuple(list_metrics())
+    """The registered metrics marked ``in_defaults``, in registration order: what ``compare`` measures unless
+    told otherwise."""
+    return tuple(default_metric_names())
 
 
 @dataclass(frozen=True)
@@ -260,19 +263,24 @@ def run_compare(
     streamed = {spec for spec, name in todo if metrics[name].uses_stream}
     work = len(streamed) * run.prompt_tokens + sum(metrics[name].work(run) for _, name in todo)
     with tqdm(total=work, desc="compare", unit="tok", disable=not progress) as bar:
-        for spec, name in todo:
-            bar.set_postfix_str(f"{spec} {name}")
-            values = metrics[name].measure(run, spec, bar.update)
-            store.put(
-                {
-                    "strategy": canonical[spec],
-                    "spec": spec,
-                    "metric": name,
-                    "values": values,
-                    "settings": settings.record_settings(name),
-                    "environment": env,
-                    "fingerprint": fingerprints[name],
-                    "finished_at": datetime.now(timezone.utc).isoformat(),
-                }
-            )
+        for name, metric in metrics.items():
+            specs = [spec for spec, pending_name in todo if pending_name == name]
+            # A metric that measures strategies together (interleaved timings) gets them all at once; the
+            # others one at a time, so that each record is saved as soon as it exists.
+            together = type(metric).measure_many is not Metric.measure_many
+            for batch in [specs] if together and specs else [[spec] for spec in specs]:
+                bar.set_postfix_str(f"{batch[0] if len(batch) == 1 else f'{len(batch)} strategies'} {name}")
+                for spec, values in metric.measure_many(run, batch, bar.update).items():
+                    store.put(
+                        {
+                            "strategy": canonical[spec],
+                            "spec": spec,
+                            "metric": name,
+                            "values": values,
+                            "settings": settings.record_settings(name),
+                            "environment": env,
+                            "fingerprint": fingerprints[name],
+                            "finished_at": datetime.now(timezone.utc).isoformat(),
+                        }
+                    )
     return current()

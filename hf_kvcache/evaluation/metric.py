@@ -48,6 +48,8 @@ class Metric:
     Class attributes: ``name`` (as on the command line), ``summary`` (one line), ``options_class`` (a frozen
     dataclass whose ``__post_init__`` checks values), ``columns`` (table columns), ``uses_stream`` (True when
     :meth:`measure` reads the shared perplexity stream, whose tokens the progress bar then counts once).
+    A metric whose figures drift with the machine's load (timings) overrides :meth:`measure_many` to measure
+    all strategies together, in interleaved rounds.
     """
 
     name: ClassVar[str]
@@ -55,6 +57,7 @@ class Metric:
     options_class: ClassVar[type] = NoOptions
     columns: ClassVar[tuple[Column, ...]] = ()
     uses_stream: ClassVar[bool] = False
+    in_defaults: ClassVar[bool] = True  # measured by ``compare`` unless ``--metrics`` names others
 
     def __init__(self, options: Any = None):
         self.options = self.options_class() if options is None else options
@@ -66,6 +69,10 @@ class Metric:
     def measure(self, run, spec: str, tick: Callable[[int], None]) -> dict:
         """Measure strategy ``spec`` on ``run`` (model, tokenizer, text, prompt); return JSON-ready values."""
         raise NotImplementedError
+
+    def measure_many(self, run, specs: list[str], tick: Callable[[int], None]) -> dict[str, dict]:
+        """Measure every strategy of ``specs``; by default one after another with :meth:`measure`."""
+        return {spec: self.measure(run, spec, tick) for spec in specs}
 
     def headline(self, values: dict) -> dict:
         """The figures of ``values`` that go into the summary table (by default, the columns' keys)."""
@@ -90,6 +97,11 @@ def register_metric(metric_class: type[Metric]) -> type[Metric]:
         raise ValueError(f"metric {metric_class.name!r} is already registered")
     _METRICS[metric_class.name] = metric_class
     return metric_class
+
+
+def default_metric_names() -> list[str]:
+    """The metrics ``compare`` measures when ``--metrics`` is not given, in registration order."""
+    return [name for name, metric in _METRICS.items() if metric.in_defaults]
 
 
 def list_metrics() -> list[str]:

@@ -61,7 +61,9 @@ def write_reports(records: list[dict], out_dir: str | Path) -> list[Path]:
     if records:
         env = records[0]["environment"]
         header = f"Model {env['model']}, {env['dtype']} on {env['device']} ({env['hardware']}).\n\n"
-    (out / "results.md").write_text(header + markdown_table(rows, table_columns(records)))
+    frontier = ", ".join(f"`{r['spec']}`" for r in pareto_frontier(rows))
+    footer = f"\nPareto frontier (perplexity against cache memory): {frontier}.\n" if frontier else ""
+    (out / "results.md").write_text(header + markdown_table(rows, table_columns(records)) + footer)
     return [out / "results.csv", out / "results.md", *write_plots(records, rows, out)]
 
 
@@ -74,6 +76,20 @@ def write_plots(records: list[dict], rows: list[dict], out: Path) -> list[Path]:
     for name in metrics_in(records):
         written += get_metric(name)().plots([r for r in records if r["metric"] == name], out)
     return written
+
+
+def pareto_frontier(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both memory (``ratio_to_full``) and ``perplexity``, by memory ascending.
+
+    A row is dominated when another holds no more memory and has no higher perplexity, and is strictly better
+    on one of the two; of rows tied on both, the first stays.
+    """
+    quality = [r for r in rows if "perplexity" in r and "ratio_to_full" in r]
+    frontier = []
+    for row in sorted(quality, key=lambda r: (r["ratio_to_full"], r["perplexity"])):
+        if not frontier or row["perplexity"] < frontier[-1]["perplexity"]:
+            frontier.append(row)
+    return frontier
 
 
 def write_pareto_plot(rows: list[dict], out: Path) -> list[Path]:
@@ -91,6 +107,11 @@ def write_pareto_plot(rows: list[dict], out: Path) -> list[Path]:
             row["ratio_to_full"], row["perplexity"], s=50, marker=markers[index % len(markers)],
             label=row["spec"], alpha=0.85,
         )  # fmt: skip
+    frontier = pareto_frontier(quality)
+    axis.plot(
+        [r["ratio_to_full"] for r in frontier], [r["perplexity"] for r in frontier],
+        color="0.4", linewidth=1, linestyle="--", zorder=0, label="Pareto frontier (nothing beats these on both)",
+    )  # fmt: skip
     # Perplexity is exp(mean NLL): a log axis keeps a bad outlier from flattening the rest.
     axis.set_yscale("log")
     axis.yaxis.set_major_formatter(ScalarFormatter())

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ def measure_speed(
         decode_tokens: greedy steps to time after the prefill. Default 32.
         prefill_chunk_size: feed the prompt in chunks of this size (a cache that evicts during prefill may
             need it to bound memory). Default ``None``: one forward pass.
-        warmup_tokens: decode steps of the untimed warm-up run. Default 4.
+        warmup_tokens: decode steps of an untimed warm-up run first; 0: none (the caller warmed up). Default 4.
     """
     if decode_tokens < 1:
         raise ValueError(f"decode_tokens must be positive, got {decode_tokens}")
@@ -69,7 +70,8 @@ def measure_speed(
         _synchronize(model.device)
         return prefill_s, time.perf_counter() - start
 
-    run(warmup_tokens)
+    if warmup_tokens:
+        run(warmup_tokens)
     prefill_s, decode_s = run(decode_tokens)
     return SpeedResult(
         prefill_tokens=prompt_ids.shape[1],
@@ -101,6 +103,24 @@ def measure_speed_interleaved(
     return runs
 
 
+TIMED = ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_token")
+
+
+def summarize_rounds(results: list[SpeedResult]) -> dict:
+    """JSON-ready figures of several runs of one cache: for each rate its median, ``_min``, ``_max`` and every
+    round's value (``_rounds``), plus ``rounds`` and the token counts."""
+    summary = {
+        "rounds": len(results),
+        "prefill_tokens": results[0].prefill_tokens,
+        "decode_tokens": results[0].decode_tokens,
+    }
+    for key in TIMED:
+        values = [getattr(result, key) for result in results]
+        summary.update({key: statistics.median(values), f"{key}_min": min(values), f"{key}_max": max(values)})
+        summary[f"{key}_rounds"] = values
+    return summary
+
+
 @dataclass(frozen=True)
 class SpeedOptions:
     """Options of the speed metric."""
@@ -108,46 +128,79 @@ class SpeedOptions:
     decode_tokens: int = field(
         default=16, metadata={"help": "timed greedy decode steps", "aliases": ("--decode-tokens",)}
     )
+    rounds: int = field(
+        default=3,
+        metadata={"help": "timed runs per strategy, interleaved across strategies (medians reported)"},
+    )
 
     def __post_init__(self):
         if not isinstance(self.decode_tokens, int) or self.decode_tokens < 1:
             raise ValueError(f"speed decode_tokens must be a positive integer, got {self.decode_tokens!r}")
+        if not isinstance(self.rounds, int) or self.rounds < 3:
+            raise ValueError(
+                f"speed rounds must be an integer of at least 3 (a median needs them), got {self.rounds!r}"
+            )
 
 
 @register_metric
 class SpeedMetric(Metric):
-    """Prefill tokens/s over the run's prompt (chunks of 512) and decode tokens/s, after a warm-up run."""
+    """Prefill tokens/s over the run's prompt (chunks of 512) and decode tokens/s: medians of ``rounds`` timed
+    runs per strategy, interleaved across strategies so that all meet the same machine load, after one short
+    warm-up run each; the spread (min-max) is reported with every median."""
 
     name = "speed"
-    summary = "prefill and decode tokens/s"
+    summary = "prefill and decode tokens/s (medians of interleaved rounds, with min-max)"
     options_class = SpeedOptions
     columns = (
         Column("prefill_tokens_per_s", "prefill tok/s", "{:.1f}"),
         Column("decode_tokens_per_s", "decode tok/s", "{:.2f}"),
+        Column("decode_tokens_per_s_spread", "decode min–max", "{}"),
     )
 
     def work(self, run) -> int:
-        return 2 * run.prompt_tokens  # warm-up and timed prefill
+        return self.options.rounds * run.prompt_tokens
 
     def measure(self, run, spec: str, tick) -> dict:
+        return self.measure_many(run, [spec], tick)[spec]
+
+    def measure_many(self, run, specs: list[str], tick) -> dict[str, dict]:
         from hf_kvcache.registry import build_cache
 
-        result = measure_speed(
-            run.model,
-            run.input_ids,
-            lambda: build_cache(spec, run.model),
-            self.options.decode_tokens,
-            prefill_chunk_size=512,
-        )
-        tick(self.work(run))
-        return asdict(result)
+        def maker(spec: str):
+            return lambda: build_cache(spec, run.model)
+
+        for spec in specs:  # lazy initialisation and first allocations are not charged to round one
+            measure_speed(run.model, run.input_ids[:, :64], maker(spec), decode_tokens=2, warmup_tokens=0)
+        results = {spec: [] for spec in specs}
+        for _ in range(self.options.rounds):
+            for spec in specs:
+                results[spec].append(
+                    measure_speed(
+                        run.model, run.input_ids, maker(spec), self.options.decode_tokens,
+                        prefill_chunk_size=512, warmup_tokens=0,
+                    )
+                )  # fmt: skip
+                tick(run.prompt_tokens)
+        return {spec: summarize_rounds(values) for spec, values in results.items()}
+
+    def headline(self, values: dict) -> dict:
+        row = super().headline(values)
+        if "decode_tokens_per_s_min" in values:
+            row["decode_tokens_per_s_spread"] = (
+                f"{values['decode_tokens_per_s_min']:.2f}–{values['decode_tokens_per_s_max']:.2f}"
+            )
+        return row
 
     def plots(self, records: list[dict], out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
 
         figure, axis = plt.subplots(figsize=(7, 4))
-        axis.barh([r["spec"] for r in records], [r["values"]["decode_tokens_per_s"] for r in records])
-        axis.set_xlabel("decode tokens/s")
+        values = [r["values"] for r in records]
+        medians = [v["decode_tokens_per_s"] for v in values]
+        low = [m - v.get("decode_tokens_per_s_min", m) for m, v in zip(medians, values, strict=True)]
+        high = [v.get("decode_tokens_per_s_max", m) - m for m, v in zip(medians, values, strict=True)]
+        axis.barh([r["spec"] for r in records], medians, xerr=[low, high], capsize=3)
+        axis.set_xlabel("decode tokens/s (median of interleaved rounds; bars: min-max)")
         axis.invert_yaxis()
         axis.tick_params(axis="y", labelsize=7)
         figure.tight_layout()
