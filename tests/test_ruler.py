@@ -1,0 +1,153 @@
+"""The RULER-style suite: prompts hold what their task says, scoring is exact, the metric runs end to end."""
+
+import collections
+import json
+import re
+
+import pytest
+
+from hf_kvcache.cli import main
+from hf_kvcache.evaluation.ruler import RULER_TASKS, RulerOptions, make_ruler_trial, score_answer
+from tests.test_harness import compare_args
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from hf_kvcache.evaluation import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm):
+    return smollm[1]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    from hf_kvcache.evaluation import load_corpus
+
+    return load_corpus()
+
+
+def prompt_text(tokenizer, trial) -> str:
+    return tokenizer.decode(trial.input_ids[0])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("task", RULER_TASKS)
+def test_trials_are_seeded_and_hold_their_answers(tokenizer, corpus, task):
+    trial = make_ruler_trial(tokenizer, corpus, task, 600, seed=3)
+    again = make_ruler_trial(tokenizer, corpus, task, 600, seed=3)
+    other = make_ruler_trial(tokenizer, corpus, task, 600, seed=4)
+    assert trial.input_ids.equal(again.input_ids) and trial.expected == again.expected
+    assert trial.expected != other.expected
+    assert trial.input_ids.shape[1] <= 600
+    if task != "common_words":
+        assert trial.input_ids.shape[1] == 600
+    text = prompt_text(tokenizer, trial)
+    for item in trial.expected:
+        assert item.lower() in text.lower()
+
+
+@pytest.mark.integration
+def test_needle_tasks_ask_for_the_right_key(tokenizer, corpus):
+    trial = make_ruler_trial(tokenizer, corpus, "niah_multikey", 800, seed=1)
+    text = prompt_text(tokenizer, trial)
+    needles = re.findall(r"magic numbers for (\w+) is: (\d+)\.", text)
+    assert len(needles) == 4 and len({key for key, _ in needles}) == 4
+    asked = re.search(r"What is the special magic number for (\w+)", text).group(1)
+    assert trial.expected == (dict(needles)[asked],)
+    multi = make_ruler_trial(tokenizer, corpus, "niah_multivalue", 800, seed=1)
+    values = re.findall(r"magic numbers for \w+ is: (\d+)\.", prompt_text(tokenizer, multi))
+    assert sorted(values) == sorted(multi.expected)
+
+
+@pytest.mark.integration
+def test_variable_tracking_chain_leads_every_name_to_the_value(tokenizer, corpus):
+    trial = make_ruler_trial(tokenizer, corpus, "variable_tracking", 800, seed=2)
+    text = prompt_text(tokenizer, trial)
+    assignments = dict(re.findall(r"VAR (\w+) = (VAR \w+|\d+)\.", text))
+    value = re.search(r"assigned the value (\d+) in the text", text).group(1)
+
+    def resolve(name):
+        target = assignments[name]
+        return target if target.isdigit() else resolve(target[4:])
+
+    assert sorted(n for n in assignments if resolve(n) == value) == sorted(trial.expected)
+
+
+@pytest.mark.integration
+def test_common_words_are_the_ten_most_frequent(tokenizer, corpus):
+    trial = make_ruler_trial(tokenizer, corpus, "common_words", 1000, seed=0)
+    listed = re.findall(r"^\d+\. (\w+)$", prompt_text(tokenizer, trial), flags=re.MULTILINE)
+    counts = collections.Counter(listed).most_common()
+    top = {word for word, _ in counts[:10]}
+    assert top == set(trial.expected)
+    assert counts[9][1] > counts[10][1]  # strictly more frequent than any other word
+
+
+@pytest.mark.integration
+def test_the_embedded_model_with_a_full_cache_finds_a_single_needle(smollm, corpus):
+    from hf_kvcache import build_cache
+    from hf_kvcache.evaluation.ruler import answer_trial
+
+    model, tokenizer = smollm
+    trial = make_ruler_trial(tokenizer, corpus, "niah_single", 1024, seed=0)
+    correct, fraction, text = answer_trial(model, tokenizer, trial, build_cache("full", model))
+    assert correct and fraction == 1.0, text
+
+
+def test_scoring_is_whole_word_exact_match():
+    assert score_answer(" 1234567.", ("1234567",)) == (True, 1.0)
+    assert score_answer(" 12345678", ("1234567",)) == (False, 0.0)
+    assert score_answer("Alpha and BETA", ("alpha", "beta", "gamma")) == (False, 2 / 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(tasks=("niah_single", "haystack")),
+            "unknown ruler tasks ['haystack']; allowed: ['niah_single'",
+        ),
+        (dict(lengths=(32,)), "ruler lengths must be integers of at least 64 tokens, got [32]"),
+        (dict(trials=0), "ruler trials must be a positive integer, got 0"),
+    ],
+)
+def test_bad_ruler_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        RulerOptions(**kwargs)
+    assert message in str(error.value)
+
+
+@pytest.mark.integration
+def test_too_short_a_length_for_the_task_says_so(tokenizer, corpus):
+    with pytest.raises(ValueError, match="ruler length 70 is too short for task 'niah_multivalue'"):
+        make_ruler_trial(tokenizer, corpus, "niah_multivalue", 70)
+
+
+def test_ruler_metric_runs_through_compare_and_plots(tiny_model_dir, filler_file, tmp_path):
+    args = compare_args(tiny_model_dir, filler_file, tmp_path)
+    args = args[: args.index("--strategies")] + [
+        "--strategies", "full", "sliding-window:window_length=64+quantized:nbits=4,group_size=8,residual_length=16",
+        "--metrics", "ruler", "--ruler-tasks", "niah_single", "common_words", "--ruler-lengths", "256", "384",
+        "--ruler-trials", "1",
+    ]  # fmt: skip
+    assert main(args) == 0
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert {r["metric"] for r in records} == {"ruler"} and len(records) == 2
+    for record in records:
+        cells = record["values"]["cells"]
+        assert [(c["task"], c["length"]) for c in cells] == [
+            (t, n) for t in ("niah_single", "common_words") for n in (256, 384)
+        ]
+        assert 0 <= record["values"]["ruler_accuracy"] <= 1
+    assert (tmp_path / "ruler.png").stat().st_size > 0
+    assert "| niah_single |" in (tmp_path / "ruler.md").read_text()
+
+
+def test_compare_does_not_run_ruler_unless_asked():
+    from hf_kvcache.evaluation.harness import default_metrics
+
+    assert "ruler" not in default_metrics() and "speed" in default_metrics()
