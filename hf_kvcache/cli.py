@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   hf-kvcache compare --strategies full quantized:nbits=2 heavy-hitter:heavy_budget=64 --out results/
   hf-kvcache compare --model meta-llama/Llama-3.2-1B --device-map auto --dtype bfloat16
   hf-kvcache list
+  hf-kvcache scale --lengths 1024 4096 16384        # cost against context length, scale.png
   hf-kvcache speed --strategies full sliding-window --max-tokens 4096
   hf-kvcache passkey --strategies heavy-hitter --passkey-lengths 2048 4096
   hf-kvcache compare --metrics perplexity memory --strategies full tova snapkv
@@ -205,6 +206,31 @@ def run_harness(args: argparse.Namespace, default_out: str | None) -> int:
     return 0
 
 
+def run_scale_command(args: argparse.Namespace) -> int:
+    from hf_kvcache.evaluation.scale import ScaleSettings, run_scale, scale_table, write_scale_plot
+
+    _check_specs(args.strategies)
+    if args.text_file is not None and not Path(args.text_file).is_file():
+        raise SystemExit(f"error: --text-file {args.text_file!r} does not exist")
+    try:
+        settings = ScaleSettings(
+            tuple(args.lengths), args.rounds, args.decode_tokens, args.prefill_chunk_size
+        )
+        shared = {
+            name: getattr(args, name)
+            for name in ("model", "dataset", "text_file", "split", "dtype", "device")
+        }
+        records = run_scale(args.strategies, shared, settings, args.out, args.force, args.device_map)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    table = scale_table(records)
+    (Path(args.out) / "scale.md").write_text(table)
+    plot = write_scale_plot(records, args.out)
+    print(table)
+    print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'scale.md'}, {plot}")
+    return 0
+
+
 def add_measuring_command(commands, name: str, summary: str) -> argparse.ArgumentParser:
     """A subcommand that loads a model and text: the shared model arguments and the examples."""
     command = commands.add_parser(
@@ -228,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--strategies", nargs="+", default=["full"], help="strategy specs (default: full)")
     ppl.set_defaults(run=run_ppl)
     from hf_kvcache.evaluation import get_metric, list_metrics
-    from hf_kvcache.evaluation.harness import DEFAULT_STRATEGIES
+    from hf_kvcache.evaluation.harness import DEFAULT_STRATEGIES, default_metrics
 
     compare = add_measuring_command(
         commands,
@@ -240,10 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics",
         nargs="+",
         choices=list_metrics(),
-        default=list_metrics(),
-        help="metrics to measure (default: all)",
+        default=list(default_metrics()),
+        help=f"metrics to measure (default: {' '.join(default_metrics())}; also: ruler)",
     )
     compare.set_defaults(run=lambda args: run_harness(args, "results"))
+    scale = add_measuring_command(
+        commands, "scale", "cost against context length: bytes held, peak memory, prefill and decode time"
+    )
+    scale.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES), help="strategy specs")
+    scale.add_argument(
+        "--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192], help="prompt lengths"
+    )
+    scale.add_argument("--rounds", type=int, default=3, help="timed rounds per strategy and length (>= 3)")
+    scale.add_argument("--decode-tokens", type=int, default=8, help="decode steps timed per round")
+    scale.add_argument("--prefill-chunk-size", type=int, default=512, help="tokens per prefill forward")
+    scale.add_argument("--out", default="results/scale", help="folder for results.json, scale.md, scale.png")
+    scale.add_argument("--force", action="store_true", help="recompute records already in results.json")
+    scale.set_defaults(run=run_scale_command)
     # One subcommand per metric, so that `hf-kvcache passkey ...` measures just that.
     for name in list_metrics():
         command = add_measuring_command(commands, name, get_metric(name).summary)
