@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -170,7 +171,16 @@ def add_harness_arguments(
     )
     parser.add_argument("--out", default=None, help="folder for results.json, results.csv, results.md, plots")
     parser.add_argument("--force", action="store_true", help="recompute records already in results.json")
+    add_parallel_argument(parser)
     add_metric_option_arguments(parser, metric_names)
+
+
+def add_parallel_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--num-processes", type=_positive_int, default=1,
+        help="split the work between this many processes through accelerate (one device each); the same as "
+        "'accelerate launch --num_processes N -m hf_kvcache.cli ...'",
+    )  # fmt: skip
 
 
 def run_harness(args: argparse.Namespace, default_out: str | None) -> int:
@@ -282,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--prefill-chunk-size", type=int, default=512, help="tokens per prefill forward")
     scale.add_argument("--out", default="results/scale", help="folder for results.json, scale.md, scale.png")
     scale.add_argument("--force", action="store_true", help="recompute records already in results.json")
+    add_parallel_argument(scale)
     scale.set_defaults(run=run_scale_command)
     # One subcommand per metric, so that `hf-kvcache passkey ...` measures just that.
     for name in list_metrics():
@@ -292,8 +303,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "num_processes", 1) > 1 and "WORLD_SIZE" not in os.environ:
+        from hf_kvcache.evaluation.distributed import relaunch_with_accelerate
+
+        return relaunch_with_accelerate(args.num_processes, _without_option(argv, "--num-processes"))
     return args.run(args)
+
+
+def _without_option(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag VALUE`` or ``flag=VALUE``."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == flag:
+            skip = True
+        elif not item.startswith(flag + "="):
+            kept.append(item)
+    return kept
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from hf_kvcache.base import cache_nbytes
+from hf_kvcache.evaluation.distributed import Workers
 from hf_kvcache.evaluation.metric import Metric, default_metric_names, get_metric, list_metrics
 from hf_kvcache.evaluation.perplexity import PerplexityResult, perplexity
 from hf_kvcache.layout import attention_layout
@@ -125,6 +126,14 @@ class ResultStore:
             != (record["strategy"], record["metric"], record["fingerprint"])
         ]
         self.records.append(record)
+        self.write()
+
+    def reorder(self, key) -> None:
+        """Sort the records by ``key`` (stable) and write them."""
+        self.records = sorted(self.records, key=key)
+        self.write()
+
+    def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"schema_version": SCHEMA_VERSION, "records": self.records}, indent=2)
         handle, staging = tempfile.mkstemp(dir=self.path.parent, prefix=".results-", suffix=".json")
@@ -216,6 +225,34 @@ class Run:
         return self._streams[spec]
 
 
+def work_units(todo: list[tuple[str, str]], metrics: dict[str, Metric]) -> list[list[tuple[str, str]]]:
+    """The pending ``(strategy, metric)`` pairs grouped into units one process measures whole: every pair of
+    the metrics that share a strategy's perplexity stream (computed once), all pairs of a metric that measures
+    strategies together (interleaved timings), and each other pair alone."""
+    units, streams = [], {}
+    for name, metric in metrics.items():
+        specs = [spec for spec, pending_name in todo if pending_name == name]
+        if specs and type(metric).measure_many is not Metric.measure_many:
+            units.append([(spec, name) for spec in specs])
+            continue
+        for spec in specs:
+            if not metric.uses_stream:
+                units.append([(spec, name)])
+            elif spec in streams:
+                streams[spec].append((spec, name))
+            else:
+                streams[spec] = [(spec, name)]
+                units.append(streams[spec])
+    return units
+
+
+def _by_metric(unit: list[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for spec, name in unit:
+        grouped.setdefault(name, []).append(spec)
+    return grouped
+
+
 def run_compare(
     strategies: list[str],
     settings: CompareSettings,
@@ -248,39 +285,56 @@ def run_compare(
         ]
 
     todo = [(spec, name) for spec in strategies for name in metrics if pending(spec, name)]
+    workers = Workers()
+    workers.wait()  # every process has read results.json before the main process writes to it
     if not todo:
         return current()
     if settings.text_file is not None and not Path(settings.text_file).is_file():
         raise FileNotFoundError(f"text file {settings.text_file!r} does not exist")
     text = load_corpus(settings.text_file or settings.dataset, split=settings.split)
-    model, tokenizer = load_model(
-        settings.model, settings.dtype, "auto" if device_map == "auto" else settings.device
-    )
+    device = "auto" if device_map == "auto" else workers.device(settings.device)
+    model, tokenizer = load_model(settings.model, settings.dtype, device)
     run = Run(model, tokenizer, text, corpus_token_ids(tokenizer, text, settings.max_tokens), settings)
     env = environment(model, settings)
+    mine = workers.share(work_units(todo, metrics))
     # The bar counts prompt tokens fed through the model, the bulk of every measurement, so its rate and ETA
     # stay meaningful across perplexity streams (shared by the metrics that use them), speed runs and prompts.
-    streamed = {spec for spec, name in todo if metrics[name].uses_stream}
-    work = len(streamed) * run.prompt_tokens + sum(metrics[name].work(run) for _, name in todo)
-    with tqdm(total=work, desc="compare", unit="tok", disable=not progress) as bar:
-        for name, metric in metrics.items():
-            specs = [spec for spec, pending_name in todo if pending_name == name]
-            # A metric that measures strategies together (interleaved timings) gets them all at once; the
-            # others one at a time, so that each record is saved as soon as it exists.
-            together = type(metric).measure_many is not Metric.measure_many
-            for batch in [specs] if together and specs else [[spec] for spec in specs]:
-                bar.set_postfix_str(f"{batch[0] if len(batch) == 1 else f'{len(batch)} strategies'} {name}")
-                for spec, values in metric.measure_many(run, batch, bar.update).items():
-                    store.put(
-                        {
-                            "strategy": canonical[spec],
-                            "spec": spec,
-                            "metric": name,
-                            "values": values,
-                            "settings": settings.record_settings(name),
-                            "environment": env,
-                            "fingerprint": fingerprints[name],
-                            "finished_at": datetime.now(timezone.utc).isoformat(),
-                        }
-                    )
+    work = sum(
+        any(metrics[name].uses_stream for _, name in unit) * run.prompt_tokens
+        + sum(metrics[name].work(run) for _, name in unit)
+        for unit in mine
+    )
+    produced = []
+    with tqdm(total=work, desc="compare", unit="tok", disable=not progress or not workers.is_main) as bar:
+        for unit in mine:
+            for name, specs in _by_metric(unit).items():
+                bar.set_postfix_str(f"{specs[0] if len(specs) == 1 else f'{len(specs)} strategies'} {name}")
+                for spec, values in metrics[name].measure_many(run, specs, bar.update).items():
+                    record = {
+                        "strategy": canonical[spec],
+                        "spec": spec,
+                        "metric": name,
+                        "values": values,
+                        "settings": settings.record_settings(name),
+                        "environment": env,
+                        "fingerprint": fingerprints[name],
+                        "finished_at": datetime.now(timezone.utc).isoformat(),
+                    }
+                    produced.append(record)
+                    if workers.is_main:  # saved as soon as it exists; the others' come when all are done
+                        store.put(record)
+    everything = workers.gather(produced)
+    if workers.is_main:
+        for record in everything[len(produced) :] if workers.count > 1 else []:
+            store.put(record)
+        # Metric by metric, strategies in the order asked: what one process writes, however many measured.
+        metric_order, strategy_order = list(metrics), list(canonical.values())
+        store.reorder(
+            lambda r: (r["strategy"] in strategy_order and r["metric"] in metric_order,
+                       metric_order.index(r["metric"]) if r["metric"] in metric_order else -1,
+                       strategy_order.index(r["strategy"]) if r["strategy"] in strategy_order else -1)
+        )  # fmt: skip
+    workers.wait()
+    if not workers.is_main:
+        store = ResultStore(Path(out_dir) / "results.json")
     return current()

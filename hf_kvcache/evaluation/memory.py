@@ -1,6 +1,14 @@
-"""Memory metric: the bytes a cache holds at the end of the perplexity stream, against ``DynamicCache``'s."""
+"""Memory metric: the bytes a cache holds at the end of the perplexity stream, against ``DynamicCache``'s; and
+the measurements of peak and free memory that ``scale`` uses."""
 
 from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+from pathlib import Path
+
+import torch
 
 from hf_kvcache.evaluation.metric import Column, Metric, register_metric
 
@@ -31,3 +39,59 @@ class MemoryMetric(Metric):
 
     def headline(self, values: dict) -> dict:
         return {**super().headline(values), "peak_memory_bytes": values["peak_memory_bytes"]}
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, or Linux's MemAvailable; ``None`` if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.exists():
+        return None
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+class PeakMemory:
+    """Peak memory growth over a block of work: CUDA's allocator peak, or on Linux the process's resident set
+    (``/proc/self/clear_refs`` resets its high-water mark); ``kind`` says which."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss_high_water_mark"
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+        else:
+            # Memory freed by earlier runs stays resident in the allocator's arenas, where this run would reuse
+            # it without raising the high-water mark: hand it back to the system first (glibc).
+            gc.collect()
+            _malloc_trim()
+            Path("/proc/self/clear_refs").write_text("5")
+            self.baseline = _status_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.growth = torch.cuda.max_memory_allocated(self.device) - self.baseline
+        else:
+            self.growth = _status_bytes("VmHWM") - self.baseline
+
+
+def _malloc_trim() -> None:
+    # Not glibc: nothing to trim, and the peak may then be under-reported, never over-reported.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")

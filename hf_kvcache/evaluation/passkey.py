@@ -84,7 +84,7 @@ class PasskeyOptions:
 
     lengths: tuple[int, ...] = field(default=(1024, 2048), metadata={"help": "prompt lengths in tokens"})
     depths: tuple[float, ...] = field(
-        default=(0.1, 0.3, 0.5, 0.7, 0.9),
+        default=(0.1, 0.5, 0.9),
         metadata={"help": "needle depths, fractions of the filler in [0, 1]"},
     )
     trials: int = field(default=1, metadata={"help": "keys per (length, depth)"})

@@ -9,10 +9,7 @@ cost that grows with the context, about 0 for one that does not.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import gc
 import math
 import statistics
 import time
@@ -22,6 +19,7 @@ from pathlib import Path
 import torch
 
 from hf_kvcache.base import cache_nbytes
+from hf_kvcache.evaluation.memory import PeakMemory, free_memory
 from hf_kvcache.prefill import prefill
 from hf_kvcache.registry import build_cache
 
@@ -72,7 +70,7 @@ def check_lengths(model, lengths: tuple[int, ...], available_tokens: int, specs:
         return
     from hf_kvcache.evaluation.harness import full_cache_bytes
 
-    free = _free_memory(model.device)
+    free = free_memory(model.device)
     needed = {n: full_cache_bytes(model, n) for n in lengths}
     over = [n for n, size in needed.items() if free is not None and size > free]
     if over:
@@ -80,61 +78,6 @@ def check_lengths(model, lengths: tuple[int, ...], available_tokens: int, specs:
             f"scale lengths {over} need {needed[over[0]] / 2**30:.1f} GiB or more for the full cache, more than "
             f"the {free / 2**30:.1f} GiB free on {model.device}; drop 'full' or those lengths"
         )
-
-
-def _free_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    meminfo = Path("/proc/meminfo")
-    if not meminfo.exists():
-        return None
-    for line in meminfo.read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
-class PeakMemory:
-    """Peak memory growth over a block of work: CUDA's allocator peak, or on Linux the process's resident set
-    (``/proc/self/clear_refs`` resets its high-water mark); ``kind`` says which."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss_high_water_mark"
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
-        else:
-            # Memory freed by earlier runs stays resident in the allocator's arenas, where this run would reuse
-            # it without raising the high-water mark: hand it back to the system first (glibc).
-            gc.collect()
-            _malloc_trim()
-            Path("/proc/self/clear_refs").write_text("5")
-            self.baseline = _status_bytes("VmRSS")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.growth = torch.cuda.max_memory_allocated(self.device) - self.baseline
-        else:
-            self.growth = _status_bytes("VmHWM") - self.baseline
-
-
-def _malloc_trim() -> None:
-    # Not glibc: nothing to trim, and the peak may then be under-reported, never over-reported.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def _spread(values: list[float]) -> dict:
@@ -298,6 +241,7 @@ def run_scale(
     from tqdm.auto import tqdm
 
     from hf_kvcache.evaluation.corpus import corpus_token_ids, load_corpus
+    from hf_kvcache.evaluation.distributed import Workers
     from hf_kvcache.evaluation.harness import ResultStore, environment
     from hf_kvcache.evaluation.model import load_model
     from hf_kvcache.registry import canonical_spec
@@ -313,29 +257,42 @@ def run_scale(
         n: [s for s in strategies if force or store.find(canonical[s], "scale", fingerprints[n]) is None]
         for n in sorted(settings.lengths)
     }
+    workers = Workers()
+    workers.wait()  # every process has read results.json before the main process writes to it
     if any(pending.values()):
         text = load_corpus(
             shared.get("text_file") or shared.get("dataset"), split=shared.get("split", "test")
         )
-        device = "auto" if device_map == "auto" else shared.get("device")
+        device = "auto" if device_map == "auto" else workers.device(shared.get("device"))
         model, tokenizer = load_model(shared.get("model"), shared.get("dtype"), device)
         ids = corpus_token_ids(tokenizer, text, max(settings.lengths))
         check_lengths(model, settings.lengths, ids.shape[1], strategies)
         env = environment(model, SimpleNamespace(model=shared.get("model")))
-        work = sum(n * len(specs) * settings.rounds for n, specs in pending.items())
-        with tqdm(total=work, desc="scale", unit="tok", disable=not progress) as bar:
-            for length, specs in pending.items():
-                if not specs:
-                    continue
+        mine = workers.share([n for n, specs in pending.items() if specs])
+        produced = []
+        work = sum(n * len(pending[n]) * settings.rounds for n in mine)
+        with tqdm(total=work, desc="scale", unit="tok", disable=not progress or not workers.is_main) as bar:
+            for length in mine:
                 bar.set_postfix_str(f"{length} tokens")
+                specs = pending[length]
                 for spec, values in measure_length(
                     model, ids[:, :length], specs, settings, bar.update
                 ).items():
-                    store.put({
+                    produced.append({
                         "strategy": canonical[spec], "spec": spec, "metric": "scale", "values": values,
                         "settings": recorded[length], "environment": env, "fingerprint": fingerprints[length],
                         "finished_at": datetime.now(timezone.utc).isoformat(),
                     })  # fmt: skip
+                    if workers.is_main:
+                        store.put(produced[-1])
+        everything = workers.gather(produced)
+        if workers.is_main and workers.count > 1:
+            for record in everything[len(produced) :]:
+                store.put(record)
+            store.reorder(lambda r: (r["metric"] == "scale", r["values"].get("length", 0)))
+        workers.wait()
+        if not workers.is_main:
+            store = ResultStore(Path(out_dir) / "results.json")
     wanted = {(canonical[s], fingerprints[n]) for s in strategies for n in settings.lengths}
     return [
         r for r in store.records if r["metric"] == "scale" and (r["strategy"], r["fingerprint"]) in wanted
