@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
-from hf_kvcache.base import BatchRowsMixin, KVCache
+from hf_kvcache.base import BatchRowsMixin, KVCache, gather_entries
 from hf_kvcache.layout import FULL_ATTENTION, LOCAL_ATTENTION, AttentionLayout, require_layer_types
 from hf_kvcache.model_hooks import ForwardState, install_forward_observer
 
@@ -260,8 +260,7 @@ class EvictingLayer(BatchRowsMixin, CacheLayerMixin):
     def store_entries(self, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor | None) -> None:
         """Hold entries ``indices`` ``[B, H, kept]`` (ascending; ``None``: all) of :meth:`entries_with`' output."""
         if indices is not None:
-            gather = indices.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-            keys, values = keys.gather(2, gather), values.gather(2, gather)
+            keys, values = gather_entries(keys, indices), gather_entries(values, indices)
         self.key_buffer, self.value_buffer = keys, values
 
     def _gather_slots(self, indices, keys, values, positions) -> None:

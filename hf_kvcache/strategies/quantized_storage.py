@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from hf_kvcache.base import gather_entries
 from hf_kvcache.strategies.packing import TorchCodec, make_codec, unpack_codes
 from hf_kvcache.strategies.quantized import QuantizedOptions
 
@@ -137,8 +138,8 @@ class QuantizedStorage:
             )
         if kept_packed < packed:
             self._keep_packed(indices[..., sinks : sinks + kept_packed] - sinks)
-        residual = indices[..., sinks + kept_packed :].unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-        self.key_buffer, self.value_buffer = keys.gather(2, residual), values.gather(2, residual)
+        residual = indices[..., sinks + kept_packed :]
+        self.key_buffer, self.value_buffer = gather_entries(keys, residual), gather_entries(values, residual)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         result = super().update(key_states, value_states, *args, **kwargs)
@@ -203,10 +204,8 @@ class QuantizedStorage:
 
     def _keep_packed(self, keep: torch.Tensor) -> None:
         """Keep packed tokens ``keep`` ``[B, H, kept]`` (ascending) and recount the members of each key group."""
-        for name in ("key_codes", "value_codes", "value_scale", "value_zero"):
-            tensor = getattr(self, name)
-            setattr(self, name, tensor.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[-1])))
-        self.key_group = self.key_group.gather(2, keep)
+        for name in ("key_codes", "value_codes", "value_scale", "value_zero", "key_group"):
+            setattr(self, name, gather_entries(getattr(self, name), keep))
         members = torch.zeros_like(self.group_members, dtype=torch.int32)
         members.scatter_add_(2, self.key_group.long(), torch.ones_like(self.key_group, dtype=torch.int32))
         self.group_members = members.to(torch.int16)
@@ -235,8 +234,8 @@ class QuantizedStorage:
         batch, heads, length, head_dim = keys.shape
         nbits, size = self.quantization.nbits, self.quantization.group_size
         keys.copy_(unpack_codes(self.key_codes, nbits))
-        group = self.key_group.long().unsqueeze(-1).expand(-1, -1, -1, head_dim)
-        keys.mul_(self.group_scale.gather(2, group)).add_(self.group_zero.gather(2, group))
+        group = self.key_group.long()
+        keys.mul_(gather_entries(self.group_scale, group)).add_(gather_entries(self.group_zero, group))
         values.copy_(unpack_codes(self.value_codes, nbits))
         value_groups = values.view(batch, heads, length, head_dim // size, size)
         value_groups.mul_(self.value_scale.unsqueeze(-1)).add_(self.value_zero.unsqueeze(-1))
