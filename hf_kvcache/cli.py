@@ -63,13 +63,17 @@ def load_inputs(args: argparse.Namespace):
     from hf_kvcache.evaluation import load_corpus, load_model
     from hf_kvcache.evaluation.corpus import corpus_token_ids
 
-    if args.text_file is not None and not Path(args.text_file).is_file():
-        raise SystemExit(f"error: --text-file {args.text_file!r} does not exist")
+    _check_text_file(args)
     text = load_corpus(args.text_file or args.dataset, split=args.split, max_chars=None)
     device = "auto" if args.device_map == "auto" else args.device
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     input_ids = corpus_token_ids(tokenizer, text, args.max_tokens)
     return model, tokenizer, input_ids
+
+
+def _check_text_file(args: argparse.Namespace) -> None:
+    if args.text_file is not None and not Path(args.text_file).is_file():
+        raise SystemExit(f"error: --text-file {args.text_file!r} does not exist")
 
 
 def _check_specs(specs: list[str]) -> None:
@@ -190,8 +194,7 @@ def run_harness(args: argparse.Namespace, default_out: str | None) -> int:
     from hf_kvcache.evaluation.report import markdown_table, summarize, table_columns, write_reports
 
     _check_specs(args.strategies)
-    if args.text_file is not None and not Path(args.text_file).is_file():
-        raise SystemExit(f"error: --text-file {args.text_file!r} does not exist")
+    _check_text_file(args)
     metrics = list(args.metrics)
     try:
         settings = CompareSettings(
@@ -220,8 +223,7 @@ def run_scale_command(args: argparse.Namespace) -> int:
     from hf_kvcache.evaluation.scale import ScaleSettings, run_scale, scale_table, write_scale_plot
 
     _check_specs(args.strategies)
-    if args.text_file is not None and not Path(args.text_file).is_file():
-        raise SystemExit(f"error: --text-file {args.text_file!r} does not exist")
+    _check_text_file(args)
     try:
         settings = ScaleSettings(
             tuple(args.lengths), args.rounds, args.decode_tokens, args.prefill_chunk_size

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hf_kvcache.cli import main
-from hf_kvcache.evaluation.harness import work_units
+from hf_kvcache.evaluation.distributed import work_units
 from hf_kvcache.evaluation.metric import get_metric
 from tests.test_harness import compare_args
 from tests.test_scale import scale_args

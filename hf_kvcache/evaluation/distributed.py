@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+from hf_kvcache.evaluation.metric import Metric
+
 
 class Workers:
     """This process's place among the processes of an ``accelerate launch`` run (or alone)."""
@@ -87,3 +89,37 @@ def relaunch_with_accelerate(num_processes: int, argv: list[str]) -> int:
     ]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return subprocess.call([*command, "-m", "hf_kvcache.cli", *argv])
+
+
+def work_units(todo: list[tuple[str, str]], metrics: dict[str, Metric]) -> list[list[tuple[str, str]]]:
+    """The pending ``(strategy, metric)`` pairs grouped into units one process measures whole: every pair of
+    the metrics that share a strategy's perplexity stream (computed once), all pairs of a metric that measures
+    strategies together (interleaved timings), and each other pair alone."""
+    units, streams = [], {}
+    for name, metric in metrics.items():
+        specs = [spec for spec, pending_name in todo if pending_name == name]
+        if specs and type(metric).measure_many is not Metric.measure_many:
+            units.append([(spec, name) for spec in specs])
+            continue
+        for spec in specs:
+            if not metric.uses_stream:
+                units.append([(spec, name)])
+            elif spec in streams:
+                streams[spec].append((spec, name))
+            else:
+                streams[spec] = [(spec, name)]
+                units.append(streams[spec])
+    return units
+
+
+def merge_records(store, workers: Workers, produced: list[dict], order):
+    """After every process measured its share: the main process adds the others' ``produced`` records to
+    ``store`` (a :class:`~hf_kvcache.evaluation.harness.ResultStore`, which holds its own already) and sorts all
+    by ``order``; every process then returns the store as written."""
+    everything = workers.gather(produced)
+    if workers.is_main:
+        for record in everything[len(produced) :]:
+            store.put(record)
+        store.reorder(order)
+    workers.wait()
+    return store if workers.is_main else type(store)(store.path)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from hf_kvcache.base import cache_nbytes
-from hf_kvcache.evaluation.distributed import Workers
+from hf_kvcache.evaluation.distributed import Workers, merge_records, work_units
 from hf_kvcache.evaluation.metric import Metric, default_metric_names, get_metric, list_metrics
 from hf_kvcache.evaluation.perplexity import PerplexityResult, perplexity
 from hf_kvcache.layout import attention_layout
@@ -90,8 +90,26 @@ class CompareSettings:
 
     def fingerprint(self, name: str) -> str:
         """Hash of :meth:`record_settings`: a record is reused only under the same one."""
-        settings = json.dumps(self.record_settings(name), sort_keys=True)
-        return hashlib.sha256(settings.encode()).hexdigest()[:16]
+        return fingerprint_of(self.record_settings(name))
+
+
+def fingerprint_of(settings: dict) -> str:
+    """A short stable hash of the JSON-ready ``settings`` a record depends on."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def new_record(strategy: str, spec: str, metric: str, values: dict, settings: dict, env: dict) -> dict:
+    """One ``results.json`` record, fingerprinted from ``settings`` and stamped with the time it finished."""
+    return {
+        "strategy": strategy,
+        "spec": spec,
+        "metric": metric,
+        "values": values,
+        "settings": settings,
+        "environment": env,
+        "fingerprint": fingerprint_of(settings),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+    }
 
 
 class ResultStore:
@@ -225,27 +243,6 @@ class Run:
         return self._streams[spec]
 
 
-def work_units(todo: list[tuple[str, str]], metrics: dict[str, Metric]) -> list[list[tuple[str, str]]]:
-    """The pending ``(strategy, metric)`` pairs grouped into units one process measures whole: every pair of
-    the metrics that share a strategy's perplexity stream (computed once), all pairs of a metric that measures
-    strategies together (interleaved timings), and each other pair alone."""
-    units, streams = [], {}
-    for name, metric in metrics.items():
-        specs = [spec for spec, pending_name in todo if pending_name == name]
-        if specs and type(metric).measure_many is not Metric.measure_many:
-            units.append([(spec, name) for spec in specs])
-            continue
-        for spec in specs:
-            if not metric.uses_stream:
-                units.append([(spec, name)])
-            elif spec in streams:
-                streams[spec].append((spec, name))
-            else:
-                streams[spec] = [(spec, name)]
-                units.append(streams[spec])
-    return units
-
-
 def _by_metric(unit: list[tuple[str, str]]) -> dict[str, list[str]]:
     grouped: dict[str, list[str]] = {}
     for spec, name in unit:
@@ -310,31 +307,18 @@ def run_compare(
             for name, specs in _by_metric(unit).items():
                 bar.set_postfix_str(f"{specs[0] if len(specs) == 1 else f'{len(specs)} strategies'} {name}")
                 for spec, values in metrics[name].measure_many(run, specs, bar.update).items():
-                    record = {
-                        "strategy": canonical[spec],
-                        "spec": spec,
-                        "metric": name,
-                        "values": values,
-                        "settings": settings.record_settings(name),
-                        "environment": env,
-                        "fingerprint": fingerprints[name],
-                        "finished_at": datetime.now(timezone.utc).isoformat(),
-                    }
+                    record = new_record(
+                        canonical[spec], spec, name, values, settings.record_settings(name), env
+                    )
                     produced.append(record)
                     if workers.is_main:  # saved as soon as it exists; the others' come when all are done
                         store.put(record)
-    everything = workers.gather(produced)
-    if workers.is_main:
-        for record in everything[len(produced) :] if workers.count > 1 else []:
-            store.put(record)
-        # Metric by metric, strategies in the order asked: what one process writes, however many measured.
-        metric_order, strategy_order = list(metrics), list(canonical.values())
-        store.reorder(
-            lambda r: (r["strategy"] in strategy_order and r["metric"] in metric_order,
-                       metric_order.index(r["metric"]) if r["metric"] in metric_order else -1,
-                       strategy_order.index(r["strategy"]) if r["strategy"] in strategy_order else -1)
-        )  # fmt: skip
-    workers.wait()
-    if not workers.is_main:
-        store = ResultStore(Path(out_dir) / "results.json")
+    # Metric by metric, strategies in the order asked: what one process writes, however many measured.
+    metric_order, strategy_order = list(metrics), list(canonical.values())
+    store = merge_records(
+        store, workers, produced,
+        lambda r: (r["strategy"] in strategy_order and r["metric"] in metric_order,
+                   metric_order.index(r["metric"]) if r["metric"] in metric_order else -1,
+                   strategy_order.index(r["strategy"]) if r["strategy"] in strategy_order else -1),
+    )  # fmt: skip
     return current()

@@ -218,6 +218,10 @@ def settings_record(settings: ScaleSettings, shared: dict, length: int) -> dict:
     return {**shared, **own, "length": length}
 
 
+def _by_length(record: dict) -> tuple[bool, int]:
+    return record["metric"] == "scale", record["values"].get("length", 0)
+
+
 def run_scale(
     strategies: list[str],
     shared: dict,
@@ -233,26 +237,26 @@ def run_scale(
     ``shared`` holds the model and data options (``model``, ``dataset``, ``text_file``, ``split``, ``dtype``,
     ``device``) as :class:`~hf_kvcache.evaluation.harness.CompareSettings` names them.
     """
-    import hashlib
-    import json
-    from datetime import datetime, timezone
     from types import SimpleNamespace
 
     from tqdm.auto import tqdm
 
     from hf_kvcache.evaluation.corpus import corpus_token_ids, load_corpus
     from hf_kvcache.evaluation.distributed import Workers
-    from hf_kvcache.evaluation.harness import ResultStore, environment
+    from hf_kvcache.evaluation.harness import (
+        ResultStore,
+        environment,
+        fingerprint_of,
+        merge_records,
+        new_record,
+    )
     from hf_kvcache.evaluation.model import load_model
     from hf_kvcache.registry import canonical_spec
 
     canonical = {spec: canonical_spec(spec) for spec in strategies}  # validates every spec before any work
     store = ResultStore(Path(out_dir) / "results.json")
     recorded = {n: settings_record(settings, shared, n) for n in settings.lengths}
-    fingerprints = {
-        n: hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest()[:16]
-        for n, r in recorded.items()
-    }
+    fingerprints = {n: fingerprint_of(r) for n, r in recorded.items()}
     pending = {
         n: [s for s in strategies if force or store.find(canonical[s], "scale", fingerprints[n]) is None]
         for n in sorted(settings.lengths)
@@ -278,21 +282,10 @@ def run_scale(
                 for spec, values in measure_length(
                     model, ids[:, :length], specs, settings, bar.update
                 ).items():
-                    produced.append({
-                        "strategy": canonical[spec], "spec": spec, "metric": "scale", "values": values,
-                        "settings": recorded[length], "environment": env, "fingerprint": fingerprints[length],
-                        "finished_at": datetime.now(timezone.utc).isoformat(),
-                    })  # fmt: skip
+                    produced.append(new_record(canonical[spec], spec, "scale", values, recorded[length], env))
                     if workers.is_main:
                         store.put(produced[-1])
-        everything = workers.gather(produced)
-        if workers.is_main and workers.count > 1:
-            for record in everything[len(produced) :]:
-                store.put(record)
-            store.reorder(lambda r: (r["metric"] == "scale", r["values"].get("length", 0)))
-        workers.wait()
-        if not workers.is_main:
-            store = ResultStore(Path(out_dir) / "results.json")
+        store = merge_records(store, workers, produced, _by_length)
     wanted = {(canonical[s], fingerprints[n]) for s in strategies for n in settings.lengths}
     return [
         r for r in store.records if r["metric"] == "scale" and (r["strategy"], r["fingerprint"]) in wanted

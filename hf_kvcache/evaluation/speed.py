@@ -87,12 +87,14 @@ def measure_speed_interleaved(
     prompt_ids: torch.Tensor,
     make_caches: dict[str, Callable[[], Cache]],
     rounds: int,
+    on_run: Callable[[], None] | None = None,
     **options,
 ) -> dict[str, list[SpeedResult]]:
     """Time every cache of ``make_caches`` ``rounds`` times, one of each per round, with :func:`measure_speed`.
 
     Timings on a shared machine drift with its load; interleaving gives every cache the same conditions, so
-    medians of the returned runs compare fairly. ``options`` go to :func:`measure_speed`.
+    medians of the returned runs compare fairly. ``on_run`` is called after each run (progress); ``options``
+    go to :func:`measure_speed`.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be positive, got {rounds}")
@@ -100,6 +102,8 @@ def measure_speed_interleaved(
     for _ in range(rounds):
         for name, make_cache in make_caches.items():
             runs[name].append(measure_speed(model, prompt_ids, make_cache, **options))
+            if on_run is not None:
+                on_run()
     return runs
 
 
@@ -171,16 +175,11 @@ class SpeedMetric(Metric):
 
         for spec in specs:  # lazy initialisation and first allocations are not charged to round one
             measure_speed(run.model, run.input_ids[:, :64], maker(spec), decode_tokens=2, warmup_tokens=0)
-        results = {spec: [] for spec in specs}
-        for _ in range(self.options.rounds):
-            for spec in specs:
-                results[spec].append(
-                    measure_speed(
-                        run.model, run.input_ids, maker(spec), self.options.decode_tokens,
-                        prefill_chunk_size=512, warmup_tokens=0,
-                    )
-                )  # fmt: skip
-                tick(run.prompt_tokens)
+        results = measure_speed_interleaved(
+            run.model, run.input_ids, {spec: maker(spec) for spec in specs}, self.options.rounds,
+            on_run=lambda: tick(run.prompt_tokens), decode_tokens=self.options.decode_tokens,
+            prefill_chunk_size=512, warmup_tokens=0,
+        )  # fmt: skip
         return {spec: summarize_rounds(values) for spec, values in results.items()}
 
     def headline(self, values: dict) -> dict:

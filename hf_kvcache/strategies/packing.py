@@ -62,6 +62,30 @@ def unpack_codes(packed: torch.Tensor, nbits: int) -> torch.Tensor:
     return unpack_slots(packed, nbits).flatten(-2)
 
 
+def quantize_kivi(
+    codec: TorchCodec, keys: torch.Tensor, values: torch.Tensor, group_size: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """KIVI's scheme on whole groups of tokens, keys and values ``[B, H, n * G, D]``: keys per channel over
+    each group of ``group_size`` consecutive tokens, values per token over each group of ``group_size`` channels.
+
+    Returns ``(key_codes, key_scale, key_zero, value_codes, value_scale, value_zero)``: uint8 codes
+    ``[B, H, n * G, D]``, not yet packed; key scales and zero points ``[B, H, n, D]``; value scales and zero
+    points ``[B, H, n * G, D / G]``, in ``scale_dtype``.
+    """
+    batch, heads, length, head_dim = keys.shape
+    key_groups = keys.reshape(batch, heads, length // group_size, group_size, head_dim)  # [B, H, n, G, D]
+    key_codes, key_scale, key_zero = codec.quantize(key_groups, dim=3, scale_dtype=scale_dtype)
+    value_groups = values.reshape(
+        batch, heads, length, head_dim // group_size, group_size
+    )  # [B, H, T, D/G, G]
+    value_codes, value_scale, value_zero = codec.quantize(value_groups, dim=4, scale_dtype=scale_dtype)
+    shape = (batch, heads, length, head_dim)
+    return (
+        key_codes.reshape(shape), key_scale.squeeze(3), key_zero.squeeze(3),
+        value_codes.reshape(shape), value_scale.squeeze(4), value_zero.squeeze(4),
+    )  # fmt: skip
+
+
 def pack_token_groups(codec: TorchCodec, codes: torch.Tensor, group_size: int) -> torch.Tensor:
     """Codes ``[B, H, T, D]`` or ``[B, H, n, G, D]`` of whole groups of ``group_size`` tokens to
     bytes ``[B, H, T * nbits / 8, D]``, packed along the tokens of each group in :func:`pack_codes`' layout."""

@@ -21,6 +21,7 @@ from hf_kvcache.strategies.packing import (
     TorchCodec,
     make_codec,
     pack_token_groups,
+    quantize_kivi,
     unpack_token_groups,
 )
 
@@ -123,24 +124,17 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
 
     def _quantize_and_append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize whole groups of tokens and append them; they are never requantized afterwards."""
-        batch, heads, length, head_dim = keys.shape
         size = self.options.group_size
-        # Keys: one scale per channel for each group of `size` consecutive tokens.  # [B, H, n, G, D]
-        key_groups = keys.reshape(batch, heads, length // size, size, head_dim)
-        key_codes, key_scale, key_zero = self.codec.quantize(key_groups, dim=3, scale_dtype=self.dtype)
-        # Values: one scale per token for each group of `size` consecutive channels.  # [B, H, T, D/G, G]
-        value_groups = values.reshape(batch, heads, length, head_dim // size, size)
-        value_codes, value_scale, value_zero = self.codec.quantize(
-            value_groups, dim=4, scale_dtype=self.dtype
+        key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = quantize_kivi(
+            self.codec, keys, values, size, self.dtype
         )
-        value_codes = value_codes.reshape(batch, heads, length, head_dim)
         key_codes, value_codes = (pack_token_groups(self.codec, c, size) for c in (key_codes, value_codes))
         self.key_codes = torch.cat([self.key_codes, key_codes], dim=-2)
-        self.key_scale = torch.cat([self.key_scale, key_scale.squeeze(3)], dim=-2)
-        self.key_zero = torch.cat([self.key_zero, key_zero.squeeze(3)], dim=-2)
+        self.key_scale = torch.cat([self.key_scale, key_scale], dim=-2)
+        self.key_zero = torch.cat([self.key_zero, key_zero], dim=-2)
         self.value_codes = torch.cat([self.value_codes, value_codes], dim=-2)
-        self.value_scale = torch.cat([self.value_scale, value_scale.squeeze(4)], dim=-2)
-        self.value_zero = torch.cat([self.value_zero, value_zero.squeeze(4)], dim=-2)
+        self.value_scale = torch.cat([self.value_scale, value_scale], dim=-2)
+        self.value_zero = torch.cat([self.value_zero, value_zero], dim=-2)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The quantized part of the keys and values, ``[B, H, T_q, D]`` in the model's dtype."""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from hf_kvcache.base import gather_entries
-from hf_kvcache.strategies.packing import TorchCodec, make_codec, unpack_codes
+from hf_kvcache.strategies.packing import TorchCodec, make_codec, quantize_kivi, unpack_codes
 from hf_kvcache.strategies.quantized import QuantizedOptions
 
 STORAGE_TENSORS = (
@@ -130,8 +130,12 @@ class QuantizedStorage:
             return
         in_sinks = (indices < sinks).sum(-1)
         in_packed = ((indices >= sinks) & (indices < sinks + packed)).sum(-1)
-        kept_packed = int(in_packed.flatten()[0])
-        if bool((in_sinks != sinks).any()) or bool((in_packed != kept_packed).any()):
+        first = in_packed.flatten()[0]
+        uneven = (in_sinks != sinks).any() | (in_packed != first).any()
+        kept_packed, uneven = torch.stack(
+            [first, uneven.long()]
+        ).tolist()  # one device sync per step, not three
+        if uneven:
             raise RuntimeError(
                 f"{type(self).__name__}: the eviction dropped a sink, or kept different numbers of packed tokens "
                 "in different rows or heads, which this storage cannot hold"
@@ -175,32 +179,27 @@ class QuantizedStorage:
 
     def _pack(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize ``[B, H, groups * G, D]`` tokens once and append them, one new key group per G tokens."""
-        batch, heads, length, head_dim = keys.shape
-        size, dtype = self.quantization.group_size, self.key_buffer.dtype
+        batch, heads, length, _ = keys.shape
+        size = self.quantization.group_size
         groups = length // size
-        key_codes, key_scale, key_zero = self.codec.quantize(
-            keys.reshape(batch, heads, groups, size, head_dim), dim=3, scale_dtype=dtype
-        )
-        value_codes, value_scale, value_zero = self.codec.quantize(
-            values.reshape(batch, heads, length, head_dim // size, size), dim=4, scale_dtype=dtype
+        key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = quantize_kivi(
+            self.codec, keys, values, size, self.key_buffer.dtype
         )
         self._compact_groups()
         first = self.group_scale.shape[2]
         if first + groups > torch.iinfo(self.key_group.dtype).max:
             self.key_group = self.key_group.int()  # more than 32767 live key groups
         ids = torch.arange(first, first + groups, device=self.device, dtype=self.key_group.dtype)
-        self.group_scale = torch.cat([self.group_scale, key_scale.squeeze(3)], dim=2)
-        self.group_zero = torch.cat([self.group_zero, key_zero.squeeze(3)], dim=2)
+        self.group_scale = torch.cat([self.group_scale, key_scale], dim=2)
+        self.group_zero = torch.cat([self.group_zero, key_zero], dim=2)
         members = torch.full((batch, heads, groups), size, dtype=torch.int16, device=self.device)
         self.group_members = torch.cat([self.group_members, members], dim=2)
         new_ids = ids.repeat_interleave(size).expand(batch, heads, length)
         self.key_group = torch.cat([self.key_group, new_ids], dim=2)
-        packed_keys = self.codec.pack(key_codes.reshape(batch, heads, length, head_dim))
-        packed_values = self.codec.pack(value_codes.reshape(batch, heads, length, head_dim))
-        self.key_codes = torch.cat([self.key_codes, packed_keys], dim=2)
-        self.value_codes = torch.cat([self.value_codes, packed_values], dim=2)
-        self.value_scale = torch.cat([self.value_scale, value_scale.squeeze(4)], dim=2)
-        self.value_zero = torch.cat([self.value_zero, value_zero.squeeze(4)], dim=2)
+        self.key_codes = torch.cat([self.key_codes, self.codec.pack(key_codes)], dim=2)
+        self.value_codes = torch.cat([self.value_codes, self.codec.pack(value_codes)], dim=2)
+        self.value_scale = torch.cat([self.value_scale, value_scale], dim=2)
+        self.value_zero = torch.cat([self.value_zero, value_zero], dim=2)
 
     def _keep_packed(self, keep: torch.Tensor) -> None:
         """Keep packed tokens ``keep`` ``[B, H, kept]`` (ascending) and recount the members of each key group."""
