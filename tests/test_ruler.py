@@ -142,9 +142,33 @@ def test_ruler_metric_runs_through_compare_and_plots(tiny_model_dir, filler_file
         assert [(c["task"], c["length"]) for c in cells] == [
             (t, n) for t in ("niah_single", "common_words") for n in (256, 384)
         ]
-        assert 0 <= record["values"]["ruler_accuracy"] <= 1
+        # RULER's score is the mean fraction of items found; "all found" counts whole trials.
+        assert record["values"]["ruler_score"] == pytest.approx(sum(c["partial"] for c in cells) / 4)
+        assert record["values"]["ruler_all_found"] == sum(c["correct"] for c in cells) / 4
     assert (tmp_path / "ruler.png").stat().st_size > 0
-    assert "| niah_single |" in (tmp_path / "ruler.md").read_text()
+    table = (tmp_path / "ruler.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| strategy"))
+    assert (
+        header
+        == "| strategy | niah_single 256 | niah_single 384 | common_words 256 | common_words 384 | mean |"
+    )
+    rows = [line for line in table if line.startswith("| `")]
+    assert [row.split(" | ")[0] for row in rows] == ["| `full`", f"| `{records[1]['spec']}`"]
+    first = records[0]["values"]["cells"][0]
+    assert rows[0].split(" | ")[1] == f"{first['partial']:.0%} ({first['correct']}/1)"
+    assert "ruler score" in (tmp_path / "results.md").read_text()
+
+
+def test_ruler_headline_of_a_record_written_before_scores_existed():
+    from hf_kvcache.evaluation.ruler import RulerMetric
+
+    cells = [
+        {"task": "niah_multivalue", "length": 1024, "correct": 0, "trials": 2, "partial": 0.75},
+        {"task": "niah_single", "length": 1024, "correct": 2, "trials": 2, "partial": 1.0},
+    ]
+    assert RulerMetric().headline({"cells": cells, "ruler_accuracy": 0.5}) == {
+        "ruler_score": 0.875, "ruler_all_found": 0.5,
+    }  # fmt: skip
 
 
 def test_compare_does_not_run_ruler_unless_asked():

@@ -12,7 +12,7 @@ Six synthetic tasks at any prompt length, each trial seeded so that every strate
 * ``common_words``: a numbered list of words where ten appear far more often than the rest; the ten must be
   named.
 
-A trial is correct when the greedy answer contains every expected item (exact string match, case-insensitive
+A trial scores the fraction of expected items its greedy answer contains (exact whole-word match, case-insensitive
 for words). Prompts go through the cache in chunks, so a compressing cache never sees more than one chunk
 beyond its budget.
 """
@@ -220,14 +220,21 @@ class RulerOptions:
 
 @register_metric
 class RulerMetric(Metric):
-    """RULER-style accuracy per task and length (see the module docstring); not in ``compare``'s defaults,
-    since it feeds ``tasks x lengths x trials`` long prompts per strategy."""
+    """RULER-style scores per task and length (see the module docstring); not in ``compare``'s defaults,
+    since it feeds ``tasks x lengths x trials`` long prompts per strategy.
+
+    A cell's score is RULER's own: the fraction of expected items the answer holds, averaged over trials (so a
+    multi-value answer with three of four numbers scores 75 %). ``all found`` counts trials with every item.
+    """
 
     name = "ruler"
-    summary = "RULER-style long-context tasks: accuracy per task and length"
+    summary = "RULER-style long-context tasks: score per task and length"
     options_class = RulerOptions
     in_defaults = False
-    columns = (Column("ruler_accuracy", "ruler", "{:.0%}"),)
+    columns = (
+        Column("ruler_score", "ruler score", "{:.0%}"),
+        Column("ruler_all_found", "ruler all found", "{:.0%}"),
+    )
 
     def work(self, run) -> int:
         return len(self.options.tasks) * sum(self.options.lengths) * self.options.trials
@@ -248,32 +255,52 @@ class RulerMetric(Metric):
                     tick(length)
                 cells.append({"task": task, "length": length, "correct": correct, "trials": self.options.trials,
                               "partial": partial / self.options.trials})  # fmt: skip
-        accuracy = sum(c["correct"] for c in cells) / sum(c["trials"] for c in cells)
-        return {"cells": cells, "ruler_accuracy": accuracy}
+        return {"cells": cells, **self.headline({"cells": cells})}
+
+    def headline(self, values: dict) -> dict:
+        # From the cells, so that records written before ``ruler_score`` existed still report it.
+        cells = values["cells"]
+        return {
+            "ruler_score": sum(c["partial"] for c in cells) / len(cells),
+            "ruler_all_found": sum(c["correct"] for c in cells) / sum(c["trials"] for c in cells),
+        }
 
     def plots(self, records: list[dict], out: Path) -> list[Path]:
-        """``ruler.png``: a task x length heat map of accuracy per strategy; ``ruler.md``: the same as tables."""
+        """``ruler.png``: a task x length heat map of scores per strategy; ``ruler.md``: one table, a row per
+        strategy and a column per (task, length), each cell ``score (trials with all items / trials)``."""
         import matplotlib.pyplot as plt
 
         figure, axes = plt.subplots(1, len(records), figsize=(3.2 * len(records), 3.6), squeeze=False)
-        tables = []
-        for axis, record in zip(axes[0], records, strict=True):
-            cells = record["values"]["cells"]
-            tasks = list(dict.fromkeys(c["task"] for c in cells))
-            lengths = sorted({c["length"] for c in cells})
-            grid = [[0.0] * len(lengths) for _ in tasks]
-            for c in cells:
-                grid[tasks.index(c["task"])][lengths.index(c["length"])] = c["correct"] / c["trials"]
+        cells_of = [record["values"]["cells"] for record in records]
+        columns = list(dict.fromkeys((c["task"], c["length"]) for cells in cells_of for c in cells))
+        tasks = list(dict.fromkeys(task for task, _ in columns))
+        lengths = sorted({length for _, length in columns})
+        lines = [
+            "| strategy | " + " | ".join(f"{t} {n}" for t, n in columns) + " | mean |",
+            "|---|" + "---|" * (len(columns) + 1),
+        ]
+        for axis, record, cells in zip(axes[0], records, cells_of, strict=True):
+            by_column = {(c["task"], c["length"]): c for c in cells}
+            grid = [[by_column.get((t, n), {}).get("partial", float("nan")) for n in lengths] for t in tasks]
             axis.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
             axis.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             axis.set_yticks(range(len(tasks)), tasks if axis is axes[0][0] else [""] * len(tasks), fontsize=7)
             axis.set_title(record["spec"], fontsize=6, wrap=True)
-            tables.append(f"### {record['spec']}\n\n| task | " + " | ".join(map(str, lengths)) + " |\n|---|"
-                          + "---|" * len(lengths) + "\n"
-                          + "".join(f"| {t} | " + " | ".join(f"{v:.0%}" for v in row) + " |\n"
-                                    for t, row in zip(tasks, grid, strict=True)))  # fmt: skip
+            shown = [
+                f"{by_column[key]['partial']:.0%} ({by_column[key]['correct']}/{by_column[key]['trials']})"
+                if key in by_column
+                else "–"
+                for key in columns
+            ]
+            mean = self.headline(record["values"])["ruler_score"]
+            lines.append(f"| `{record['spec']}` | " + " | ".join(shown) + f" | {mean:.0%} |")
         figure.tight_layout()
         figure.savefig(out / "ruler.png", dpi=120)
         plt.close(figure)
-        (out / "ruler.md").write_text("\n".join(tables))
+        (out / "ruler.md").write_text(
+            "RULER score per task and prompt length: the fraction of expected items the greedy answer holds, "
+            "averaged over trials; in brackets, trials whose answer holds every item.\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
         return [out / "ruler.png", out / "ruler.md"]
