@@ -263,6 +263,50 @@ def test_speed_metric_reports_medians_and_spread_of_interleaved_rounds(monkeypat
         row = SpeedMetric().headline(figures)
         low, high = (float(x) for x in row["decode_tokens_per_s_spread"].split("–"))
         assert low <= row["decode_tokens_per_s"] <= high
+        assert figures["other_load_cores"] is None or figures["other_load_cores"] >= 0
+
+
+def test_competing_load_is_the_machine_busy_time_less_this_process_own(monkeypatch):
+    import hf_kvcache.evaluation.speed as speed
+
+    available = len(speed.os.sched_getaffinity(0))
+    # (busy seconds of this process's CPUs, own CPU seconds, wall seconds) before and after.
+    readings = iter([(100.0, 10.0, 50.0), (100.0 + 4.0 + 0.3 * available * 2, 14.0, 52.0)])
+    monkeypatch.setattr(speed, "_cpu_counters", lambda: next(readings))
+    expected = f"other processes kept {0.3 * available:.1f} of this process's {available} CPU cores busy"
+    with pytest.warns(UserWarning, match=expected), speed.CompetingLoad() as load:
+        pass
+    assert load.cores == pytest.approx(0.3 * available)
+
+    readings = iter([(0.0, 0.0, 0.0), (3.9, 4.0, 2.0)])  # own time counted slightly above the CPUs': not < 0
+    with speed.CompetingLoad() as load:
+        pass
+    assert load.cores == 0.0
+
+    monkeypatch.setattr(speed, "_cpu_counters", lambda: None)  # no /proc/stat: unknown, not zero
+    with speed.CompetingLoad() as load:
+        pass
+    assert load.cores is None
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux /proc/stat")
+def test_competing_load_sees_a_busy_child_process_and_not_its_own_work():
+    from hf_kvcache.evaluation.speed import CompetingLoad
+
+    spin = "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"
+    with CompetingLoad(warn_fraction=1.0) as own:
+        end = time.time() + 1.0
+        while time.time() < end:
+            pass
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.2)  # the interpreter's start-up is not what is measured
+        with CompetingLoad(warn_fraction=1.0) as other:
+            time.sleep(1.0)
+    finally:
+        child.wait()
+    # One core spun by another process is seen (with room for a busy machine), this process's own is not.
+    assert other.cores > 0.5 and other.cores > own.cores + 0.4
 
 
 def test_pareto_frontier_keeps_exactly_the_non_dominated_strategies():

@@ -176,6 +176,9 @@ def environment(model, settings: CompareSettings) -> dict:
         "dtype": str(model.dtype).replace("torch.", ""),
         "device": str(device),
         "hardware": f"{hardware}, {os.cpu_count()} CPU cores",
+        # How torch's CPU threads wait decides how much other processes slow (and scatter) a timing.
+        "cpu_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "versions": {
             "hf_kvcache": hf_kvcache.__version__,
             "transformers": transformers.__version__,

@@ -89,13 +89,14 @@ def measure_length(
     model, ids: torch.Tensor, specs: list[str], settings: ScaleSettings, tick
 ) -> dict[str, dict]:
     """All costs of every strategy of ``specs`` for the prompt ``ids`` ``[1, L]``, in interleaved rounds."""
-    from hf_kvcache.evaluation.speed import _synchronize
+    from hf_kvcache.evaluation.speed import CompetingLoad, _synchronize
 
     ids, length = ids.to(model.device), ids.shape[1]
     runs = {spec: {"prefill_seconds": [], "peak_memory_bytes": []} for spec in specs}
     caches, tokens, held = {}, {}, {}
     for spec in specs:  # warm-up: lazy initialisation is not charged to round one
         prefill(model, ids[:, :64], build_cache(spec, model), chunk_size=settings.chunk_size)
+    load = CompetingLoad().start()
     for _ in range(settings.rounds):
         for spec in specs:
             caches.pop(spec, None)  # the previous round's cache goes before the next one fills
@@ -123,9 +124,11 @@ def measure_length(
             runs[spec]["decode_ms_per_token"].append(
                 1000 * (time.perf_counter() - start) / settings.decode_tokens
             )
+    load.stop()
     results = {}
     for spec, run in runs.items():
         values = {"length": length, "held_bytes": held[spec], "peak_memory_kind": peak.kind}
+        values["other_load_cores"] = load.cores
         values.update({name: _spread(series) for name, series in run.items()})
         values["prefill_tokens_per_s"] = length / values["prefill_seconds"]["median"]
         results[spec] = values

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,65 @@ class SpeedResult:
     decode_tokens: int
     decode_tokens_per_s: float
     decode_ms_per_token: float
+
+
+class CompetingLoad:
+    """Measures how many CPU cores other processes kept busy while the ``with`` block ran.
+
+    A timing taken while other processes compete for the cores is slower and scatters more; records carry this
+    figure (``other_load_cores``) so that a slow or unstable figure says why. It counts the busy time (user,
+    system, interrupts and hypervisor steal) of the CPUs this process may run on, from Linux's ``/proc/stat``,
+    less this process's own CPU time; elsewhere ``cores`` is ``None``. Above ``warn_fraction`` of those CPUs
+    (default 0.25) it warns.
+    """
+
+    def __init__(self, warn_fraction: float = 0.25):
+        self.warn_fraction, self.cores = warn_fraction, None
+
+    def start(self) -> CompetingLoad:
+        self._start = _cpu_counters()
+        return self
+
+    def stop(self) -> float | None:
+        """End the measurement; return (and keep in ``cores``) the cores other processes kept busy."""
+        end = _cpu_counters()
+        if self._start is None or end is None or end[2] <= self._start[2]:
+            return None
+        busy, own, wall = (after - before for after, before in zip(end, self._start, strict=True))
+        self.cores = max(0.0, (busy - own) / wall)
+        available = len(os.sched_getaffinity(0))
+        if self.cores > self.warn_fraction * available:
+            warnings.warn(
+                f"other processes kept {self.cores:.1f} of this process's {available} CPU cores busy while it "
+                "was timing: the timings are slower and less repeatable than on a quiet machine",
+                stacklevel=2,
+            )
+        return self.cores
+
+    def __enter__(self) -> CompetingLoad:
+        return self.start()
+
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None:
+            self.stop()
+
+
+def _cpu_counters() -> tuple[float, float, float] | None:
+    """(busy seconds of this process's CPUs, this process's CPU seconds, monotonic seconds), or None."""
+    try:
+        with open("/proc/stat") as stream:
+            lines = stream.read().splitlines()
+        mine = {f"cpu{index}" for index in os.sched_getaffinity(0)}
+    except (OSError, AttributeError):
+        return None
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+    busy = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name in mine:  # user nice system idle iowait irq softirq steal
+            busy += sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7))
+    own = os.times()
+    return busy / ticks_per_s, own.user + own.system, time.monotonic()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -132,8 +193,10 @@ class SpeedOptions:
     decode_tokens: int = field(
         default=16, metadata={"help": "timed greedy decode steps", "aliases": ("--decode-tokens",)}
     )
+    # Five: on this project's shared 2-core machine, medians of 3 rounds moved by up to 27 % between two quiet
+    # runs, of 5 by at most 14 % (README, "Results on the embedded defaults").
     rounds: int = field(
-        default=3,
+        default=5,
         metadata={"help": "timed runs per strategy, interleaved across strategies (medians reported)"},
     )
 
@@ -159,6 +222,7 @@ class SpeedMetric(Metric):
         Column("prefill_tokens_per_s", "prefill tok/s", "{:.1f}"),
         Column("decode_tokens_per_s", "decode tok/s", "{:.2f}"),
         Column("decode_tokens_per_s_spread", "decode min–max", "{}"),
+        Column("other_load_cores", "other load (cores)", "{:.1f}"),
     )
 
     def work(self, run) -> int:
@@ -175,15 +239,21 @@ class SpeedMetric(Metric):
 
         for spec in specs:  # lazy initialisation and first allocations are not charged to round one
             measure_speed(run.model, run.input_ids[:, :64], maker(spec), decode_tokens=2, warmup_tokens=0)
-        results = measure_speed_interleaved(
-            run.model, run.input_ids, {spec: maker(spec) for spec in specs}, self.options.rounds,
-            on_run=lambda: tick(run.prompt_tokens), decode_tokens=self.options.decode_tokens,
-            prefill_chunk_size=512, warmup_tokens=0,
-        )  # fmt: skip
-        return {spec: summarize_rounds(values) for spec, values in results.items()}
+        with CompetingLoad() as load:
+            results = measure_speed_interleaved(
+                run.model, run.input_ids, {spec: maker(spec) for spec in specs}, self.options.rounds,
+                on_run=lambda: tick(run.prompt_tokens), decode_tokens=self.options.decode_tokens,
+                prefill_chunk_size=512, warmup_tokens=0,
+            )  # fmt: skip
+        return {
+            spec: {**summarize_rounds(values), "other_load_cores": load.cores}
+            for spec, values in results.items()
+        }
 
     def headline(self, values: dict) -> dict:
         row = super().headline(values)
+        if row.get("other_load_cores") is None:  # not measured (no /proc/stat, or an older record)
+            row.pop("other_load_cores", None)
         if "decode_tokens_per_s_min" in values:
             row["decode_tokens_per_s_spread"] = (
                 f"{values['decode_tokens_per_s_min']:.2f}–{values['decode_tokens_per_s_max']:.2f}"
