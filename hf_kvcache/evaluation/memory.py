@@ -45,13 +45,7 @@ def free_memory(device: torch.device) -> int | None:
     """Bytes free for new tensors on ``device``: CUDA's free memory, or Linux's MemAvailable; ``None`` if unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    meminfo = Path("/proc/meminfo")
-    if not meminfo.exists():
-        return None
-    for line in meminfo.read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return None
+    return _kib_field("/proc/meminfo", "MemAvailable")
 
 
 class PeakMemory:
@@ -91,7 +85,16 @@ def _malloc_trim() -> None:
 
 
 def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status")
+    size = _kib_field("/proc/self/status", field)
+    if size is None:
+        raise RuntimeError(f"{field} missing from /proc/self/status")
+    return size
+
+
+def _kib_field(path: str, field: str) -> int | None:
+    """Bytes of a ``field:  N kB`` line of a Linux ``/proc`` file; ``None`` without the file or the field."""
+    with contextlib.suppress(OSError):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
