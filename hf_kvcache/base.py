@@ -1,4 +1,4 @@
-"""Shared base classes: the cache container every strategy builds on, byte accounting, batch-row selection.
+"""Shared base classes: the cache container every strategy builds on, byte accounting, entry gathering.
 
 Tensor shape convention: see :mod:`hf_kvcache.layout` (``[B, H, S, D]``).
 """
@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from transformers import Cache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
+from hf_kvcache.held import HeldTensors
 from hf_kvcache.layout import AttentionLayout, attention_layout
 
 
 def held_tensors(obj: object) -> Iterator[torch.Tensor]:
-    """Yield every tensor an object holds in its attributes, also inside lists, tuples and dicts."""
+    """Every tensor an object holds in its attributes, also inside lists, tuples and dicts."""
     stack = list(vars(obj).values())
     while stack:
         item = stack.pop()
@@ -65,39 +66,15 @@ def gather_entries(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def cache_nbytes(cache: Cache) -> int:
     """Bytes held by any ``transformers`` cache: ours report ``nbytes``, others are walked layer by layer."""
-    if isinstance(cache, KVCache):
-        return cache.nbytes
     if not isinstance(cache, Cache):
         raise TypeError(f"cache_nbytes expects a transformers Cache, got {type(cache).__name__}")
-    return tensors_nbytes(t for layer in cache.layers for t in held_tensors(layer))
+    return tensors_nbytes(t for layer in cache.layers for t in layer_tensors(layer))
 
 
-class BatchRowsMixin:
-    """Beam search and batch expansion for a cache layer: every tensor named in ``batched`` has the batch as
-    its first dimension and moves with its row; nothing is recomputed."""
-
-    batched: ClassVar[tuple[str, ...]] = ()
-
-    def row_tensors(self) -> tuple[str, ...]:
-        """Names of the tensors whose first dimension is the batch (by default ``batched``)."""
-        return self.batched
-
-    def select_rows(self, select: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if not self.is_initialized:
-            return
-        for name in self.row_tensors():
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, select(tensor))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.select_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+def layer_tensors(layer: object) -> Iterator[torch.Tensor]:
+    """The tensors a cache layer holds: what ours declare (:mod:`hf_kvcache.held`), or every tensor attribute of a
+    layer that is not ours (transformers' own)."""
+    return layer.held_tensors() if isinstance(layer, HeldTensors) else held_tensors(layer)
 
 
 class KVCache(Cache):
@@ -154,7 +131,7 @@ class KVCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes of the tensors this cache holds right now (packed data, scales, full-precision parts)."""
-        return tensors_nbytes(t for layer in self.layers for t in held_tensors(layer))
+        return cache_nbytes(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options}, layers={len(self.layers)}, nbytes={self.nbytes})"

@@ -14,7 +14,6 @@ from hf_kvcache.evaluation.harness import full_cache_bytes
 from hf_kvcache.layout import attention_layout
 from hf_kvcache.model_hooks import KeyRotator, find_rotary_module, rotate_half_rope
 from hf_kvcache.strategies.eviction import EvictingLayer
-from hf_kvcache.strategies.packing import make_codec
 from hf_kvcache.strategies.quantized import QuantizedLayer, QuantizedOptions
 from tests.conftest import MORE_ARCHITECTURES, WINDOW, left_padded_ids, make_tiny_model, random_ids
 from tests.test_generate import LOSSLESS, LOSSY
@@ -102,7 +101,7 @@ def test_eight_bit_quantized_stays_close_to_dynamic_cache_past_the_window(arch):
             logits[name] = torch.cat(steps, dim=1)
             if name == "quantized":
                 local = next(layer for layer in cache.layers if layer.window is not None)
-                assert local.quantized_length > 0 and local.dropped > 0  # really quantized, really dropped
+                assert local.packed_length > 0 and local.dropped > 0  # really quantized, really dropped
     scale = logits["dynamic"].abs().max()
     assert (logits["quantized"] - logits["dynamic"]).abs().max() <= 0.02 * scale
 
@@ -110,9 +109,7 @@ def test_eight_bit_quantized_stays_close_to_dynamic_cache_past_the_window(arch):
 @pytest.mark.parametrize("nbits", [2, 4, 8])
 def test_quantized_local_layer_keeps_exactly_the_window_it_needs(nbits):
     window, size = 24, 4
-    layer = QuantizedLayer(
-        QuantizedOptions(nbits, size, residual_length=4), make_codec(nbits, "torch"), window
-    )
+    layer = QuantizedLayer(QuantizedOptions(nbits, size, residual_length=4), window)
     keys = torch.randn(1, 2, 100, 16)
     layer.update(keys[..., :30, :], keys[..., :30, :])
     for t in range(30, 100):
@@ -124,13 +121,13 @@ def test_quantized_local_layer_keeps_exactly_the_window_it_needs(nbits):
         step = (keys[..., offset : t + 1, :] - returned).abs().amax()
         assert step <= (keys.amax() - keys.amin()) / (2**nbits - 1)
         # Between calls: nothing older than a quantization group behind the window is held.
-        assert layer.dropped + layer.quantized_length + layer.keys.shape[-2] == t + 1
+        assert layer.dropped + layer.packed_length + layer.key_buffer.shape[-2] == t + 1
         assert layer.dropped > t + 1 - window - size
     assert layer.sink_keys.shape[-2] == 0  # sinks would be outside the window
 
 
 def test_cropping_a_local_layer_after_it_dropped_tokens_is_refused():
-    layer = QuantizedLayer(QuantizedOptions(4, 4, 4), make_codec(4, "torch"), window=8)
+    layer = QuantizedLayer(QuantizedOptions(4, 4, 4), window=8)
     keys = torch.randn(1, 1, 30, 8)
     layer.update(keys, keys)
     with pytest.raises(ValueError, match="cannot crop this local layer: it let go of 2[0-9] tokens"):

@@ -50,7 +50,7 @@ def run_token_by_token(model, cache, ids: torch.Tensor, prompt: int) -> None:
 
 def held_parts(layer):
     keys, values = layer.keys[0], layer.values[0]
-    sinks, packed = layer.sink_keys.shape[2], layer.key_codes.shape[2]
+    sinks, packed = layer.sink_keys.shape[2], layer.packed_length
     return keys, values, sinks, packed
 
 
@@ -112,11 +112,12 @@ def test_heavy_hitter_keeps_each_packed_token_decodable_with_its_own_group():
         scattered |= len(set(tokens.tolist())) < int(tokens.max() - tokens.min()) + 1
     assert scattered
     # The group table counts each group's members exactly, and keeps no row without one after compaction.
-    for row in layer.key_group.flatten(0, 1):
+    store = layer.packed
+    for row in store.key_group.flatten(0, 1):
         assert row.numel() == packed
-    counts = torch.zeros_like(layer.group_members, dtype=torch.int64)
-    counts.scatter_add_(2, layer.key_group.long(), torch.ones_like(layer.key_group, dtype=torch.int64))
-    assert torch.equal(counts, layer.group_members.long())
+    counts = torch.zeros_like(store.group_members, dtype=torch.int64)
+    counts.scatter_add_(2, store.key_group.long(), torch.ones_like(store.key_group, dtype=torch.int64))
+    assert torch.equal(counts, store.group_members.long())
 
 
 def test_eight_bit_composition_with_a_large_budget_stays_close_to_dynamic_cache():
@@ -135,7 +136,7 @@ def test_eight_bit_composition_with_a_large_budget_stays_close_to_dynamic_cache(
             for step in range(60, 69):
                 model(ids[:, step : step + 1], past_key_values=cache)
             got = model(ids[:, 69:], past_key_values=cache).logits[:, -1]
-        assert cache.layers[0].key_codes.shape[2] > 0
+        assert cache.layers[0].packed_length > 0
         torch.testing.assert_close(got, expected, rtol=0, atol=0.02 * expected.abs().max().item())
 
 
@@ -146,13 +147,12 @@ def test_codes_are_bit_packed_and_nbytes_counts_what_is_held():
     )
     run_token_by_token(model, cache, random_ids(80), prompt=60)
     layer = cache.layers[0]
-    assert layer.key_codes.dtype == torch.uint8 and layer.key_codes.shape[-1] == 16 * 2 // 8
-    expected = sum(
-        t.untyped_storage().nbytes()
-        for t in (layer.sink_keys, layer.sink_values, layer.key_buffer, layer.value_buffer, layer.key_codes,
-                  layer.value_codes, layer.value_scale, layer.value_zero, layer.key_group, layer.group_scale,
-                  layer.group_zero, layer.group_members, layer.real_seen, layer.cached_real)
-    )  # fmt: skip
+    store = layer.packed
+    assert store.key_codes.dtype == torch.uint8 and store.key_codes.shape[-1] == 16 * 2 // 8
+    held = [layer.sink_keys, layer.sink_values, layer.key_buffer, layer.value_buffer, layer.real_seen]
+    held += [layer.cached_real, store.key_codes, store.value_codes, store.value_scale, store.value_zero]
+    held += [store.key_group, store.group_scale, store.group_zero, store.group_members]
+    expected = sum(t.untyped_storage().nbytes() for t in held)
     assert cache.nbytes == expected * len(cache.layers)
     unquantized = build_cache("sliding-window:window_length=40", model)
     run_token_by_token(model, unquantized, random_ids(80), prompt=60)

@@ -25,7 +25,7 @@ def test_residual_covering_everything_is_exactly_dynamic_cache(tiny_model, backe
     cache = QuantizedKVCache(tiny_model, nbits=2, group_size=8, residual_length=40, backend=backend)
     expected = stream_logits(tiny_model, ids, DynamicCache(config=tiny_model.config), 25)
     assert torch.equal(stream_logits(tiny_model, ids, cache, 25), expected)
-    assert cache.layers[0].quantized_length == 0
+    assert cache.layers[0].packed_length == 0
 
 
 @pytest.mark.parametrize("backend", ["torch", "quanto"])
@@ -34,7 +34,7 @@ def test_eight_bit_stays_close_to_dynamic_cache(tiny_model, backend):
     cache = QuantizedKVCache(tiny_model, 8, 8, 8, backend, num_sink_tokens=0)
     expected = stream_logits(tiny_model, ids, DynamicCache(config=tiny_model.config), 50)
     got = stream_logits(tiny_model, ids, cache, 50)
-    assert cache.layers[0].quantized_length == 72
+    assert cache.layers[0].packed_length == 72
     scale = expected.abs().max()
     assert (got - expected).abs().max() <= 0.01 * scale
     # ... and quantization really happened: 2-bit is much further away than 8-bit
@@ -98,7 +98,7 @@ def filled_layer(nbits, backend="torch", tokens=96, group_size=16, residual=20, 
     keys = torch.randn(2, 3, tokens, 32, generator=generator) * 3 + 1
     values = torch.randn(2, 3, tokens, 32, generator=generator)
     config = QuantizedOptions(nbits, group_size, residual, backend, num_sink_tokens=0)
-    layer = QuantizedLayer(config, make_codec(nbits, backend))
+    layer = QuantizedLayer(config)
     layer.update(keys[..., :50, :], values[..., :50, :])
     for t in range(50, tokens):
         layer.update(keys[..., t : t + 1, :], values[..., t : t + 1, :])
@@ -109,39 +109,38 @@ def filled_layer(nbits, backend="torch", tokens=96, group_size=16, residual=20, 
 @pytest.mark.parametrize("nbits", [2, 4, 8])
 def test_every_element_within_half_a_step(nbits, backend):
     layer, keys, values = filled_layer(nbits, backend)
-    length, size = layer.quantized_length, 16
+    length, size = layer.packed_length, 16
     assert length == 64  # (96 - 20) // 16 whole groups
-    deq_keys, deq_values = layer.dequantized()
+    deq_keys, deq_values = layer.keys[..., :length, :], layer.values[..., :length, :]
     # The step of every element, recomputed from the stored scales by broadcasting them independently.
-    key_step = layer.key_scale.repeat_interleave(size, dim=2)
-    value_step = layer.value_scale.repeat_interleave(size, dim=3)
+    key_step = layer.packed.group_scale.repeat_interleave(size, dim=2)
+    value_step = layer.packed.value_scale.repeat_interleave(size, dim=3)
     slack = 1 + 1e-5
     assert ((deq_keys - keys[..., :length, :]).abs() <= key_step / 2 * slack + 1e-6).all()
     assert ((deq_values - values[..., :length, :]).abs() <= value_step / 2 * slack + 1e-6).all()
     # The residual is stored untouched.
-    assert torch.equal(layer.keys, keys[..., length:, :]) and torch.equal(
-        layer.values, values[..., length:, :]
-    )
+    assert torch.equal(layer.key_buffer, keys[..., length:, :])
+    assert torch.equal(layer.value_buffer, values[..., length:, :])
 
 
 def test_quantized_data_is_never_requantized():
     layer, keys, values = filled_layer(2, tokens=60)
-    codes, scale = layer.key_codes.clone(), layer.key_scale.clone()
+    codes, scale = layer.packed.key_codes.clone(), layer.packed.group_scale.clone()
     for _ in range(40):
         layer.update(torch.randn(2, 3, 1, 32) * 100, torch.randn(2, 3, 1, 32))
-    assert torch.equal(layer.key_codes[..., : codes.shape[2], :], codes)
-    assert torch.equal(layer.key_scale[..., : scale.shape[2], :], scale)
+    assert torch.equal(layer.packed.key_codes[..., : codes.shape[2], :], codes)
+    assert torch.equal(layer.packed.group_scale[..., : scale.shape[2], :], scale)
 
 
 def test_long_prompt_is_quantized_group_by_group_at_prefill():
     config = QuantizedOptions(4, 16, 20, num_sink_tokens=4)
-    layer = QuantizedLayer(config, make_codec(4, "torch"))
+    layer = QuantizedLayer(config)
     keys = torch.randn(1, 2, 104, 32)
     out_keys, _ = layer.update(keys, keys)
     assert torch.equal(out_keys, keys)  # the prompt itself attends in full precision
     assert torch.equal(layer.sink_keys, keys[..., :4, :])  # the sinks are stored exactly
-    assert layer.quantized_length == 80 and layer.keys.shape[2] == 20
-    assert layer.key_scale.shape == (1, 2, 5, 32) and layer.value_scale.shape == (1, 2, 80, 2)
+    assert layer.packed_length == 80 and layer.key_buffer.shape[2] == 20
+    assert layer.packed.group_scale.shape == (1, 2, 5, 32) and layer.packed.value_scale.shape == (1, 2, 80, 2)
 
 
 @pytest.mark.parametrize("sinks", [0, 4])
@@ -158,7 +157,7 @@ def test_nbytes_counts_packed_codes_scales_and_residual(nbits, sinks):
     value_params = 2 * batch * heads * quantized * (dim // 8) * fp
     full_precision = 2 * batch * heads * residual * dim * fp
     assert cache.nbytes == layers * (codes + key_params + value_params + full_precision)
-    assert cache.layers[0].key_codes.dtype == torch.uint8
+    assert cache.layers[0].packed.key_codes.dtype == torch.uint8
 
 
 @pytest.mark.parametrize(
@@ -185,18 +184,18 @@ def test_group_size_that_does_not_fill_whole_bytes_is_named():
     with torch.no_grad():
         model(random_ids(12), past_key_values=cache)
     # 12 tokens x 6 channels of 4-bit codes in 36 bytes
-    assert cache.layers[0].key_codes.shape == (1, 4, 6, 6)
+    assert cache.layers[0].packed.key_codes.shape == (1, 4, 6, 6)
 
 
 def test_codes_are_packed_along_the_tokens_of_each_group():
     options = QuantizedOptions(nbits=2, group_size=8, residual_length=0, num_sink_tokens=0)
-    layer = QuantizedLayer(options, make_codec(2, "torch"))
+    layer = QuantizedLayer(options)
     # Keys 0..7 per channel quantize to codes 0, 0, 1, 1, 2, 2, 3, 3 (scale 7 / 3, round to nearest).
     keys = torch.arange(8.0).view(1, 1, 8, 1).expand(1, 1, 8, 8).contiguous()
     layer.update(keys, keys)
     codes = [0, 0, 1, 1, 2, 2, 3, 3]  # token i in byte row i % 2, bit slot i // 2
     expected = [sum(codes[row + 2 * slot] << (2 * slot) for slot in range(4)) for row in range(2)]
-    assert layer.key_codes[0, 0, :, 0].tolist() == expected
+    assert layer.packed.key_codes[0, 0, :, 0].tolist() == expected
 
 
 def test_spec_options_are_typed(llama):
@@ -221,17 +220,17 @@ def test_sinks_stay_exact_while_later_tokens_are_quantized(llama):
     stream_logits(llama, ids, reference, 30)
     layer = cache.layers[1]
     assert torch.equal(layer.sink_keys, reference.layers[1].keys[..., :3, :])
-    assert layer.quantized_length == 48 and cache.get_seq_length() == 60
+    assert layer.packed_length == 48 and cache.get_seq_length() == 60
 
 
 def test_crop_is_exact_in_residual_and_on_group_boundaries():
     layer, _, _ = filled_layer(4, tokens=96)  # 64 quantized + 32 residual
     layer.crop(-10)
-    assert layer.get_seq_length() == 86 and layer.quantized_length == 64
+    assert layer.get_seq_length() == 86 and layer.packed_length == 64
     with pytest.raises(ValueError, match="falls inside a quantized group of 16"):
         layer.crop(40)
     layer.crop(32)
-    assert layer.get_seq_length() == 32 and layer.key_scale.shape[2] == 2
+    assert layer.get_seq_length() == 32 and layer.packed.group_scale.shape[2] == 2
 
 
 def test_reset_empties_the_cache(llama):

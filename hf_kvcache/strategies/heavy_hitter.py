@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hf_kvcache.held import SlotTensor
 from hf_kvcache.registry import register_strategy
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from hf_kvcache.strategies.quantized_storage import QuantizedStorage, check_composed_quantization
@@ -47,18 +48,16 @@ class HeavyHitterOptions:
 
 
 class HeavyHitterLayer(ScoringLayer):
-    """``accumulated`` ``[B, H_kv, capacity]`` (float32): the attention each held slot has received, summed over all
-    queries so far and over the query heads sharing its KV head; it follows every eviction."""
+    """Scores each held entry by the attention it has received so far: every query's probabilities, summed over
+    the query heads sharing its KV head (``accumulated``, which follows every eviction)."""
 
     accumulates = True
-    entry_state = ("accumulated",)
+    accumulated = SlotTensor("attention each slot received so far [B, H_kv, slots]", torch.float32, fill=0.0)
 
     def score(self, mass: torch.Tensor, new: int) -> torch.Tensor:
-        held = mass.shape[-1] - new
-        if self.accumulated is not None:
-            mass[..., :held] += self.accumulated[..., :held]
-        self.accumulated = mass
-        return mass
+        seen = self.accumulated[..., : mass.shape[-1]]
+        seen += mass
+        return seen
 
     @property
     def scores(self) -> torch.Tensor:
@@ -69,10 +68,6 @@ class HeavyHitterLayer(ScoringLayer):
 class QuantizedHeavyHitterLayer(QuantizedStorage, HeavyHitterLayer):
     """A heavy-hitter layer that holds its entries in quantized storage (``heavy-hitter+quantized``); its sinks
     are always kept, out of the heavy budget."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.protected_sinks = self.sink_target
 
 
 @register_strategy(
@@ -108,10 +103,11 @@ class HeavyHitterKVCache(ScoringCache):
     def make_layer(self, layout) -> HeavyHitterLayer:
         budget = self.options.heavy_budget + self.options.recent_budget
         quantization = self.options.quantization
+        recent = self.options.recent_budget
         if quantization is None:
-            return HeavyHitterLayer(budget, self.forward_state, keep_recent=self.options.recent_budget)
+            return HeavyHitterLayer(budget, self.forward_state, recent=recent)
         quantization.check_head_dim(layout.head_dim)
+        sinks = quantization.num_sink_tokens
         return QuantizedHeavyHitterLayer(
-            budget, self.forward_state, keep_recent=self.options.recent_budget, quantization=quantization,
-            num_sink_tokens=quantization.num_sink_tokens,
-        )  # fmt: skip
+            budget, self.forward_state, sinks, recent, quantization=quantization, num_sink_tokens=sinks
+        )

@@ -12,18 +12,12 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
-from hf_kvcache.base import BatchRowsMixin, KVCache
+from hf_kvcache.base import KVCache
+from hf_kvcache.held import HeldTensors, RowTensor, held_view
 from hf_kvcache.layout import FULL_ATTENTION, LOCAL_ATTENTION, AttentionLayout, require_layer_types
 from hf_kvcache.registry import register_strategy
-from hf_kvcache.strategies.packing import (
-    BACKENDS,
-    SUPPORTED_NBITS,
-    TorchCodec,
-    make_codec,
-    pack_token_groups,
-    quantize_kivi,
-    unpack_token_groups,
-)
+from hf_kvcache.strategies.packed_store import QuantizedTokens
+from hf_kvcache.strategies.packing import BACKENDS, SUPPORTED_NBITS
 
 
 @dataclass(frozen=True)
@@ -63,143 +57,76 @@ class QuantizedOptions:
             )
 
 
-class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
-    """One model layer's quantized keys and values.
+class QuantizedLayer(QuantizedTokens, HeldTensors, CacheLayerMixin):
+    """One model layer's tokens as sinks, packed history and full-precision residual (:mod:`.packed_store`), in
+    the grouped layout: whole key groups arrive, and only whole groups leave (a local layer's window, ``crop``).
 
-    Storage (``T_q`` quantized tokens, ``R`` residual tokens, ``G`` = group size):
-    ``key_codes``/``value_codes`` ``[B, H, T_q * nbits / 8, D]`` uint8; ``key_scale``/``key_zero``
-    ``[B, H, T_q / G, D]`` (per channel, per group of G tokens); ``value_scale``/``value_zero``
-    ``[B, H, T_q, D / G]`` (per token, per group of G channels); ``keys``/``values`` ``[B, H, R, D]`` and
-    ``sink_keys``/``sink_values`` ``[B, H, S, D]`` in the model's dtype. The sequence is sinks, then quantized
-    tokens, then the residual.
-
-    Codes are packed along the tokens of each group (:func:`~hf_kvcache.strategies.packing.pack_codes`'s
-    planar layout over the group's ``G`` tokens): token ``i`` of a group sits in byte row ``i % (G * nbits / 8)``
-    of that group, bit slot ``i // (G * nbits / 8)``. Each bit slot then unpacks to ``G * nbits / 8`` whole
-    consecutive tokens, which makes dequantizing the history one long contiguous copy instead of many short ones.
+    ``keys`` and ``values`` are every held token, dequantized, in sequence order; ``key_buffer`` and
+    ``value_buffer`` ``[B, H, R, D]`` are the residual. A local (sliding-window) layer keeps no sinks, which
+    would sit outside its window, and lets go of whole groups once they are behind it (``dropped`` tokens).
     """
 
     is_compileable = False
     is_sliding = False
 
-    batched = (
-        "keys", "values", "sink_keys", "sink_values",
-        "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero",
-    )  # fmt: skip
+    key_buffer = RowTensor("residual keys in the model's dtype [B, H, R, D]")
+    value_buffer = RowTensor("residual values [B, H, R, D]")
 
-    def __init__(self, options: QuantizedOptions, codec: TorchCodec, window: int | None = None):
+    def __init__(self, options: QuantizedOptions, window: int | None = None):
         super().__init__()
-        self.options, self.codec, self.window = options, codec, window
+        self.options, self.window = options, window
         self.is_sliding = window is not None
         # Sinks would sit outside a local layer's window, where the model never looks.
-        self.sink_tokens = 0 if window is not None else options.num_sink_tokens
-        self._clear()
+        sinks = 0 if window is not None else options.num_sink_tokens
+        # KIVI keeps at least `residual_length` tokens exact: a group is packed once that many newer ones exist.
+        self.setup_quantized(
+            options, sinks, options.residual_length + options.group_size - 1, scattered=False
+        )
+        self.reset()
 
-    def _clear(self) -> None:
-        self.keys = self.values = self.sink_keys = self.sink_values = None
-        self.key_codes = self.key_scale = self.key_zero = None
-        self.value_codes = self.value_scale = self.value_zero = None
+    def reset(self) -> None:
+        self.clear_held()
         self.dropped = 0  # tokens a local layer let go of once they were behind its window
         self.is_initialized = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        batch, heads, _, head_dim = key_states.shape
-        groups = head_dim // self.options.group_size
-        empty = key_states.new_empty
-        self.keys, self.values = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
-        self.sink_keys, self.sink_values = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
-        self.key_codes = torch.empty(batch, heads, 0, head_dim, dtype=torch.uint8, device=self.device)
-        self.value_codes = torch.empty_like(self.key_codes)
-        self.key_scale, self.key_zero = empty(batch, heads, 0, head_dim), empty(batch, heads, 0, head_dim)
-        self.value_scale, self.value_zero = empty(batch, heads, 0, groups), empty(batch, heads, 0, groups)
-        self.residual_tokens = self.options.residual_length
+        self.key_buffer, self.value_buffer = key_states[..., :0, :].clone(), value_states[..., :0, :].clone()
+        self.init_quantized(key_states, value_states)
         if self.window is not None:
-            self.residual_tokens = self._local_residual_tokens(head_dim, key_states.element_size())
+            residual = self._local_residual_tokens(key_states.shape[-1], key_states.element_size())
+            self.max_residual = residual + self.options.group_size - 1
         self.is_initialized = True
 
-    @property
-    def quantized_length(self) -> int:
-        return 0 if not self.is_initialized else self.key_codes.shape[-2] * 8 // self.options.nbits
-
-    def _quantize_and_append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Quantize whole groups of tokens and append them; they are never requantized afterwards."""
-        size = self.options.group_size
-        key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = quantize_kivi(
-            self.codec, keys, values, size, self.dtype
-        )
-        key_codes, value_codes = (pack_token_groups(self.codec, c, size) for c in (key_codes, value_codes))
-        self.key_codes = torch.cat([self.key_codes, key_codes], dim=-2)
-        self.key_scale = torch.cat([self.key_scale, key_scale], dim=-2)
-        self.key_zero = torch.cat([self.key_zero, key_zero], dim=-2)
-        self.value_codes = torch.cat([self.value_codes, value_codes], dim=-2)
-        self.value_scale = torch.cat([self.value_scale, value_scale], dim=-2)
-        self.value_zero = torch.cat([self.value_zero, value_zero], dim=-2)
-
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The quantized part of the keys and values, ``[B, H, T_q, D]`` in the model's dtype."""
-        batch, heads, _, head_dim = self.keys.shape
-        shape = (batch, heads, self.quantized_length, head_dim)
-        keys, values = self.keys.new_empty(shape), self.values.new_empty(shape)
-        self._dequantize_into(keys, values)
-        return keys, values
-
-    def _dequantize_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Dequantize the quantized tokens into ``keys``/``values`` ``[B, H, T_q, D]`` (views are fine)."""
-        batch, heads, length, head_dim = keys.shape
-        size = self.options.group_size
-        # One conversion of all codes, then in-place multiply-add over whole rows: faster on CPU than addcmul.
-        key_groups = keys.view(batch, heads, length // size, size, head_dim)
-        key_groups.copy_(unpack_token_groups(self.key_codes, self.options.nbits, size))
-        key_groups.mul_(self.key_scale.unsqueeze(3)).add_(self.key_zero.unsqueeze(3))
-        values.view(batch, heads, length // size, size, head_dim).copy_(
-            unpack_token_groups(self.value_codes, self.options.nbits, size)
-        )
-        value_groups = values.view(batch, heads, length, head_dim // size, size)
-        value_groups.mul_(self.value_scale.unsqueeze(4)).add_(self.value_zero.unsqueeze(4))
+    keys = held_view(0, "Every held key, dequantized, in order.")
+    values = held_view(1, "Every held value, dequantized, in order.")
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        # The first tokens draw a large share of attention everywhere (attention sinks): keep them exact.
-        missing_sinks = self.sink_tokens - self.sink_keys.shape[-2]
-        if missing_sinks > 0:
-            self.sink_keys = torch.cat([self.sink_keys, key_states[..., :missing_sinks, :]], dim=-2)
-            self.sink_values = torch.cat([self.sink_values, value_states[..., :missing_sinks, :]], dim=-2)
-            key_states, value_states = (
-                key_states[..., missing_sinks:, :],
-                value_states[..., missing_sinks:, :],
-            )
-        residual_keys = torch.cat([self.keys, key_states], dim=-2)
-        residual_values = torch.cat([self.values, value_states], dim=-2)
-        all_keys, all_values = self._assemble(residual_keys, residual_values)
-        # Move the oldest whole groups out of the residual, keeping at least `residual_length` tokens there.
-        overflow = residual_keys.shape[-2] - self.residual_tokens
-        flush = max(overflow, 0) // self.options.group_size * self.options.group_size
-        if flush:
-            self._quantize_and_append(residual_keys[..., :flush, :], residual_values[..., :flush, :])
-            # clone() so the residual does not pin the storage of the longer tensor it was sliced from
-            residual_keys = residual_keys[..., flush:, :].clone()
-            residual_values = residual_values[..., flush:, :].clone()
-        self.keys, self.values = residual_keys, residual_values
+        all_keys, all_values = self.assemble(key_states, value_states)
+        self.key_buffer = torch.cat([self.key_buffer, key_states], dim=-2)
+        self.value_buffer = torch.cat([self.value_buffer, value_states], dim=-2)
+        self.settle()
         if self.window is not None:
             self._drop_behind_window()
         return all_keys, all_values
 
     def _drop_behind_window(self) -> None:
-        """Let go of what the next query of a local layer cannot see: whole quantized groups (a group is kept
-        while any of its tokens is in the window; the mask hides the rest) or, before anything is quantized,
-        the oldest residual tokens."""
+        """Let go of what the next query of a local layer cannot see: whole packed groups (a group is kept
+        while any of its tokens is in the window; the mask hides the rest) or, before anything is packed, the
+        oldest residual tokens."""
         span, size = self.window - 1, self.options.group_size
-        excess = self.quantized_length + self.keys.shape[-2] - span
-        groups = min(max(excess, 0) // size, self.quantized_length // size)
+        excess = self.packed_length + self.key_buffer.shape[-2] - span
+        groups = min(max(excess, 0) // size, self.packed_length // size)
         if groups:
-            self._slice_quantized(groups * size, self.quantized_length)
+            self.packed.slice_groups(groups, self.packed_length // size)
             self.dropped += groups * size
-        elif self.quantized_length == 0 and excess > 0:
-            self.keys, self.values = self.keys[..., excess:, :].clone(), self.values[..., excess:, :].clone()
+        elif self.packed_length == 0 and excess > 0:
+            self.key_buffer = self.key_buffer[..., excess:, :].clone()
+            self.value_buffer = self.value_buffer[..., excess:, :].clone()
             self.dropped += excess
 
     def _local_residual_tokens(self, head_dim: int, element_size: int) -> int:
@@ -215,36 +142,10 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
             return residual
         return span
 
-    def _assemble(
-        self, residual_keys: torch.Tensor, residual_values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sinks, dequantized history and residual as one ``[B, H, S + T_q + R, D]`` tensor each.
-
-        The history is dequantized straight into its slice of the output, which saves a full copy of it per
-        step compared with dequantizing and then concatenating.
-        """
-        if not self.quantized_length:
-            return (
-                torch.cat([self.sink_keys, residual_keys], dim=-2),
-                torch.cat([self.sink_values, residual_values], dim=-2),
-            )
-        batch, heads, residual, head_dim = residual_keys.shape
-        sinks, length = self.sink_keys.shape[-2], self.quantized_length
-        shape = (batch, heads, sinks + length + residual, head_dim)
-        all_keys, all_values = residual_keys.new_empty(shape), residual_values.new_empty(shape)
-        all_keys[..., :sinks, :] = self.sink_keys
-        all_values[..., :sinks, :] = self.sink_values
-        self._dequantize_into(
-            all_keys[..., sinks : sinks + length, :], all_values[..., sinks : sinks + length, :]
-        )
-        all_keys[..., sinks + length :, :] = residual_keys
-        all_values[..., sinks + length :, :] = residual_values
-        return all_keys, all_values
-
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.sink_keys.shape[-2] + self.dropped + self.quantized_length + self.keys.shape[-2]
+        return self.sink_keys.shape[-2] + self.dropped + self.packed_length + self.key_buffer.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Held tokens are consecutive from column `dropped` on; a local layer's mask then hides what is past
@@ -253,9 +154,6 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1 if self.window is None else self.window
-
-    def reset(self) -> None:
-        self._clear()
 
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` tokens (a negative value removes that many from the end).
@@ -274,36 +172,24 @@ class QuantizedLayer(BatchRowsMixin, CacheLayerMixin):
             raise ValueError(f"cannot crop {-max_length} tokens from a cache of {length}")
         sinks = self.sink_keys.shape[-2]
         if keep < sinks:
-            self.sink_keys, self.sink_values = (
-                self.sink_keys[..., :keep, :].clone(),
-                self.sink_values[..., :keep, :].clone(),
-            )
-        keep = max(keep - sinks, 0)
-        if keep >= self.quantized_length:
-            self.keys = self.keys[..., : keep - self.quantized_length, :].clone()
-            self.values = self.values[..., : keep - self.quantized_length, :].clone()
+            self.sink_keys = self.sink_keys[..., :keep, :].clone()
+            self.sink_values = self.sink_values[..., :keep, :].clone()
+        keep, packed = max(keep - sinks, 0), self.packed_length
+        if keep >= packed:
+            self.key_buffer = self.key_buffer[..., : keep - packed, :].clone()
+            self.value_buffer = self.value_buffer[..., : keep - packed, :].clone()
             return
-        if keep % self.options.group_size:
+        size = self.options.group_size
+        if keep % size:
             raise ValueError(
                 f"cannot crop the quantized cache to {keep} tokens: the cut falls inside a quantized group of "
-                f"{self.options.group_size} tokens; crop to a multiple of {self.options.group_size} or to at "
-                f"least {sinks + self.quantized_length} tokens"
+                f"{size} tokens; crop to a multiple of {size} or to at least {sinks + packed} tokens"
             )
-        self._slice_quantized(0, keep)
-        self.keys, self.values = self.keys[..., :0, :].clone(), self.values[..., :0, :].clone()
-
-    def _slice_quantized(self, start: int, stop: int) -> None:
-        """Keep quantized tokens ``start`` to ``stop``, both multiples of the group size: no code changes."""
-        size, per_byte = self.options.group_size, 8 // self.options.nbits
-        rows, groups = slice(start // per_byte, stop // per_byte), slice(start // size, stop // size)
-        self.key_codes = self.key_codes[..., rows, :].clone()
-        self.value_codes = self.value_codes[..., rows, :].clone()
-        self.key_scale, self.key_zero = (
-            self.key_scale[..., groups, :].clone(),
-            self.key_zero[..., groups, :].clone(),
+        self.packed.slice_groups(0, keep // size)
+        self.key_buffer, self.value_buffer = (
+            self.key_buffer[..., :0, :].clone(),
+            self.value_buffer[..., :0, :].clone(),
         )
-        self.value_scale = self.value_scale[..., start:stop, :].clone()
-        self.value_zero = self.value_zero[..., start:stop, :].clone()
 
 
 @register_strategy(
@@ -339,5 +225,4 @@ class QuantizedKVCache(KVCache):
     def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[QuantizedLayer]:
         require_layer_types(layout, (FULL_ATTENTION, *LOCAL_ATTENTION), type(self).__name__)
         self.options.check_head_dim(layout.head_dim)
-        codec = make_codec(self.options.nbits, self.options.backend)
-        return [QuantizedLayer(self.options, codec, layout.window(i)) for i in range(layout.num_layers)]
+        return [QuantizedLayer(self.options, layout.window(i)) for i in range(layout.num_layers)]

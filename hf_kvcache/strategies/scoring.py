@@ -3,9 +3,8 @@
 A scoring layer gets this forward's rotated queries from the model hooks (so SDPA works), computes their
 attention probabilities over the entries it holds plus the new ones, masked exactly as the model masks them
 (left padding, causality, GQA groups), and hands the *attention mass* each entry received to the strategy's
-:meth:`ScoringLayer.score`. It keeps the ``keep_recent`` newest entries and, of the older real ones, the
-highest-scored. A strategy then declares only which queries count, how it scores, and how many recent entries
-it always keeps.
+:meth:`ScoringLayer.score`, whose result is the layer's eviction priority. A strategy then declares only which
+queries count and how it scores; what it protects (sinks, recent entries) is the eviction contract's.
 
 Memory: probabilities are computed in blocks of queries, so the extra memory is O(block x held entries), never
 O(queries x keys), whatever the prompt length.
@@ -19,7 +18,7 @@ import torch
 
 from hf_kvcache.layout import AttentionLayout
 from hf_kvcache.model_hooks import AttentionMath, install_query_capture
-from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache, ForwardState
+from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache
 
 # Upper bound on the float32 elements of one block of attention logits (4 MiB): small enough to stay in cache,
 # which makes the softmax and sums over it faster than over larger blocks, and keeps the extra memory small.
@@ -104,21 +103,16 @@ def _softmax(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
 
 
 class ScoringLayer(EvictingLayer):
-    """An evicting layer that ranks entries by the attention mass they receive; see the module docstring.
+    """An evicting layer whose priority is a score computed from the attention the held entries receive.
 
-    Subclasses set ``scored_queries`` (the newest queries whose attention counts; ``None``: all),
-    ``accumulates`` (score every forward, not only when evicting) and may override :meth:`score`.
+    A strategy implements :meth:`score` (by default the attention mass itself) and may set ``scored_queries``
+    (the newest queries whose attention counts; ``None``: all) and ``accumulates`` (score every forward, not
+    only when evicting). What it protects (``sinks``, ``recent``) is given to the constructor, as for every
+    :class:`~hf_kvcache.strategies.eviction.EvictingLayer`.
     """
 
     scored_queries: ClassVar[int | None] = None
     accumulates: ClassVar[bool] = False
-
-    def __init__(self, budget: int, state: ForwardState, keep_recent: int):
-        self.keep_recent = keep_recent
-        self.protected_sinks = (
-            0  # first real tokens always kept by the general path (quantized storage's sinks)
-        )
-        super().__init__(budget, state)
 
     def reset(self) -> None:
         super().reset()
@@ -128,12 +122,15 @@ class ScoringLayer(EvictingLayer):
         return self.accumulates or self.stored + new > self.capacity(new)
 
     def score(self, mass: torch.Tensor, new: int) -> torch.Tensor:
-        """Scores ``[B, H_kv, K]`` of all entries from this forward's attention ``mass`` ``[B, H_kv, K]``.
-
-        By default the mass itself: the attention the scored queries paid each entry, summed over the query
-        heads of its KV head (the same order as their average).
-        """
+        """Scores ``[B, H_kv, K]`` of the entries attention saw this step, from the attention ``mass``
+        ``[B, H_kv, K]`` they received (in the same order; the last ``new`` are this step's tokens on the
+        general path). By default the mass itself: the attention the scored queries paid each entry, summed over
+        the query heads of its KV head (the same order as their average)."""
         return mass
+
+    def priority(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        scores, self.step_scores = self.step_scores, None
+        return scores
 
     def observe_attention(
         self, keys: torch.Tensor, new_valid: torch.Tensor | None, real_in_full: torch.Tensor, evicting: bool
@@ -161,27 +158,8 @@ class ScoringLayer(EvictingLayer):
         mass = attention_mass(
             queries[..., new - count :, :], keys, query_valid, key_valid, total - count, self.math
         )
-        self.step_scores = self.score(mass, new)
-
-    def choose_victim(self, total: int, positions: torch.Tensor) -> torch.Tensor:
-        scores, self.step_scores = self.step_scores, None
-        # The newest `keep_recent` tokens (columns seen - keep_recent + 1 .. seen) are never evicted.
-        candidate = positions <= self.seen - self.keep_recent
-        return scores.masked_fill(~candidate, float("inf")).argmin(dim=-1)
-
-    def choose(self, total: int, kept: int, real_in_full: torch.Tensor) -> torch.Tensor:
-        batch, heads = real_in_full.shape[0], self.step_scores.shape[1]
-        recent = torch.arange(total - self.keep_recent, total, device=self.device).expand(batch, heads, -1)
-        first_real = (total - real_in_full)[:, None, None]
-        sinks = (first_real + torch.arange(self.protected_sinks, device=self.device)).expand(batch, heads, -1)
-        scores, self.step_scores = self.step_scores, None  # nothing to hold until the next eviction
-        heavy = kept - self.keep_recent - self.protected_sinks
-        if heavy == 0:
-            return torch.cat([sinks, recent], dim=-1)
-        entry = torch.arange(total, device=self.device)
-        candidate = (entry >= first_real + self.protected_sinks) & (entry < total - self.keep_recent)
-        top = scores.masked_fill(~candidate, float("-inf")).topk(heavy, dim=-1).indices
-        return torch.cat([sinks, top, recent], dim=-1).sort(dim=-1).values
+        scores = self.score(mass, new)
+        self.step_scores = scores if evicting else None
 
 
 class ScoringCache(EvictionCache):

@@ -10,10 +10,17 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from hf_kvcache.held import RowTensor
 from hf_kvcache.layout import AttentionLayout
-from hf_kvcache.model_hooks import KeyRotator, applies_rope, attention_modules, find_rotary_module
+from hf_kvcache.model_hooks import (
+    ForwardState,
+    KeyRotator,
+    applies_rope,
+    attention_modules,
+    find_rotary_module,
+)
 from hf_kvcache.registry import register_strategy
-from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache, ForwardState
+from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from hf_kvcache.strategies.quantized_storage import QuantizedStorage, check_composed_quantization
 
@@ -43,29 +50,27 @@ class SlidingWindowOptions:
 
 
 class SlidingWindowLayer(EvictingLayer):
-    """Keeps each row's first ``num_sink_tokens`` real tokens and its newest ones, ``window_length`` in all."""
+    """Keeps each row's first ``num_sink_tokens`` real tokens and its newest ones, ``window_length`` in all: the
+    eviction contract's default priority (age) with the sinks protected."""
+
+    sink_originals = RowTensor("the sinks' own keys while the slots hold them shifted [B, H, sinks, D]")
 
     def __init__(self, options: SlidingWindowOptions, state: ForwardState, rotator: KeyRotator | None):
-        self.num_sink_tokens = options.num_sink_tokens
         self.rotator = rotator
-        super().__init__(options.window_length, state)
-
-    def reset(self) -> None:
-        super().reset()
-        self.sink_originals = None
+        super().__init__(options.window_length, state, sinks=options.num_sink_tokens)
 
     def attention_keys(self, keys: torch.Tensor, evicted: torch.Tensor, in_place: bool) -> torch.Tensor:
         # Shifted positions: the kept tokens sit at consecutive positions ending just before the new ones.
         # The recent tokens already do; the sinks are moved up by the number of real tokens evicted so far,
         # always from their original rotation, so the shift is never applied twice.
-        if self.rotator is None or self.num_sink_tokens == 0 or not bool((evicted > 0).any()):
+        if self.rotator is None or self.sinks == 0 or not bool((evicted > 0).any()):
             return keys
-        sinks = self.num_sink_tokens
+        sinks = self.sinks
         if not in_place:
             return torch.cat(
                 [self.rotator.shift(keys[..., :sinks, :], evicted), keys[..., sinks:, :]], dim=-2
             )
-        # Decoding steps write the shifted sinks over the buffer's (they never move there) and keep the originals.
+        # Decoding steps write the shifted sinks over the slots' own (sinks never move) and keep the originals.
         if self.sink_originals is None:
             self.sink_originals = keys[..., :sinks, :].clone()
         keys[..., :sinks, :] = self.rotator.shift(self.sink_originals, evicted)
@@ -73,20 +78,15 @@ class SlidingWindowLayer(EvictingLayer):
 
     def restore_buffers(self) -> None:
         if self.sink_originals is not None:
-            self.key_buffer[:, :, : self.num_sink_tokens] = self.sink_originals
+            self.key_buffer[:, :, : self.sinks] = self.sink_originals
             self.sink_originals = None
 
-    def choose_victim(self, total: int, positions: torch.Tensor) -> torch.Tensor:
-        # The sinks hold the first slots; the victim is the oldest token after them.
-        return self.num_sink_tokens + positions[..., self.num_sink_tokens : total].argmin(dim=-1)
-
-    def choose(self, total: int, kept: int, real_in_full: torch.Tensor) -> torch.Tensor:
-        batch, heads = real_in_full.shape[0], self.keys.shape[1]
-        first_real = total - real_in_full  # padding sits before the real tokens
-        sinks = first_real[:, None] + torch.arange(self.num_sink_tokens, device=self.device)
-        recent = torch.arange(total - (kept - self.num_sink_tokens), total, device=self.device)
-        indices = torch.cat([sinks, recent.expand(batch, -1)], dim=-1)
-        return indices[:, None, :].expand(batch, heads, kept)
+    def stored_keys(self) -> torch.Tensor:
+        if self.sink_originals is None:
+            return self.key_buffer
+        keys = self.key_buffer.clone()
+        keys[:, :, : self.sinks] = self.sink_originals
+        return keys
 
 
 class QuantizedSlidingWindowLayer(QuantizedStorage, SlidingWindowLayer):

@@ -40,7 +40,7 @@ class SnapKVLayer(ScoringLayer):
     def __init__(self, options: SnapKVOptions, state):
         self.scored_queries = options.window_size
         self.kernel_size = options.kernel_size
-        super().__init__(options.budget, state, keep_recent=options.window_size)
+        super().__init__(options.budget, state, recent=options.window_size)
 
     def capacity(self, new: int) -> int:
         return self.budget if new > 1 else sys.maxsize
@@ -51,8 +51,8 @@ class SnapKVLayer(ScoringLayer):
     def score(self, mass: torch.Tensor, new: int) -> torch.Tensor:
         # Max-pooling keeps the neighbours of a strong token, so kept text stays in readable spans. Only the
         # entries before the observation window compete; the window itself is always kept.
-        prefix = F.max_pool1d(mass[..., : -self.keep_recent], self.kernel_size, 1, self.kernel_size // 2)
-        return torch.cat([prefix, mass[..., -self.keep_recent :]], dim=-1)
+        prefix = F.max_pool1d(mass[..., : -self.recent], self.kernel_size, 1, self.kernel_size // 2)
+        return torch.cat([prefix, mass[..., -self.recent :]], dim=-1)
 
 
 @register_strategy("snapkv", "SnapKV: compress the prompt once by its last queries' pooled attention")

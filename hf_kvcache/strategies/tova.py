@@ -50,4 +50,4 @@ class TOVAKVCache(ScoringCache):
     options_class = TOVAOptions
 
     def make_layer(self, layout) -> TOVALayer:
-        return TOVALayer(self.options.budget, self.forward_state, keep_recent=0)
+        return TOVALayer(self.options.budget, self.forward_state)

@@ -1,0 +1,261 @@
+"""The one store of quantized tokens: sinks, bit-packed tokens and a full-precision residual, as KIVI keeps them.
+
+Paper: KIVI, "A Tuning-Free Asymmetric 2bit Quantization for KV Cache", https://arxiv.org/abs/2402.02750
+
+``quantized`` and every ``eviction+quantized`` composition hold a layer's tokens in three parts, in sequence
+order:
+
+* **sinks**: the first ``num_sink_tokens`` tokens, in the model's dtype (every later query attends to them
+  heavily, so they stay exact);
+* **packed**: older tokens, quantized once and bit-packed (:class:`PackedTokens`): values per token over groups
+  of ``group_size`` channels, keys per channel over *key groups* of ``group_size`` tokens that left the
+  residual together;
+* **residual**: the newest tokens in the model's dtype (the host layer's ``key_buffer``/``value_buffer``); the
+  oldest of them move into packed storage a whole key group at a time once there are more than
+  ``max_residual``.
+
+Nothing is ever dequantized and quantized again. The packed codes have one of two layouts, chosen by whether
+single tokens may leave the store:
+
+* **grouped** (``quantized``: whole key groups only ever arrive and leave): each key group's codes are packed
+  along its tokens (:func:`~.packing.pack_token_groups`), and its per-channel scale and zero point are row
+  ``i // group_size`` of the group table. Dequantizing is one long contiguous copy and a broadcast
+  multiply-add.
+* **scattered** (compositions: eviction takes single tokens): each token's codes are packed along its channels,
+  so it can be dropped alone, and it carries the index of its key group (int16); the group table counts each
+  group's members and lets a row go once its last member is gone. A token that outlives the rest of its key
+  group pays for the group's row (``2 * D`` scale and zero values) alone.
+
+Why two layouts: a grouped store cannot drop one token without repacking its group, and a scattered store
+dequantizes about half as fast (per-token rows of ``D * nbits / 8`` bytes are too short for one long copy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hf_kvcache.base import gather_entries
+from hf_kvcache.held import HeldPart, HeldTensors, RowTensor
+from hf_kvcache.strategies.packing import (
+    TorchCodec,
+    make_codec,
+    pack_token_groups,
+    quantize_kivi,
+    unpack_codes,
+    unpack_token_groups,
+)
+
+
+class PackedTokens(HeldTensors):
+    """Bit-packed tokens of one layer in the grouped or scattered layout (see the module docstring).
+
+    Shapes (``n`` tokens, ``g`` key groups, ``D`` head size, ``G`` group size, ``b = nbits``):
+    ``key_codes``/``value_codes`` ``[B, H, n * b / 8, D]`` (grouped) or ``[B, H, n, D * b / 8]`` (scattered), uint8;
+    ``value_scale``/``value_zero`` ``[B, H, n, D / G]``; ``group_scale``/``group_zero`` ``[B, H, g, D]``; scattered
+    only: ``key_group`` ``[B, H, n]`` and ``group_members`` ``[B, H, g]``, int16.
+    """
+
+    key_codes = RowTensor("packed key codes")
+    value_codes = RowTensor("packed value codes")
+    value_scale = RowTensor("value scale per token and channel group")
+    value_zero = RowTensor("value zero point per token and channel group")
+    group_scale = RowTensor("key scale per key group and channel")
+    group_zero = RowTensor("key zero point per key group and channel")
+    key_group = RowTensor("key group of each token (scattered layout)")
+    group_members = RowTensor("tokens left in each key group (scattered layout)")
+
+    def __init__(self, group_size: int, codec: TorchCodec, scattered: bool, like: torch.Tensor):
+        self.group_size, self.codec, self.scattered = group_size, codec, scattered
+        self.nbits = codec.nbits
+        batch, heads, _, head_dim = like.shape
+        packed_dim = head_dim * self.nbits // 8 if scattered else head_dim
+        codes = torch.empty(batch, heads, 0, packed_dim, dtype=torch.uint8, device=like.device)
+        self.key_codes, self.value_codes = codes, codes.clone()
+        self.value_scale = like.new_empty(batch, heads, 0, head_dim // group_size)
+        self.value_zero = self.value_scale.clone()
+        self.group_scale, self.group_zero = (
+            like.new_empty(batch, heads, 0, head_dim),
+            like.new_empty(batch, heads, 0, head_dim),
+        )
+        self.key_group = self.group_members = None
+        if scattered:
+            self.key_group = torch.empty(batch, heads, 0, dtype=torch.int16, device=like.device)
+            self.group_members = torch.empty(batch, heads, 0, dtype=torch.int16, device=like.device)
+
+    @property
+    def length(self) -> int:
+        """Tokens held."""
+        return self.value_scale.shape[2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize ``[B, H, k * G, D]`` tokens once, as ``k`` new key groups, and append them."""
+        size = self.group_size
+        key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = quantize_kivi(
+            self.codec, keys, values, size, self.group_scale.dtype
+        )
+        if self.scattered:
+            self._add_group_rows(keys.shape[2] // size)
+            key_codes, value_codes = self.codec.pack(key_codes), self.codec.pack(value_codes)
+        else:
+            key_codes, value_codes = (
+                pack_token_groups(self.codec, c, size) for c in (key_codes, value_codes)
+            )
+        self.key_codes = torch.cat([self.key_codes, key_codes], dim=2)
+        self.value_codes = torch.cat([self.value_codes, value_codes], dim=2)
+        self.value_scale = torch.cat([self.value_scale, value_scale], dim=2)
+        self.value_zero = torch.cat([self.value_zero, value_zero], dim=2)
+        self.group_scale = torch.cat([self.group_scale, key_scale], dim=2)
+        self.group_zero = torch.cat([self.group_zero, key_zero], dim=2)
+
+    def _add_group_rows(self, groups: int) -> None:
+        """Scattered layout: number ``groups`` new key groups of ``G`` tokens each, after compacting the table."""
+        self._compact_groups()
+        batch, heads, first = self.group_members.shape
+        if first + groups > torch.iinfo(self.key_group.dtype).max:
+            self.key_group = self.key_group.int()  # more than 32767 live key groups
+        ids = torch.arange(first, first + groups, device=self.key_group.device, dtype=self.key_group.dtype)
+        new_ids = ids.repeat_interleave(self.group_size).expand(batch, heads, -1)
+        self.key_group = torch.cat([self.key_group, new_ids], dim=2)
+        members = self.group_members.new_full((batch, heads, groups), self.group_size)
+        self.group_members = torch.cat([self.group_members, members], dim=2)
+
+    def _compact_groups(self) -> None:
+        """Let go of key-group rows that no token uses any more: live rows move to the front, in order."""
+        live = self.group_members > 0
+        rows = int(live.sum(-1).max()) if live.numel() else 0
+        if rows == live.shape[2]:
+            return
+        # Stable: live rows keep their order, so a token's group index only ever moves down.
+        order = (~live).to(torch.int8).argsort(dim=-1, stable=True)
+        keep = order[..., :rows]
+        self.group_scale = gather_entries(self.group_scale, keep)
+        self.group_zero = gather_entries(self.group_zero, keep)
+        self.group_members = self.group_members.gather(2, keep)
+        renumber = torch.empty_like(order)
+        renumber.scatter_(2, order, torch.arange(order.shape[2], device=order.device).expand_as(order))
+        self.key_group = renumber.gather(2, self.key_group.long()).to(self.key_group.dtype)
+
+    def keep(self, indices: torch.Tensor) -> None:
+        """Scattered layout: keep tokens ``indices`` ``[B, H, kept]`` (ascending) and recount each key group."""
+        for name in ("key_codes", "value_codes", "value_scale", "value_zero", "key_group"):
+            setattr(self, name, gather_entries(getattr(self, name), indices))
+        members = torch.zeros_like(self.group_members, dtype=torch.int32)
+        members.scatter_add_(2, self.key_group.long(), torch.ones_like(self.key_group, dtype=torch.int32))
+        self.group_members = members.to(torch.int16)
+
+    def slice_groups(self, start: int, stop: int) -> None:
+        """Grouped layout: keep key groups ``start`` to ``stop``; no code changes."""
+        size, rows_per_group = self.group_size, self.group_size * self.nbits // 8
+        rows, groups = slice(start * rows_per_group, stop * rows_per_group), slice(start, stop)
+        tokens = slice(start * size, stop * size)
+        self.key_codes = self.key_codes[:, :, rows].clone()
+        self.value_codes = self.value_codes[:, :, rows].clone()
+        self.group_scale, self.group_zero = (
+            self.group_scale[:, :, groups].clone(),
+            self.group_zero[:, :, groups].clone(),
+        )
+        self.value_scale = self.value_scale[:, :, tokens].clone()
+        self.value_zero = self.value_zero[:, :, tokens].clone()
+
+    def dequantize_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Dequantize every token into ``keys``/``values`` ``[B, H, n, D]`` (views of a larger output are fine)."""
+        batch, heads, length, head_dim = keys.shape
+        size = self.group_size
+        # One conversion of all codes, then in-place multiply-add over whole rows: faster on CPU than addcmul.
+        if self.scattered:
+            keys.copy_(unpack_codes(self.key_codes, self.nbits))
+            group = self.key_group.long()
+            keys.mul_(gather_entries(self.group_scale, group)).add_(gather_entries(self.group_zero, group))
+            values.copy_(unpack_codes(self.value_codes, self.nbits))
+        else:
+            key_groups = keys.view(batch, heads, length // size, size, head_dim)
+            key_groups.copy_(unpack_token_groups(self.key_codes, self.nbits, size))
+            key_groups.mul_(self.group_scale.unsqueeze(3)).add_(self.group_zero.unsqueeze(3))
+            values.view(batch, heads, length // size, size, head_dim).copy_(
+                unpack_token_groups(self.value_codes, self.nbits, size)
+            )
+        value_groups = values.view(batch, heads, length, head_dim // size, size)
+        value_groups.mul_(self.value_scale.unsqueeze(-1)).add_(self.value_zero.unsqueeze(-1))
+
+
+class QuantizedTokens:
+    """Mixin for a cache layer that holds sinks, :class:`PackedTokens` and a full-precision residual.
+
+    The host layer declares ``key_buffer``/``value_buffer`` (the residual ``[B, H, R, D]``) and calls
+    :meth:`setup_quantized` in its constructor and :meth:`init_quantized` on its first update.
+    """
+
+    sink_keys = RowTensor("first tokens, exact [B, H, s, D]")
+    sink_values = RowTensor("their values [B, H, s, D]")
+    packed = HeldPart("the bit-packed tokens")
+
+    def setup_quantized(self, options: Any, num_sink_tokens: int, max_residual: int, scattered: bool) -> None:
+        """``options``: a :class:`~.quantized.QuantizedOptions`; ``max_residual``: residual tokens above which
+        the oldest whole key groups are packed; ``scattered``: whether single tokens may leave the store."""
+        self.quantization, self.sink_target = options, num_sink_tokens
+        self.max_residual, self.scattered = max_residual, scattered
+        self.codec: TorchCodec = make_codec(options.nbits, options.backend)
+
+    def init_quantized(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.sink_keys, self.sink_values = key_states[..., :0, :].clone(), value_states[..., :0, :].clone()
+        self.packed = PackedTokens(self.quantization.group_size, self.codec, self.scattered, key_states)
+
+    @property
+    def packed_length(self) -> int:
+        return 0 if self.packed is None else self.packed.length
+
+    def assemble(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sinks, dequantized packed tokens, residual and then ``key_states``/``value_states``, as one
+        ``[B, H, S + n + R + new, D]`` tensor each. The packed tokens are dequantized straight into their slice
+        of the output, which saves a copy of the history per step over concatenating."""
+        sinks, packed = self.sink_keys.shape[2], self.packed_length
+        residual, new = self.key_buffer.shape[2], key_states.shape[2]
+        batch, heads, _, head_dim = key_states.shape
+        shape = (batch, heads, sinks + packed + residual + new, head_dim)
+        keys, values = key_states.new_empty(shape), value_states.new_empty(shape)
+        for out, sink, held, fresh in (
+            (keys, self.sink_keys, self.key_buffer, key_states),
+            (values, self.sink_values, self.value_buffer, value_states),
+        ):
+            out[:, :, :sinks] = sink
+            out[:, :, sinks + packed : sinks + packed + residual] = held
+            out[:, :, sinks + packed + residual :] = fresh
+        if packed:
+            self.packed.dequantize_into(
+                keys[:, :, sinks : sinks + packed], values[:, :, sinks : sinks + packed]
+            )
+        return keys, values
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every held key and value ``[B, H, S + n + R, D]``, dequantized, in sequence order."""
+        return self.assemble(self.key_buffer[:, :, :0], self.value_buffer[:, :, :0])
+
+    def settle(self) -> None:
+        """Move the first tokens into the sinks (while nothing is packed yet), then pack the oldest residual
+        tokens, whole key groups at a time, until at most ``max_residual`` are left."""
+        sinks = self.sink_keys.shape[2]
+        if sinks < self.sink_target and self.packed_length == 0:
+            # Before anything is packed the residual starts at the sequence's first held token.
+            move = min(self.sink_target - sinks, self.key_buffer.shape[2])
+            self.sink_keys = torch.cat([self.sink_keys, self.key_buffer[:, :, :move]], dim=2)
+            self.sink_values = torch.cat([self.sink_values, self.value_buffer[:, :, :move]], dim=2)
+            self.key_buffer = self.key_buffer[:, :, move:].clone()
+            self.value_buffer = self.value_buffer[:, :, move:].clone()
+        if self.sink_keys.shape[2] < self.sink_target:
+            return
+        count = self.excess(self.key_buffer.shape[2])
+        if count:
+            self.packed.append(self.key_buffer[:, :, :count], self.value_buffer[:, :, :count])
+            # clone() so the residual does not pin the storage of the longer tensor it was sliced from
+            self.key_buffer = self.key_buffer[:, :, count:].clone()
+            self.value_buffer = self.value_buffer[:, :, count:].clone()
+
+    def excess(self, residual: int) -> int:
+        """Oldest tokens of a residual of ``residual`` to pack: whole key groups, until at most ``max_residual``
+        are left (or fewer than a group)."""
+        size, excess = self.quantization.group_size, residual - self.max_residual
+        return min(-(-excess // size), residual // size) * size if excess > 0 else 0
