@@ -220,19 +220,15 @@ def run_harness(args: argparse.Namespace, default_out: str | None) -> int:
 
 
 def run_scale_command(args: argparse.Namespace) -> int:
+    from hf_kvcache.evaluation.orchestrator import DataSource
     from hf_kvcache.evaluation.scale import ScaleSettings, run_scale, scale_table, write_scale_plot
 
     _check_specs(args.strategies)
     _check_text_file(args)
     try:
-        settings = ScaleSettings(
-            tuple(args.lengths), args.rounds, args.decode_tokens, args.prefill_chunk_size
-        )
-        shared = {
-            name: getattr(args, name)
-            for name in ("model", "dataset", "text_file", "split", "dtype", "device")
-        }
-        records = run_scale(args.strategies, shared, settings, args.out, args.force, args.device_map)
+        settings = ScaleSettings(tuple(args.lengths), args.rounds, args.decode_tokens, args.prefill_chunk_size)
+        source = DataSource(args.model, args.dataset, args.text_file, args.split, args.dtype, args.device)
+        records = run_scale(args.strategies, source, settings, args.out, args.force, args.device_map)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     table = scale_table(records)
@@ -279,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=list_metrics(),
         default=list(default_metrics()),
-        help=f"metrics to measure (default: {' '.join(default_metrics())}; also: ruler)",
+        help=f"metrics to measure, of the registered {', '.join(list_metrics())} "
+        f"(default: {' '.join(default_metrics())})",
     )
     compare.set_defaults(run=lambda args: run_harness(args, "results"))
     scale = add_measuring_command(

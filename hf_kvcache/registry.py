@@ -66,6 +66,12 @@ def register_strategy(
     return decorate
 
 
+def unregister_strategy(name: str) -> None:
+    """Remove the strategy ``name`` (one a notebook or test registered for a while); ``ValueError`` if unknown."""
+    get_strategy(name)
+    del _STRATEGIES[name]
+
+
 def list_strategies() -> list[str]:
     """Names of all registered strategies, sorted."""
     return sorted(_STRATEGIES)

@@ -9,14 +9,18 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_kvcache import QuantizedKVCache, build_cache, cache_nbytes
+from hf_kvcache import QuantizedKVCache, build_cache
 from hf_kvcache.evaluation.harness import full_cache_bytes
 from hf_kvcache.layout import attention_layout
 from hf_kvcache.model_hooks import KeyRotator, find_rotary_module, rotate_half_rope
-from hf_kvcache.strategies.eviction import EvictingLayer
 from hf_kvcache.strategies.quantized import QuantizedLayer, QuantizedOptions
-from tests.conftest import MORE_ARCHITECTURES, WINDOW, left_padded_ids, make_tiny_model, random_ids
-from tests.test_generate import LOSSLESS, LOSSY
+from tests.conftest import MORE_ARCHITECTURES, WINDOW, make_tiny_model, random_ids
+from tests.helpers import (
+    LOSSLESS,
+    LOSSY,
+    check_generates_like_dynamic_cache,
+    check_never_more_bytes_than_dynamic_cache,
+)
 
 ARCHS = sorted(MORE_ARCHITECTURES)
 HYBRIDS = ["cohere2", "gemma2", "gemma3", "gpt-oss", "mistral-sliding", "qwen2-sliding"]
@@ -36,39 +40,12 @@ def test_hybrid_configs_really_have_local_layers():
 
 @pytest.mark.parametrize("strategy", sorted(LOSSLESS))
 def test_lossless_configuration_generates_like_dynamic_cache(arch_model, strategy):
-    _, model = arch_model
-    ids, mask = left_padded_ids(24, pads=(0, 5), seed=3)
-    options = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
-    expected = model.generate(ids, past_key_values=DynamicCache(config=model.config), **options)
-    got = model.generate(ids, past_key_values=build_cache(LOSSLESS[strategy], model), **options)
-    assert torch.equal(got, expected)
-
-
-def bookkeeping_bytes(cache) -> int:
-    """What eviction layers hold beyond the tokens: two int64 counters per row (real tokens seen and held) and,
-    for H2O, a float32 accumulated score per held entry."""
-    total = 0
-    for layer in cache.layers:
-        if isinstance(layer, EvictingLayer):
-            total += 8 * (layer.real_seen.numel() + layer.cached_real.numel())
-            if getattr(layer, "accumulates", False):
-                total += 4 * layer.scores.numel()
-    return total
+    check_generates_like_dynamic_cache(arch_model[1], LOSSLESS[strategy], "greedy")
 
 
 @pytest.mark.parametrize("spec", sorted({*LOSSLESS.values(), *LOSSY.values()}))
 def test_never_more_bytes_than_dynamic_cache_at_any_length(arch_model, spec):
-    _, model = arch_model
-    ids = random_ids(40, batch=2, seed=1)
-    ours, reference = build_cache(spec, model), DynamicCache(config=model.config)
-    with torch.no_grad():
-        for t, stop in enumerate([16, *range(17, ids.shape[1] + 1)]):
-            start = 0 if t == 0 else stop - 1
-            for cache in (ours, reference):
-                model(ids[:, start:stop], past_key_values=cache)
-            assert cache_nbytes(ours) - bookkeeping_bytes(ours) <= cache_nbytes(reference), (
-                f"after {stop} tokens"
-            )
+    check_never_more_bytes_than_dynamic_cache(arch_model[1], spec)
 
 
 @pytest.mark.parametrize("arch", HYBRIDS)

@@ -7,8 +7,7 @@ import pytest
 from hf_kvcache.cli import main
 from hf_kvcache.evaluation.distributed import work_units
 from hf_kvcache.evaluation.metric import get_metric
-from tests.test_harness import compare_args
-from tests.test_scale import scale_args
+from tests.helpers import compare_args, scale_args
 
 TIMED = {"speed"}
 

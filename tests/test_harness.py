@@ -12,25 +12,12 @@ from transformers import AutoTokenizer, DynamicCache
 from hf_kvcache.cli import main
 from hf_kvcache.evaluation import Column, Metric, register_metric
 from hf_kvcache.evaluation.harness import CompareSettings
-from hf_kvcache.evaluation.metric import _METRICS
+from hf_kvcache.evaluation.metric import unregister_metric
 from hf_kvcache.evaluation.passkey import PasskeyOptions, make_passkey_prompt
 from hf_kvcache.evaluation.speed import measure_speed_interleaved
 from tests.conftest import make_tiny_model, random_ids
-
-STRATEGIES = [
-    "full",
-    "quantized:nbits=2,group_size=8,residual_length=16",
-    "sliding-window:window_length=32,num_sink_tokens=4",
-    "heavy-hitter:heavy_budget=16,recent_budget=16",
-]
-
-
-def compare_args(model_dir, text_file, out, *extra):
-    return [
-        "compare", "--model", model_dir, "--text-file", text_file, "--out", str(out), "--device", "cpu",
-        "--max-tokens", "128", "--decode-tokens", "3", "--passkey-lengths", "96", "--passkey-depths", "0.2", "0.8",
-        "--strategies", *STRATEGIES, *extra,
-    ]  # fmt: skip
+from tests.helpers import HARNESS_STRATEGIES as STRATEGIES
+from tests.helpers import compare_args
 
 
 def test_compare_runs_end_to_end_and_writes_valid_results(tiny_model_dir, filler_file, tmp_path, capsys):
@@ -187,7 +174,7 @@ def bytes_per_token_metric():
             }
 
     yield BytesPerToken
-    _METRICS.pop("bytes-per-token")
+    unregister_metric("bytes-per-token")
 
 
 def test_a_metric_in_one_place_runs_through_compare(

@@ -4,25 +4,14 @@ from transformers import DynamicCache
 
 from hf_kvcache import HeavyHitterKVCache
 from tests.conftest import assert_left_padded_rows_match_unpadded_runs, make_tiny_model, random_ids
-
-
-def stream(model, ids, cache, chunk):
-    with torch.no_grad():
-        return torch.cat(
-            [
-                model(ids[:, s : s + chunk], past_key_values=cache).logits
-                for s in range(0, ids.shape[1], chunk)
-            ],
-            1,
-        )
+from tests.helpers import eager_weights, stream
 
 
 def grouped_eager_attention(model_arch, ids, layer):
     """Reference scores: eager attention weights of a cache-free forward, summed over queries and per KV head."""
-    eager = make_tiny_model(model_arch, attn="eager")
-    with torch.no_grad():
-        weights = eager(ids, output_attentions=True).attentions[layer]  # [B, Hq, T, T]
-    groups = eager.config.num_attention_heads // eager.config.num_key_value_heads
+    weights = eager_weights(model_arch, ids, layer)  # [B, Hq, T, T]
+    config = make_tiny_model(model_arch).config
+    groups = config.num_attention_heads // config.num_key_value_heads
     batch, _, _, length = weights.shape
     return weights.sum(2).reshape(batch, -1, groups, length).sum(2)  # [B, Hkv, T]
 

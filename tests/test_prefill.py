@@ -4,7 +4,7 @@ from transformers import DynamicCache
 
 from hf_kvcache import build_cache, prefill
 from tests.conftest import left_padded_ids, make_tiny_model, random_ids
-from tests.test_generate import LOSSLESS, LOSSY
+from tests.helpers import LOSSLESS, LOSSY
 
 GREEDY = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
 

@@ -8,7 +8,7 @@ import pytest
 
 from hf_kvcache.cli import main
 from hf_kvcache.evaluation.ruler import RULER_TASKS, RulerOptions, make_ruler_trial, score_answer
-from tests.test_harness import compare_args
+from tests.helpers import compare_args
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,8 @@ import pytest
 from hf_kvcache.cli import main
 from hf_kvcache.evaluation.scale import ScaleSettings, check_lengths, growth_exponent
 from tests.conftest import make_tiny_model
-
-STRATEGIES = ["full", "sliding-window:window_length=32+quantized:nbits=4,group_size=8,residual_length=8"]
-
-
-def scale_args(model_dir, text_file, out, *extra):
-    return [
-        "scale", "--model", model_dir, "--text-file", text_file, "--out", str(out), "--device", "cpu",
-        "--lengths", "64", "128", "256", "--decode-tokens", "2", "--prefill-chunk-size", "32",
-        "--strategies", *STRATEGIES, *extra,
-    ]  # fmt: skip
+from tests.helpers import SCALE_STRATEGIES as STRATEGIES
+from tests.helpers import scale_args
 
 
 def test_scale_runs_end_to_end_resumes_and_fits_growth(tiny_model_dir, filler_file, tmp_path, capsys):

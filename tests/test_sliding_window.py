@@ -4,17 +4,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from hf_kvcache import SlidingWindowKVCache, build_cache, cache_nbytes
 from tests.conftest import assert_left_padded_rows_match_unpadded_runs, make_tiny_model, random_ids
-
-
-def stream(model, ids, cache, chunk):
-    with torch.no_grad():
-        return torch.cat(
-            [
-                model(ids[:, s : s + chunk], past_key_values=cache).logits
-                for s in range(0, ids.shape[1], chunk)
-            ],
-            1,
-        )
+from tests.helpers import stream
 
 
 @pytest.mark.parametrize("positions", ["shifted", "original"])

@@ -4,7 +4,7 @@ from transformers import DynamicCache
 
 from hf_kvcache import SnapKVCache
 from tests.conftest import assert_left_padded_rows_match_unpadded_runs, make_tiny_model, random_ids
-from tests.test_tova import eager_weights
+from tests.helpers import eager_weights
 
 
 def reference_scores(weights, groups, window, kernel):

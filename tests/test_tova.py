@@ -4,14 +4,7 @@ from transformers import DynamicCache
 
 from hf_kvcache import TOVAKVCache
 from tests.conftest import assert_left_padded_rows_match_unpadded_runs, make_tiny_model, random_ids
-from tests.test_heavy_hitter import stream
-
-
-def eager_weights(arch, ids, layer):
-    """Attention weights ``[B, H_q, T, T]`` of one cache-free eager forward."""
-    eager = make_tiny_model(arch, attn="eager")
-    with torch.no_grad():
-        return eager(ids, output_attentions=True).attentions[layer]
+from tests.helpers import eager_weights, stream
 
 
 def simulate_tova_layer0(weights, groups, budget):

@@ -1,32 +1,27 @@
-"""``hf-kvcache compare``: perplexity, memory, speed and passkey retrieval for every strategy, resumable.
+"""``hf-kvcache compare``: perplexity, memory, speed, passkey retrieval and more for every strategy, resumable.
 
-Each finished (strategy, metric) record is written to ``results.json`` atomically as soon as it completes, so a
-killed run loses nothing already finished and a rerun skips it (unless ``force``). A record is reused only if it
-was measured under the same settings (model, data, token counts, dtype, device): its ``fingerprint``.
+A record per (strategy, metric), measured and saved by the orchestrator (:mod:`.orchestrator`): it is reused
+only if it was measured under the same settings (model, data, token counts, dtype, device, the metric's own
+options), its ``fingerprint``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-import platform
 import resource
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hf_kvcache.base import cache_nbytes
-from hf_kvcache.evaluation.distributed import Workers, merge_records, work_units
+from hf_kvcache.evaluation.distributed import work_units
 from hf_kvcache.evaluation.metric import Metric, default_metric_names, get_metric, list_metrics
+from hf_kvcache.evaluation.orchestrator import DataSource, Job, Measured, RecordKey, run_job
 from hf_kvcache.evaluation.perplexity import PerplexityResult, perplexity
+from hf_kvcache.evaluation.records import fingerprint_of
 from hf_kvcache.layout import attention_layout
 from hf_kvcache.registry import build_cache, canonical_spec
 
@@ -40,7 +35,6 @@ DEFAULT_STRATEGIES = (
     "sliding-window:window_length=256,num_sink_tokens=4+quantized:nbits=4",
     "heavy-hitter:heavy_budget=128,recent_budget=128+quantized:nbits=4",
 )
-SCHEMA_VERSION = 1
 
 
 def default_metrics() -> tuple[str, ...]:
@@ -91,101 +85,6 @@ class CompareSettings:
     def fingerprint(self, name: str) -> str:
         """Hash of :meth:`record_settings`: a record is reused only under the same one."""
         return fingerprint_of(self.record_settings(name))
-
-
-def fingerprint_of(settings: dict) -> str:
-    """A short stable hash of the JSON-ready ``settings`` a record depends on."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def new_record(strategy: str, spec: str, metric: str, values: dict, settings: dict, env: dict) -> dict:
-    """One ``results.json`` record, fingerprinted from ``settings`` and stamped with the time it finished."""
-    return {
-        "strategy": strategy,
-        "spec": spec,
-        "metric": metric,
-        "values": values,
-        "settings": settings,
-        "environment": env,
-        "fingerprint": fingerprint_of(settings),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-    }
-
-
-class ResultStore:
-    """``results.json``: a list of records, rewritten atomically after each one."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.records: list[dict] = []
-        if self.path.exists():
-            data = json.loads(self.path.read_text())
-            if data.get("schema_version") != SCHEMA_VERSION:
-                raise ValueError(
-                    f"{self.path} has schema {data.get('schema_version')}, expected {SCHEMA_VERSION}"
-                )
-            self.records = data["records"]
-
-    def find(self, strategy: str, metric: str, fingerprint: str) -> dict | None:
-        for record in self.records:
-            if (record["strategy"], record["metric"], record["fingerprint"]) == (
-                strategy,
-                metric,
-                fingerprint,
-            ):
-                return record
-        return None
-
-    def put(self, record: dict) -> None:
-        self.records = [
-            r
-            for r in self.records
-            if (r["strategy"], r["metric"], r["fingerprint"])
-            != (record["strategy"], record["metric"], record["fingerprint"])
-        ]
-        self.records.append(record)
-        self.write()
-
-    def reorder(self, key) -> None:
-        """Sort the records by ``key`` (stable) and write them."""
-        self.records = sorted(self.records, key=key)
-        self.write()
-
-    def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"schema_version": SCHEMA_VERSION, "records": self.records}, indent=2)
-        handle, staging = tempfile.mkstemp(dir=self.path.parent, prefix=".results-", suffix=".json")
-        with os.fdopen(handle, "w") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(staging, self.path)
-
-
-def environment(model, settings: CompareSettings) -> dict:
-    """Where a record was measured: model, dtype, device, library versions, hardware."""
-    import transformers
-
-    import hf_kvcache
-    from hf_kvcache.evaluation.model import EMBEDDED_MODEL
-
-    device = model.device
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {
-        "model": settings.model or f"{EMBEDDED_MODEL} (embedded GGUF)",
-        "dtype": str(model.dtype).replace("torch.", ""),
-        "device": str(device),
-        "hardware": f"{hardware}, {os.cpu_count()} CPU cores",
-        # How torch's CPU threads wait decides how much other processes slow (and scatter) a timing.
-        "cpu_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-        "versions": {
-            "hf_kvcache": hf_kvcache.__version__,
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-        },
-    }
 
 
 def full_cache_bytes(model, tokens: int) -> int:
@@ -246,11 +145,49 @@ class Run:
         return self._streams[spec]
 
 
-def _by_metric(unit: list[tuple[str, str]]) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for spec, name in unit:
-        grouped.setdefault(name, []).append(spec)
-    return grouped
+class CompareJob(Job):
+    """``compare`` as an orchestrator job: a record per (strategy, metric), grouped into units by
+    :func:`~hf_kvcache.evaluation.distributed.work_units`."""
+
+    label = "compare"
+
+    def __init__(self, strategies: list[str], settings: CompareSettings):
+        self.settings = settings
+        self.canonical = {spec: canonical_spec(spec) for spec in strategies}  # validates every spec first
+        self.written = {canonical: spec for spec, canonical in self.canonical.items()}
+        self.metrics = {name: settings.metric(name) for name in settings.metrics}
+        self.fingerprints = {name: settings.fingerprint(name) for name in self.metrics}
+
+    def wanted(self) -> list[RecordKey]:
+        # Metric by metric, strategies in the order asked: the order of the results table's sections.
+        canonical = dict.fromkeys(self.canonical.values())
+        return [(spec, name, self.fingerprints[name]) for name in self.metrics for spec in canonical]
+
+    def units(self, pending: list[RecordKey]) -> list[list[RecordKey]]:
+        pairs = [(spec, name) for spec, name, _ in pending]
+        return [[(s, n, self.fingerprints[n]) for s, n in unit] for unit in work_units(pairs, self.metrics)]
+
+    def prepare(self, model, tokenizer, text: str) -> None:
+        from hf_kvcache.evaluation.corpus import corpus_token_ids
+
+        ids = corpus_token_ids(tokenizer, text, self.settings.max_tokens)
+        self.run = Run(model, tokenizer, text, ids, self.settings)
+
+    def work(self, unit: list[RecordKey]) -> int:
+        # Prompt tokens fed through the model, the bulk of every measurement, so the bar's rate and ETA stay
+        # meaningful across perplexity streams (shared by the metrics that read them), speed runs and prompts.
+        names = [name for _, name, _ in unit]
+        streams = any(self.metrics[name].uses_stream for name in names) * self.run.prompt_tokens
+        return streams + sum(self.metrics[name].work(self.run) for name in names)
+
+    def measure(self, unit: list[RecordKey], tick) -> list[Measured]:
+        measured = []
+        for name in dict.fromkeys(name for _, name, _ in unit):
+            specs = [self.written[strategy] for strategy, metric, _ in unit if metric == name]
+            for spec, values in self.metrics[name].measure_many(self.run, specs, tick).items():
+                key = (self.canonical[spec], name, self.fingerprints[name])
+                measured.append(Measured(key, spec, values, self.settings.record_settings(name)))
+        return measured
 
 
 def run_compare(
@@ -262,66 +199,7 @@ def run_compare(
     progress: bool = True,
 ) -> list[dict]:
     """Measure every strategy in ``strategies`` under ``settings``; records land in ``out_dir/results.json``."""
-    from tqdm.auto import tqdm
-
-    from hf_kvcache.evaluation.corpus import corpus_token_ids, load_corpus
-    from hf_kvcache.evaluation.model import load_model
-
-    canonical = {spec: canonical_spec(spec) for spec in strategies}  # validates every spec before any work
-    store = ResultStore(Path(out_dir) / "results.json")
-    metrics = {name: settings.metric(name) for name in settings.metrics}
-    fingerprints = {name: settings.fingerprint(name) for name in metrics}
-
-    def pending(spec: str, name: str) -> bool:
-        return force or store.find(canonical[spec], name, fingerprints[name]) is None
-
-    def current() -> list[dict]:
-        return [
-            r
-            for r in store.records
-            if r["metric"] in metrics
-            and r["fingerprint"] == fingerprints[r["metric"]]
-            and r["strategy"] in canonical.values()
-        ]
-
-    todo = [(spec, name) for spec in strategies for name in metrics if pending(spec, name)]
-    workers = Workers()
-    workers.wait()  # every process has read results.json before the main process writes to it
-    if not todo:
-        return current()
-    if settings.text_file is not None and not Path(settings.text_file).is_file():
-        raise FileNotFoundError(f"text file {settings.text_file!r} does not exist")
-    text = load_corpus(settings.text_file or settings.dataset, split=settings.split)
-    device = "auto" if device_map == "auto" else workers.device(settings.device)
-    model, tokenizer = load_model(settings.model, settings.dtype, device)
-    run = Run(model, tokenizer, text, corpus_token_ids(tokenizer, text, settings.max_tokens), settings)
-    env = environment(model, settings)
-    mine = workers.share(work_units(todo, metrics))
-    # The bar counts prompt tokens fed through the model, the bulk of every measurement, so its rate and ETA
-    # stay meaningful across perplexity streams (shared by the metrics that use them), speed runs and prompts.
-    work = sum(
-        any(metrics[name].uses_stream for _, name in unit) * run.prompt_tokens
-        + sum(metrics[name].work(run) for _, name in unit)
-        for unit in mine
+    source = DataSource(
+        settings.model, settings.dataset, settings.text_file, settings.split, settings.dtype, settings.device
     )
-    produced = []
-    with tqdm(total=work, desc="compare", unit="tok", disable=not progress or not workers.is_main) as bar:
-        for unit in mine:
-            for name, specs in _by_metric(unit).items():
-                bar.set_postfix_str(f"{specs[0] if len(specs) == 1 else f'{len(specs)} strategies'} {name}")
-                for spec, values in metrics[name].measure_many(run, specs, bar.update).items():
-                    record = new_record(
-                        canonical[spec], spec, name, values, settings.record_settings(name), env
-                    )
-                    produced.append(record)
-                    if workers.is_main:  # saved as soon as it exists; the others' come when all are done
-                        store.put(record)
-    # Metric by metric, strategies in the order asked: what one process writes, however many measured.
-    metric_order, strategy_order = list(metrics), list(canonical.values())
-    store = merge_records(
-        store, workers, produced,
-        lambda r: (r["strategy"] in strategy_order and r["metric"] in metric_order,
-                   metric_order.index(r["metric"]) if r["metric"] in metric_order else -1,
-                   strategy_order.index(r["strategy"]) if r["strategy"] in strategy_order else -1),
-    )  # fmt: skip
-    return current()
+    return run_job(CompareJob(strategies, settings), source, out_dir, force, device_map, progress)

@@ -99,6 +99,12 @@ def register_metric(metric_class: type[Metric]) -> type[Metric]:
     return metric_class
 
 
+def unregister_metric(name: str) -> None:
+    """Remove the metric ``name`` (one a notebook or test registered for a while); ``ValueError`` if unknown."""
+    get_metric(name)
+    del _METRICS[name]
+
+
 def default_metric_names() -> list[str]:
     """The metrics ``compare`` measures when ``--metrics`` is not given, in registration order."""
     return [name for name, metric in _METRICS.items() if metric.in_defaults]

@@ -20,8 +20,11 @@ import torch
 
 from hf_kvcache.base import cache_nbytes
 from hf_kvcache.evaluation.memory import PeakMemory, free_memory
+from hf_kvcache.evaluation.orchestrator import DataSource, Job, Measured, RecordKey, run_job
+from hf_kvcache.evaluation.records import fingerprint_of
+from hf_kvcache.evaluation.speed import CompetingLoad, synchronize
 from hf_kvcache.prefill import prefill
-from hf_kvcache.registry import build_cache
+from hf_kvcache.registry import build_cache, canonical_spec
 
 COSTS = ("held_bytes", "peak_memory_bytes", "prefill_seconds", "decode_ms_per_token")
 
@@ -89,8 +92,6 @@ def measure_length(
     model, ids: torch.Tensor, specs: list[str], settings: ScaleSettings, tick
 ) -> dict[str, dict]:
     """All costs of every strategy of ``specs`` for the prompt ``ids`` ``[1, L]``, in interleaved rounds."""
-    from hf_kvcache.evaluation.speed import CompetingLoad, _synchronize
-
     ids, length = ids.to(model.device), ids.shape[1]
     runs = {spec: {"prefill_seconds": [], "peak_memory_bytes": []} for spec in specs}
     caches, tokens, held = {}, {}, {}
@@ -102,11 +103,11 @@ def measure_length(
             caches.pop(spec, None)  # the previous round's cache goes before the next one fills
             cache = build_cache(spec, model)
             with PeakMemory(model.device) as peak:
-                _synchronize(model.device)
+                synchronize(model.device)
                 start = time.perf_counter()
                 prefill(model, ids, cache, chunk_size=settings.chunk_size)
                 logits = model(ids[:, -1:], past_key_values=cache, logits_to_keep=1).logits
-                _synchronize(model.device)
+                synchronize(model.device)
                 runs[spec]["prefill_seconds"].append(time.perf_counter() - start)
             runs[spec]["peak_memory_bytes"].append(peak.growth)
             caches[spec], tokens[spec] = cache, logits[:, -1:].argmax(-1)
@@ -115,12 +116,12 @@ def measure_length(
     runs = {spec: {**run, "decode_ms_per_token": []} for spec, run in runs.items()}
     for _ in range(settings.rounds):
         for spec in specs:
-            _synchronize(model.device)
+            synchronize(model.device)
             start = time.perf_counter()
             for _ in range(settings.decode_tokens):
                 logits = model(tokens[spec], past_key_values=caches[spec]).logits
                 tokens[spec] = logits[:, -1:].argmax(-1)
-            _synchronize(model.device)
+            synchronize(model.device)
             runs[spec]["decode_ms_per_token"].append(
                 1000 * (time.perf_counter() - start) / settings.decode_tokens
             )
@@ -214,20 +215,63 @@ def write_scale_plot(records: list[dict], out: Path) -> Path:
     return path
 
 
-def settings_record(settings: ScaleSettings, shared: dict, length: int) -> dict:
+def settings_record(settings: ScaleSettings, source: DataSource, length: int) -> dict:
     """What a record at ``length`` depends on (its fingerprint is a hash of this)."""
     own = dataclasses.asdict(settings)
     own.pop("lengths")
-    return {**shared, **own, "length": length}
+    return {**dataclasses.asdict(source), **own, "length": length}
 
 
-def _by_length(record: dict) -> tuple[bool, int]:
-    return record["metric"] == "scale", record["values"].get("length", 0)
+class ScaleJob(Job):
+    """``scale`` as an orchestrator job: a record per (strategy, length); a unit is one length, all its pending
+    strategies measured together in interleaved rounds."""
+
+    label = "scale"
+
+    def __init__(self, strategies: list[str], source: DataSource, settings: ScaleSettings):
+        self.settings, self.strategies = settings, strategies
+        self.canonical = {spec: canonical_spec(spec) for spec in strategies}  # validates every spec first
+        self.written = {canonical: spec for spec, canonical in self.canonical.items()}
+        self.recorded = {n: settings_record(settings, source, n) for n in settings.lengths}
+        self.lengths = {fingerprint_of(record): n for n, record in self.recorded.items()}
+
+    def wanted(self) -> list[RecordKey]:
+        fingerprints = {n: fingerprint_of(record) for n, record in self.recorded.items()}
+        strategies = dict.fromkeys(self.canonical.values())
+        return [(spec, "scale", fingerprints[n]) for n in sorted(self.recorded) for spec in strategies]
+
+    def units(self, pending: list[RecordKey]) -> list[list[RecordKey]]:
+        by_length: dict[str, list[RecordKey]] = {}
+        for key in pending:
+            by_length.setdefault(key[2], []).append(key)
+        return list(by_length.values())
+
+    def prepare(self, model, tokenizer, text: str) -> None:
+        from hf_kvcache.evaluation.corpus import corpus_token_ids
+
+        self.model = model
+        self.ids = corpus_token_ids(tokenizer, text, max(self.settings.lengths))
+        check_lengths(model, self.settings.lengths, self.ids.shape[1], self.strategies)
+
+    def work(self, unit: list[RecordKey]) -> int:
+        return self.lengths[unit[0][2]] * len(unit) * self.settings.rounds
+
+    def describe(self, unit: list[RecordKey]) -> str:
+        return f"{self.lengths[unit[0][2]]} tokens"
+
+    def measure(self, unit: list[RecordKey], tick) -> list[Measured]:
+        length, fingerprint = self.lengths[unit[0][2]], unit[0][2]
+        specs = [self.written[strategy] for strategy, _, _ in unit]
+        results = measure_length(self.model, self.ids[:, :length], specs, self.settings, tick)
+        return [
+            Measured((self.canonical[spec], "scale", fingerprint), spec, values, self.recorded[length])
+            for spec, values in results.items()
+        ]
 
 
 def run_scale(
     strategies: list[str],
-    shared: dict,
+    source: DataSource,
     settings: ScaleSettings,
     out_dir: str | Path,
     force: bool = False,
@@ -235,61 +279,5 @@ def run_scale(
     progress: bool = True,
 ) -> list[dict]:
     """Measure every strategy at every length; records land in ``out_dir/results.json``, one per (strategy,
-    length), saved as each length finishes, and reused on a rerun with the same settings unless ``force``.
-
-    ``shared`` holds the model and data options (``model``, ``dataset``, ``text_file``, ``split``, ``dtype``,
-    ``device``) as :class:`~hf_kvcache.evaluation.harness.CompareSettings` names them.
-    """
-    from types import SimpleNamespace
-
-    from tqdm.auto import tqdm
-
-    from hf_kvcache.evaluation.corpus import corpus_token_ids, load_corpus
-    from hf_kvcache.evaluation.distributed import Workers
-    from hf_kvcache.evaluation.harness import (
-        ResultStore,
-        environment,
-        fingerprint_of,
-        merge_records,
-        new_record,
-    )
-    from hf_kvcache.evaluation.model import load_model
-    from hf_kvcache.registry import canonical_spec
-
-    canonical = {spec: canonical_spec(spec) for spec in strategies}  # validates every spec before any work
-    store = ResultStore(Path(out_dir) / "results.json")
-    recorded = {n: settings_record(settings, shared, n) for n in settings.lengths}
-    fingerprints = {n: fingerprint_of(r) for n, r in recorded.items()}
-    pending = {
-        n: [s for s in strategies if force or store.find(canonical[s], "scale", fingerprints[n]) is None]
-        for n in sorted(settings.lengths)
-    }
-    workers = Workers()
-    workers.wait()  # every process has read results.json before the main process writes to it
-    if any(pending.values()):
-        text = load_corpus(
-            shared.get("text_file") or shared.get("dataset"), split=shared.get("split", "test")
-        )
-        device = "auto" if device_map == "auto" else workers.device(shared.get("device"))
-        model, tokenizer = load_model(shared.get("model"), shared.get("dtype"), device)
-        ids = corpus_token_ids(tokenizer, text, max(settings.lengths))
-        check_lengths(model, settings.lengths, ids.shape[1], strategies)
-        env = environment(model, SimpleNamespace(model=shared.get("model")))
-        mine = workers.share([n for n, specs in pending.items() if specs])
-        produced = []
-        work = sum(n * len(pending[n]) * settings.rounds for n in mine)
-        with tqdm(total=work, desc="scale", unit="tok", disable=not progress or not workers.is_main) as bar:
-            for length in mine:
-                bar.set_postfix_str(f"{length} tokens")
-                specs = pending[length]
-                for spec, values in measure_length(
-                    model, ids[:, :length], specs, settings, bar.update
-                ).items():
-                    produced.append(new_record(canonical[spec], spec, "scale", values, recorded[length], env))
-                    if workers.is_main:
-                        store.put(produced[-1])
-        store = merge_records(store, workers, produced, _by_length)
-    wanted = {(canonical[s], fingerprints[n]) for s in strategies for n in settings.lengths}
-    return [
-        r for r in store.records if r["metric"] == "scale" and (r["strategy"], r["fingerprint"]) in wanted
-    ]
+    length), saved as each length finishes, and reused on a rerun with the same settings unless ``force``."""
+    return run_job(ScaleJob(strategies, source, settings), source, out_dir, force, device_map, progress)

@@ -86,7 +86,8 @@ def _cpu_counters() -> tuple[float, float, float] | None:
     return busy / ticks_per_s, own.user + own.system, time.monotonic()
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer reads the time the work took."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -118,17 +119,17 @@ def measure_speed(
 
     def run(steps: int) -> tuple[float, float]:
         cache = make_cache()
-        _synchronize(model.device)
+        synchronize(model.device)
         start = time.perf_counter()
         for begin in range(0, prompt_ids.shape[1], chunk):
             logits = model(prompt_ids[:, begin : begin + chunk], past_key_values=cache, use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
-        _synchronize(model.device)
+        synchronize(model.device)
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(steps):
             token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        _synchronize(model.device)
+        synchronize(model.device)
         return prefill_s, time.perf_counter() - start
 
     if warmup_tokens:

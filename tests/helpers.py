@@ -1,0 +1,190 @@
+"""Helpers and tables shared by several test modules, and the generic checks every strategy must pass.
+
+LOSSLESS holds, per strategy, a spec that keeps every token of the short runs of the tests: it must reproduce
+DynamicCache's output token for token. LOSSY holds specs that really compress: they must run in every mode, and
+an eviction strategy must choose the same entries on its decoding path as on its general path.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from hf_kvcache import build_cache, cache_nbytes
+from hf_kvcache.strategies.eviction import EvictingLayer
+from tests.conftest import left_padded_ids, make_tiny_model, random_ids
+
+LOSSLESS = {
+    "full": "full",
+    "quantized": "quantized:nbits=2,group_size=8,residual_length=64",
+    "sliding-window": "sliding-window:window_length=64,num_sink_tokens=4",
+    "heavy-hitter": "heavy-hitter:heavy_budget=32,recent_budget=32",
+    "tova": "tova:budget=64",
+    "snapkv": "snapkv:budget=64,window_size=8",
+    "sliding-window+quantized": (
+        "sliding-window:window_length=64+quantized:nbits=2,group_size=8,residual_length=64"
+    ),
+    "heavy-hitter+quantized": (
+        "heavy-hitter:heavy_budget=8,recent_budget=64+quantized:group_size=8,residual_length=64"
+    ),
+}
+LOSSY = {
+    "full": "full",
+    "quantized": "quantized:nbits=2,group_size=8,residual_length=8",
+    "sliding-window": "sliding-window:window_length=12,num_sink_tokens=4",
+    "heavy-hitter": "heavy-hitter:heavy_budget=6,recent_budget=6",
+    "tova": "tova:budget=12",
+    "snapkv": "snapkv:budget=12,window_size=4,kernel_size=3",
+    "sliding-window+quantized": (
+        "sliding-window:window_length=16+quantized:nbits=2,group_size=8,residual_length=4"
+    ),
+    "heavy-hitter+quantized": (
+        "heavy-hitter:heavy_budget=8,recent_budget=8+quantized:group_size=8,residual_length=4"
+    ),
+}
+
+# --- what the harness tests run: tiny model, filler text, few tokens -----------------------------------
+HARNESS_STRATEGIES = [
+    "full",
+    "quantized:nbits=2,group_size=8,residual_length=16",
+    "sliding-window:window_length=32,num_sink_tokens=4",
+    "heavy-hitter:heavy_budget=16,recent_budget=16",
+]
+
+
+def command_line(
+    command: str, model_dir, text_file, out, options: dict, strategies: list[str], extra
+) -> list:
+    """``hf-kvcache COMMAND`` on the tiny model and filler text, on CPU, with ``options`` (flag: value or
+    values) and ``strategies``, then ``extra`` arguments."""
+    argv = [command, "--model", model_dir, "--text-file", text_file, "--out", str(out), "--device", "cpu"]
+    for flag, value in options.items():
+        argv += [flag, *(value if isinstance(value, list) else [value])]
+    return [*argv, "--strategies", *strategies, *extra]
+
+
+def compare_args(model_dir, text_file, out, *extra):
+    options = {
+        "--max-tokens": "128",
+        "--decode-tokens": "3",
+        "--passkey-lengths": "96",
+        "--passkey-depths": ["0.2", "0.8"],
+    }
+    return command_line("compare", model_dir, text_file, out, options, HARNESS_STRATEGIES, extra)
+
+
+SCALE_STRATEGIES = [
+    "full",
+    "sliding-window:window_length=32+quantized:nbits=4,group_size=8,residual_length=8",
+]
+
+
+def scale_args(model_dir, text_file, out, *extra):
+    options = {"--lengths": ["64", "128", "256"], "--decode-tokens": "2", "--prefill-chunk-size": "32"}
+    return command_line("scale", model_dir, text_file, out, options, SCALE_STRATEGIES, extra)
+
+
+PROMPT, NEW = 24, 12
+MODES = {
+    "greedy": dict(do_sample=False),
+    "beam": dict(do_sample=False, num_beams=3),
+    "sample": dict(do_sample=True, top_k=20),
+}
+
+
+def left_padded_batch():
+    """Three rows of ``PROMPT`` tokens, left-padded by 0, 5 and 11."""
+    return left_padded_ids(PROMPT, pads=(0, 5, 11), seed=5)
+
+
+def generate(model, cache, mode: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``NEW`` tokens from ``model.generate`` in ``mode`` (seeded), through ``cache``."""
+    torch.manual_seed(0)
+    options = dict(max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0, **MODES[mode])
+    return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **options)
+
+
+def stream(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """Feed ``ids`` through ``cache`` ``chunk`` tokens at a time; every position's logits."""
+    with torch.no_grad():
+        pieces = [
+            model(ids[:, s : s + chunk], past_key_values=cache).logits for s in range(0, ids.shape[1], chunk)
+        ]
+    return torch.cat(pieces, 1)
+
+
+def eager_weights(arch: str, ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Attention weights ``[B, H_q, T, T]`` of one cache-free eager forward of the tiny ``arch`` model."""
+    eager = make_tiny_model(arch, attn="eager")
+    with torch.no_grad():
+        return eager(ids, output_attentions=True).attentions[layer]
+
+
+def bookkeeping_bytes(cache) -> int:
+    """What eviction layers hold beyond the tokens: two int64 counters per row (real tokens seen and held) and,
+    for H2O, a float32 accumulated score per held entry."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, EvictingLayer):
+            total += 8 * (layer.real_seen.numel() + layer.cached_real.numel())
+            if getattr(layer, "accumulates", False):
+                total += 4 * layer.scores.numel()
+    return total
+
+
+# --- the generic checks every strategy passes (the CONTRIBUTING walk-through runs them on its own example) --
+def check_generates_like_dynamic_cache(model, spec: str, mode: str) -> None:
+    """A left-padded batch generates exactly what ``DynamicCache`` generates, in ``mode``."""
+    ids, mask = left_padded_batch()
+    expected = generate(model, DynamicCache(config=model.config), mode, ids, mask)
+    assert torch.equal(generate(model, build_cache(spec, model), mode, ids, mask), expected), (spec, mode)
+
+
+def check_generates_in_every_mode(model, spec: str) -> None:
+    """A compressing spec generates the right shape, prompt untouched, in every mode."""
+    ids, mask = left_padded_batch()
+    for mode in MODES:
+        out = generate(model, build_cache(spec, model), mode, ids, mask)
+        assert out.shape == (3, PROMPT + NEW) and torch.equal(out[:, :PROMPT], ids), (spec, mode)
+
+
+def check_never_more_bytes_than_dynamic_cache(model, spec: str) -> None:
+    """After every step of a prompt and 24 decoding steps, the cache holds no more bytes than ``DynamicCache``
+    (beyond :func:`bookkeeping_bytes`)."""
+    ids = random_ids(40, batch=2, seed=1)
+    ours, reference = build_cache(spec, model), DynamicCache(config=model.config)
+    with torch.no_grad():
+        for t, stop in enumerate([16, *range(17, ids.shape[1] + 1)]):
+            start = 0 if t == 0 else stop - 1
+            for cache in (ours, reference):
+                model(ids[:, start:stop], past_key_values=cache)
+            held = cache_nbytes(ours) - bookkeeping_bytes(ours)
+            assert held <= cache_nbytes(reference), f"{spec}: after {stop} tokens"
+
+
+def check_decoding_path_agrees_with_general_path(
+    model, spec: str, length: int = 40, prompt: int = 20
+) -> bool:
+    """Prefill ``prompt`` tokens (general path), then decode the rest one by one: once with decoding steps on
+    the in-place path, once with every step forced onto the general path. The logits and the entries held must
+    agree. Returns whether the decoding path evicted (a pending victim was left by a decoding step)."""
+    ids = random_ids(length, batch=2, seed=7)
+    runs, evicted_in_place = [], False
+    for in_place in (True, False):
+        cache = build_cache(spec, model)
+        layers = [layer for layer in cache.layers if isinstance(layer, EvictingLayer)]
+        for layer in layers:
+            layer.decodes_in_place = layer.decodes_in_place and in_place
+        logits = [stream(model, ids[:, :prompt], cache, prompt)]
+        for t in range(prompt, length):
+            logits.append(stream(model, ids[:, t : t + 1], cache, 1))
+            evicted_in_place |= any(layer.pending_victim is not None for layer in layers)
+        runs.append((torch.cat(logits, 1), [layer.held() for layer in layers]))
+    (logits, held), (general_logits, general_held) = runs
+    torch.testing.assert_close(logits, general_logits, rtol=1e-4, atol=1e-5)
+    # The same entries, in age order; past layer 0 a key is computed from attention over slots in another
+    # order, so it may differ in its last bits.
+    for (keys, values), (general_keys, general_values) in zip(held, general_held, strict=True):
+        torch.testing.assert_close(keys, general_keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(values, general_values, rtol=1e-4, atol=1e-5)
+    return evicted_in_place
