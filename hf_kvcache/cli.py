@@ -226,7 +226,9 @@ def run_scale_command(args: argparse.Namespace) -> int:
     _check_specs(args.strategies)
     _check_text_file(args)
     try:
-        settings = ScaleSettings(tuple(args.lengths), args.rounds, args.decode_tokens, args.prefill_chunk_size)
+        settings = ScaleSettings(
+            tuple(args.lengths), args.rounds, args.decode_tokens, args.prefill_chunk_size
+        )
         source = DataSource(args.model, args.dataset, args.text_file, args.split, args.dtype, args.device)
         records = run_scale(args.strategies, source, settings, args.out, args.force, args.device_map)
     except ValueError as error:

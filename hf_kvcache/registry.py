@@ -72,6 +72,29 @@ def unregister_strategy(name: str) -> None:
     del _STRATEGIES[name]
 
 
+def check_int(name: str, value: object, minimum: int, why: str = "") -> None:
+    """For an options dataclass: ``ValueError`` naming ``name`` unless ``value`` is an integer (not a bool) of at
+    least ``minimum``; ``why`` says where the minimum comes from."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{why}, got {value!r}")
+
+
+def check_budget(
+    options: Any, budget: str = "budget", sinks: str | None = None, recent: str | None = None
+) -> None:
+    """For an eviction strategy's options: the field ``budget`` an integer >= 1, the fields named by ``sinks``
+    and ``recent`` (first and newest entries always kept) integers >= 0 that fit in the budget together."""
+    protected = 0
+    for name in (sinks, recent):
+        if name is not None:
+            check_int(name, getattr(options, name), 0)
+            protected += getattr(options, name)
+    fields = " + ".join(f"{name}={getattr(options, name)}" for name in (sinks, recent) if name is not None)
+    check_int(
+        budget, getattr(options, budget), max(1, protected), f" (the {fields} it protects)" if fields else ""
+    )
+
+
 def list_strategies() -> list[str]:
     """Names of all registered strategies, sorted."""
     return sorted(_STRATEGIES)

@@ -7,10 +7,15 @@ an eviction strategy must choose the same entries on its decoding path as on its
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
+
 import torch
 from transformers import DynamicCache
 
 from hf_kvcache import build_cache, cache_nbytes
+from hf_kvcache.registry import get_strategy
 from hf_kvcache.strategies.eviction import EvictingLayer
 from tests.conftest import left_padded_ids, make_tiny_model, random_ids
 
@@ -188,3 +193,32 @@ def check_decoding_path_agrees_with_general_path(
         torch.testing.assert_close(keys, general_keys, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(values, general_values, rtol=1e-4, atol=1e-5)
     return evicted_in_place
+
+
+def check_options_are_declared_once_and_documented(name: str) -> None:
+    """The cache class of strategy ``name`` takes exactly its options (keywords, positions or a ready options
+    object), and its docstring links the paper and documents every option with its default."""
+    model = make_tiny_model("llama", head_dim=32)  # the quantizer's default groups of 32 channels fit
+    strategy = get_strategy(name)
+    cache_class = strategy.build
+    fields = [f for f in dataclasses.fields(strategy.options_class) if f.init]
+    signature = inspect.signature(cache_class)
+    assert list(signature.parameters) == ["model", *(f.name for f in fields)]
+    doc = inspect.getdoc(cache_class)
+    assert "https://arxiv.org/abs/" in doc
+    args = doc.split("Args:\n", 1)[1].split("\n\n", 1)[0]
+    documented = {
+        entry.split(":")[0].strip(): " ".join(entry.replace("``", "").split())
+        for entry in re.split(r"\n(?=    \w+: )", args)
+    }
+    assert list(documented) == ["model", *(f.name for f in fields)]
+    for field in fields:
+        assert signature.parameters[field.name].default == field.default
+        assert documented[field.name].endswith(f"Default {field.default!r}."), documented[field.name]
+    defaults = {f.name: f.default for f in fields}
+    for cache in (
+        cache_class(model, **defaults),
+        cache_class(model, *defaults.values()),
+        cache_class(model, strategy.options_class()),
+    ):
+        assert cache.options == strategy.options_class()

@@ -164,7 +164,7 @@ def test_nbytes_counts_packed_codes_scales_and_residual(nbits, sinks):
     "options, message",
     [
         ({"nbits": 3}, "nbits must be one of \\[2, 4, 8\\], got 3"),
-        ({"group_size": 0}, "group_size must be a positive integer"),
+        ({"group_size": 0}, "group_size must be an integer >= 1, got 0"),
         ({"group_size": 12}, "group_size=12 must divide the model's head dimension 16"),
         ({"residual_length": -1}, "residual_length must be an integer >= 0, got -1"),
         ({"backend": "hqq"}, "backend must be one of \\['torch', 'quanto'\\]"),

@@ -1,14 +1,12 @@
-import dataclasses
-import inspect
-import re
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 from hf_kvcache import build_cache, cache_nbytes, canonical_spec, list_strategies, parse_spec
-from hf_kvcache.registry import get_strategy, split_spec
-from tests.conftest import make_tiny_model, random_ids
+from hf_kvcache.registry import split_spec
+from tests.conftest import random_ids
+from tests.helpers import check_options_are_declared_once_and_documented
 
 
 def test_full_is_dynamic_cache(llama):
@@ -64,28 +62,4 @@ def test_cache_nbytes_rejects_non_caches():
 
 @pytest.mark.parametrize("name", [n for n in list_strategies() if n != "full"])
 def test_options_are_declared_once_and_documented_with_their_defaults(name):
-    model = make_tiny_model("llama", head_dim=32)  # the quantizer's default groups of 32 channels fit
-    strategy = get_strategy(name)
-    cache_class = strategy.build
-    fields = [f for f in dataclasses.fields(strategy.options_class) if f.init]
-    signature = inspect.signature(cache_class)
-    assert list(signature.parameters) == ["model", *(f.name for f in fields)]
-    doc = inspect.getdoc(cache_class)
-    assert "https://arxiv.org/abs/" in doc
-    args = doc.split("Args:\n", 1)[1].split("\n\n", 1)[0]
-    documented = {
-        entry.split(":")[0].strip(): " ".join(entry.replace("``", "").split())
-        for entry in re.split(r"\n(?=    \w+: )", args)
-    }
-    assert list(documented) == ["model", *(f.name for f in fields)]
-    for field in fields:
-        assert signature.parameters[field.name].default == field.default
-        assert documented[field.name].endswith(f"Default {field.default!r}."), documented[field.name]
-    # Keywords, positional options and a ready options object build the same cache.
-    defaults = {f.name: f.default for f in fields}
-    for cache in (
-        cache_class(model, **defaults),
-        cache_class(model, *defaults.values()),
-        cache_class(model, strategy.options_class()),
-    ):
-        assert cache.options == strategy.options_class()
+    check_options_are_declared_once_and_documented(name)

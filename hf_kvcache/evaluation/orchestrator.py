@@ -112,7 +112,9 @@ def run_job(
         mine = workers.share(job.units(pending))
         produced = []
         total = sum(job.work(unit) for unit in mine)
-        with tqdm(total=total, desc=job.label, unit="tok", disable=not progress or not workers.is_main) as bar:
+        with tqdm(
+            total=total, desc=job.label, unit="tok", disable=not progress or not workers.is_main
+        ) as bar:
             for unit in mine:
                 bar.set_postfix_str(job.describe(unit))
                 for item in job.measure(unit, bar.update):

@@ -68,10 +68,14 @@ class ResultStore:
             ) from None
         if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
             found = data.get("schema_version") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"{self.path} has schema {found}, expected {SCHEMA_VERSION}; it was left as it is")
+            raise ValueError(
+                f"{self.path} has schema {found}, expected {SCHEMA_VERSION}; it was left as it is"
+            )
         records = data.get("records")
         keys = ("strategy", "metric", "fingerprint", "values")
-        if not isinstance(records, list) or not all(isinstance(r, dict) and all(k in r for k in keys) for r in records):
+        if not isinstance(records, list) or not all(
+            isinstance(r, dict) and all(k in r for k in keys) for r in records
+        ):
             raise ValueError(
                 f"{self.path} has no list of records with {list(keys)} each; it was left as it is"
             )

@@ -5,7 +5,7 @@ The contract. An eviction strategy declares what it protects and, optionally, ho
 * ``sinks``: the first ``sinks`` real entries of every row are always kept;
 * ``recent``: the newest ``recent`` entries are always kept;
 * :meth:`EvictingLayer.priority`: ``[B, H, N]``, higher is kept; the default is age (newest first), which makes
-  a sliding window.
+  a sliding window. Of entries tied in priority, the older goes first.
 
 Whenever an update would leave a layer holding more than ``capacity(new)`` entries, the base class keeps the
 protected entries and, of the others, those of highest priority: a top-k over the held entries and the new ones
@@ -43,12 +43,15 @@ from hf_kvcache.layout import (
 from hf_kvcache.model_hooks import ForwardState, install_forward_observer
 from hf_kvcache.strategies.slots import (
     age_order,
-    exclude,
     fill_new_slots,
     grow_slots,
     growth_size,
+    highest,
     implicit_positions,
+    keep_slot_state,
+    sort_slots_by_age,
     start_slot_state,
+    victim,
     write_slot,
 )
 
@@ -215,29 +218,16 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
             first_real = (self.seen - self.real_seen)[:, None, None]
             candidate = (positions >= first_real + self.sinks) & (positions <= self.seen - self.recent)
             priority = self.priority(keys, values, positions)
-            self.pending_victim = exclude(priority, candidate).argmin(dim=-1)
+            self.pending_victim = victim(priority, candidate, positions)
             self.stored, self.cached_real = total - 1, real_in_full - 1
         else:
             self.stored, self.cached_real = total, real_in_full
         return keys, values
 
-    def _put_in_age_order(self) -> None:
-        """Before the general path: undo attention's writes, drop the pending victim, sort the slots by age."""
-        self.restore_buffers()
-        if self.slot_positions is None:
-            return
-        order = age_order(self)
-        in_order = bool((order == torch.arange(self.stored, device=self.device)).all())
-        if self.pending_victim is not None or not in_order:
-            for declared in self.declared("slot"):
-                tensor = getattr(self, declared.name)
-                if tensor is not None:
-                    setattr(self, declared.name, gather_entries(tensor, order))
-        self.pending_victim = None
-
     def _update_general(self, key_states, value_states, pads, evicted, real_in_full, kept):
         batch, heads, new, _ = key_states.shape
-        self._put_in_age_order()
+        self.restore_buffers()
+        sort_slots_by_age(self)
         stored, total = self.stored, self.stored + new
         evicting = kept < total
         # New entry j of row b is real when its column seen + j is past the row's padding.  # [B, new]
@@ -261,10 +251,7 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
             self.cached_real = real_in_full.clamp(max=kept)
             if self.decodes_in_place:
                 positions = positions.gather(2, indices)
-            for declared in self.declared("slot"):
-                tensor = getattr(self, declared.name)
-                if declared.fill is not None and tensor is not None:
-                    setattr(self, declared.name, tensor.gather(2, indices))
+            keep_slot_state(self, indices)
         else:
             self.cached_real = real_in_full
         self.store_entries(full_keys, full_values, indices)
@@ -286,7 +273,7 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
         sinks = (first_real + torch.arange(self.sinks, device=device)).expand(batch, heads, -1)
         recent = entry[total - self.recent :].expand(batch, heads, -1)
         candidate = (entry >= first_real + self.sinks) & (entry < total - self.recent)
-        chosen = exclude(priority, candidate, from_top_k=True).topk(kept - self.sinks - self.recent).indices
+        chosen = highest(priority, candidate, kept - self.sinks - self.recent)
         indices = torch.cat([sinks, chosen, recent], dim=-1).sort(dim=-1).values
         newest = entry[total - kept :].expand(batch, heads, kept)
         return torch.where((real_in_full >= kept)[:, None, None], indices, newest)

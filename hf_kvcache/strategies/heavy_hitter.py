@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hf_kvcache.held import SlotTensor
-from hf_kvcache.registry import register_strategy
+from hf_kvcache.registry import check_int, register_strategy
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from hf_kvcache.strategies.quantized_storage import QuantizedStorage, check_composed_quantization
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
@@ -27,10 +27,8 @@ class HeavyHitterOptions:
 
     def __post_init__(self):
         check_composed_quantization(self.quantization)
-        for name in ("heavy_budget", "recent_budget"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        check_int("heavy_budget", self.heavy_budget, 0)
+        check_int("recent_budget", self.recent_budget, 0)
         if self.heavy_budget + self.recent_budget < 1:
             raise ValueError("heavy_budget + recent_budget must be at least 1, got 0")
         quantization = self.quantization

@@ -15,7 +15,7 @@ from transformers.cache_utils import CacheLayerMixin
 from hf_kvcache.base import KVCache
 from hf_kvcache.held import HeldTensors, RowTensor, held_view
 from hf_kvcache.layout import FULL_ATTENTION, LOCAL_ATTENTION, AttentionLayout, require_layer_types
-from hf_kvcache.registry import register_strategy
+from hf_kvcache.registry import check_int, register_strategy
 from hf_kvcache.strategies.packed_store import QuantizedTokens
 from hf_kvcache.strategies.packing import BACKENDS, SUPPORTED_NBITS
 
@@ -33,12 +33,9 @@ class QuantizedOptions:
     def __post_init__(self):
         if self.nbits not in SUPPORTED_NBITS:
             raise ValueError(f"nbits must be one of {list(SUPPORTED_NBITS)}, got {self.nbits!r}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
-        if not isinstance(self.residual_length, int) or self.residual_length < 0:
-            raise ValueError(f"residual_length must be an integer >= 0, got {self.residual_length!r}")
-        if not isinstance(self.num_sink_tokens, int) or self.num_sink_tokens < 0:
-            raise ValueError(f"num_sink_tokens must be an integer >= 0, got {self.num_sink_tokens!r}")
+        check_int("group_size", self.group_size, 1)
+        check_int("residual_length", self.residual_length, 0)
+        check_int("num_sink_tokens", self.num_sink_tokens, 0)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.group_size % (8 // self.nbits):

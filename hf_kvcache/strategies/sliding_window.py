@@ -19,7 +19,7 @@ from hf_kvcache.model_hooks import (
     attention_modules,
     find_rotary_module,
 )
-from hf_kvcache.registry import register_strategy
+from hf_kvcache.registry import check_int, register_strategy
 from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from hf_kvcache.strategies.quantized_storage import QuantizedStorage, check_composed_quantization
@@ -38,8 +38,7 @@ class SlidingWindowOptions:
 
     def __post_init__(self):
         check_composed_quantization(self.quantization)
-        if not isinstance(self.num_sink_tokens, int) or self.num_sink_tokens < 0:
-            raise ValueError(f"num_sink_tokens must be an integer >= 0, got {self.num_sink_tokens!r}")
+        check_int("num_sink_tokens", self.num_sink_tokens, 0)
         if not isinstance(self.window_length, int) or self.window_length <= self.num_sink_tokens:
             raise ValueError(
                 f"window_length must be an integer larger than num_sink_tokens={self.num_sink_tokens}, "

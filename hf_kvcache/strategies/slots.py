@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from hf_kvcache.base import gather_entries
 from hf_kvcache.held import HeldTensors
 
 
@@ -123,3 +124,41 @@ def growth_size(layer: Any, total: int) -> int:
     slot_bytes = sum(tensor[0, 0, :1].nbytes for tensor in held if tensor is not None)
     affordable = (layer.seen + 1) * token_bytes // slot_bytes
     return max(total, min(affordable, total + total // 8))
+
+
+def victim(priority: torch.Tensor, candidate: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The slot ``[B, H]`` to evict: the candidate of lowest priority, the oldest of those tied."""
+    masked = exclude(priority, candidate)
+    tied = (masked == masked.amin(dim=-1, keepdim=True)) & candidate
+    return exclude(positions, tied).argmin(dim=-1)
+
+
+def highest(priority: torch.Tensor, candidate: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices ``[B, H, count]`` of the ``count`` candidates of highest priority among entries in age order,
+    the newest of those tied (so that what is dropped is what :func:`victim` would evict)."""
+    newest_first = exclude(priority, candidate, from_top_k=True).flip(-1)
+    order = newest_first.sort(dim=-1, descending=True, stable=True).indices[..., :count]
+    return priority.shape[-1] - 1 - order
+
+
+def sort_slots_by_age(layer: Any) -> None:
+    """Put an eviction layer's held entries back in age order in every slot tensor, dropping the slot a decoding
+    step evicted: the general path works on entries in age order."""
+    if layer.slot_positions is None:
+        return
+    order = age_order(layer)
+    in_order = bool((order == torch.arange(layer.stored, device=layer.device)).all())
+    if layer.pending_victim is not None or not in_order:
+        for declared in layer.declared("slot"):
+            tensor = getattr(layer, declared.name)
+            if tensor is not None:
+                setattr(layer, declared.name, gather_entries(tensor, order))
+    layer.pending_victim = None
+
+
+def keep_slot_state(layer: HeldTensors, indices: torch.Tensor) -> None:
+    """Keep entries ``indices`` ``[B, H, kept]`` of each per-slot state tensor (those declared with a ``fill``)."""
+    for declared in layer.declared("slot"):
+        tensor = getattr(layer, declared.name)
+        if declared.fill is not None and tensor is not None:
+            setattr(layer, declared.name, tensor.gather(2, indices))

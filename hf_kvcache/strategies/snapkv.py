@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hf_kvcache.registry import register_strategy
+from hf_kvcache.registry import check_int, register_strategy
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 
 
@@ -24,8 +24,7 @@ class SnapKVOptions:
     kernel_size: int = 7
 
     def __post_init__(self):
-        if not isinstance(self.budget, int) or self.budget < 1:
-            raise ValueError(f"budget must be an integer >= 1, got {self.budget!r}")
+        check_int("budget", self.budget, 1)
         if not isinstance(self.window_size, int) or not 1 <= self.window_size <= self.budget:
             raise ValueError(
                 f"window_size must be an integer in [1, budget={self.budget}], got {self.window_size!r}"

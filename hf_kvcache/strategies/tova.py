@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hf_kvcache.registry import register_strategy
+from hf_kvcache.registry import check_budget, register_strategy
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 
 
@@ -18,8 +18,7 @@ class TOVAOptions:
     budget: int = 256
 
     def __post_init__(self):
-        if not isinstance(self.budget, int) or self.budget < 1:
-            raise ValueError(f"budget must be an integer >= 1, got {self.budget!r}")
+        check_budget(self)
 
 
 class TOVALayer(ScoringLayer):
