@@ -53,9 +53,11 @@ def held_bytes_at(length: int) -> dict:
         packed = sum(layer.key_group.numel() for layer in layers)
         row["packed_tokens_per_live_key_group"] = packed / max(live, 1)
         rows[spec] = row
-        print(f"{spec}: {row['held_bytes'] / 2**20:.2f} MiB = 1/{1 / row['fraction_of_full']:.1f} of "
-              f"DynamicCache; {row['packed_tokens_per_live_key_group']:.1f} packed tokens per key group",
-              flush=True)  # fmt: skip
+        print(
+            f"{spec}: {row['held_bytes'] / 2**20:.2f} MiB = 1/{1 / row['fraction_of_full']:.1f} of "
+            f"DynamicCache; {row['packed_tokens_per_live_key_group']:.1f} packed tokens per key group",
+            flush=True,
+        )
     return rows
 
 

@@ -93,8 +93,8 @@ def main():
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(
-            f"| {name} | {r['perplexity']:.3f} | {r['ppl_ratio']:.4f} | {r['bytes_4096_bf16'] / 2**20:.2f} MiB"
-            f" | {r['bytes_ratio']:.3f} | {r['decode_tokens_per_s']:.1f} |"
+            f"| {name} | {r['perplexity']:.3f} | {r['ppl_ratio']:.4f} | {r['bytes_4096_bf16'] / 2**20:.2f} "
+            f"MiB | {r['bytes_ratio']:.3f} | {r['decode_tokens_per_s']:.1f} |"
         )
 
 

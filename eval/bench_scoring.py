@@ -1,4 +1,4 @@
-"""Score-based eviction at equal memory: H2O, TOVA and SnapKV against a sliding window, on the embedded defaults.
+"""Score-based eviction at equal memory: H2O, TOVA and SnapKV against a sliding window, embedded defaults.
 
     python eval/bench_scoring.py [--out eval/results/scoring]
 

@@ -35,8 +35,10 @@ model, tokenizer = load_model()
 prompt = make_passkey_prompt(tokenizer, load_corpus(), args.length, args.depth, seed=1)
 ids = prompt.input_ids
 full = full_cache_bytes(model, ids.shape[1])
-print(f"{ids.shape[1]} prompt tokens, pass key {prompt.key} at depth {args.depth}; a full cache would hold "
-      f"{full / 2**20:.0f} MiB")  # fmt: skip
+print(
+    f"{ids.shape[1]} prompt tokens, pass key {prompt.key} at depth {args.depth}; a full cache would hold "
+    f"{full / 2**20:.0f} MiB"
+)
 for spec in CACHES:
     cache = build_cache(spec, model)
     start = time.perf_counter()
@@ -45,6 +47,8 @@ for spec in CACHES:
         out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
     answer = tokenizer.decode(out[0, ids.shape[1] :]).strip()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
-    print(f"{spec}\n  held {cache_nbytes(cache) / 2**20:.2f} MiB ({cache_nbytes(cache) / full:.3f} of full), "
-          f"{time.perf_counter() - start:.0f} s, process peak RSS so far {peak:.0f} MiB\n"
-          f"  answer: {answer!r} -> {'found' if prompt.key in answer else 'not found'}")  # fmt: skip
+    print(
+        f"{spec}\n  held {cache_nbytes(cache) / 2**20:.2f} MiB ({cache_nbytes(cache) / full:.3f} of full), "
+        f"{time.perf_counter() - start:.0f} s, process peak RSS so far {peak:.0f} MiB\n"
+        f"  answer: {answer!r} -> {'found' if prompt.key in answer else 'not found'}"
+    )

@@ -53,8 +53,8 @@ def tensors_nbytes(tensors: Iterator[torch.Tensor]) -> int:
 def gather_entries(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``tensor[b, h, index[b, h, k], ...]`` as ``[B, H, K, ...]`` for ``tensor`` ``[B, H, N, ...]``.
 
-    One row copy per entry through ``index_select`` on a flat view: on CPU several times faster than ``gather``
-    with an index expanded over the trailing dimensions.
+    One row copy per entry through ``index_select`` on a flat view: on CPU several times faster than
+    ``gather`` with an index expanded over the trailing dimensions.
     """
     batch, heads, length = tensor.shape[:3]
     offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1) * length
@@ -72,19 +72,20 @@ def cache_nbytes(cache: Cache) -> int:
 
 
 def layer_tensors(layer: object) -> Iterator[torch.Tensor]:
-    """The tensors a cache layer holds: what ours declare (:mod:`hf_kvcache.held`), or every tensor attribute of a
-    layer that is not ours (transformers' own)."""
+    """The tensors a cache layer holds: what ours declare (:mod:`hf_kvcache.held`), or every tensor attribute
+    of a layer that is not ours (transformers' own)."""
     return layer.held_tensors() if isinstance(layer, HeldTensors) else held_tensors(layer)
 
 
 class KVCache(Cache):
-    """A ``transformers.Cache`` of hf-kvcache layers, built from a frozen options dataclass, with honest ``nbytes``.
+    """A ``transformers.Cache`` of hf-kvcache layers, built from a frozen options dataclass.
 
     A strategy subclasses this (or :class:`~hf_kvcache.strategies.eviction.EvictionCache`), names its frozen
     ``options_class`` and implements :meth:`build_layers`. The options dataclass is the one place that
-    declares option names, defaults and checks: ``Cache(model, nbits=2)`` builds it from the options (keywords,
-    or positional in field order), and ``Cache(model, options)`` takes a ready one (the registry does that). ``cache.options`` holds it;
-    ``cache.config`` is left to mean what it means in ``transformers``.
+    declares option names, defaults and checks: ``Cache(model, nbits=2)`` builds it from the options
+    (keywords, or positional in field order), and ``Cache(model, options)`` takes a ready one (the registry
+    does that). ``cache.options`` holds it; ``cache.config`` is left to mean what it means in
+    ``transformers``.
     """
 
     options_class: ClassVar[type]
@@ -109,8 +110,8 @@ class KVCache(Cache):
         config = getattr(model, "config", None)
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(
-                f"{type(self).__name__} serves decoder-only models; {type(model).__name__} is an encoder-decoder "
-                "whose cross-attention needs transformers' EncoderDecoderCache"
+                f"{type(self).__name__} serves decoder-only models; {type(model).__name__} is an "
+                "encoder-decoder whose cross-attention needs transformers' EncoderDecoderCache"
             )
         self.layout = attention_layout(model)
         super().__init__(layers=self.build_layers(model, self.layout))

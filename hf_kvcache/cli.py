@@ -92,7 +92,8 @@ def run_list(args: argparse.Namespace) -> int:
     for name in list_strategies():
         print(f"{name:16s} {get_strategy(name).summary}\n{'':16s} default: {canonical_spec(name)}")
     print(
-        "\ncompositions (eviction strategy + storage format, e.g. 'sliding-window:window_length=512+quantized:nbits=4'):"
+        "\ncompositions (eviction strategy + storage format, e.g. "
+        "'sliding-window:window_length=512+quantized:nbits=4'):"
     )
     for composition in compositions():
         print(f"  {composition:30s} default: {canonical_spec(composition)}")
@@ -124,7 +125,7 @@ def _option_flags(metric: str, option: dataclasses.Field) -> list[str]:
 
 
 def add_metric_option_arguments(parser: argparse.ArgumentParser, metric_names: list[str]) -> None:
-    """One ``--<metric>-<option>`` flag per field of each metric's options dataclass; values are checked there."""
+    """A ``--<metric>-<option>`` flag per field of each metric's options dataclass (which checks values)."""
     import typing
 
     from hf_kvcache.evaluation import get_metric
@@ -181,10 +182,12 @@ def add_harness_arguments(
 
 def add_parallel_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--num-processes", type=_positive_int, default=1,
+        "--num-processes",
+        type=_positive_int,
+        default=1,
         help="split the work between this many processes through accelerate (one device each); the same as "
         "'accelerate launch --num_processes N -m hf_kvcache.cli ...'",
-    )  # fmt: skip
+    )
 
 
 def run_harness(args: argparse.Namespace, default_out: str | None) -> int:

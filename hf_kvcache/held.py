@@ -1,4 +1,4 @@
-"""What a cache layer holds, declared once per tensor: beam search, eviction, growth and byte counting read it.
+"""What a cache layer holds, declared once per tensor: beam search, eviction, growth and bytes read it.
 
 A layer class declares every tensor it keeps between forward calls as a class attribute::
 
@@ -46,7 +46,7 @@ class Declared:
 
 
 def RowTensor(doc: str) -> Any:  # noqa: N802  (reads as a declaration, like dataclasses.field)
-    """A tensor whose first dimension is the batch, e.g. a counter per row ``[B]`` or sinks ``[B, H, S, D]``."""
+    """A tensor whose first dimension is the batch: a counter per row ``[B]``, sinks ``[B, H, S, D]``."""
     return Declared(ROW, doc)
 
 
@@ -63,7 +63,8 @@ def HeldPart(doc: str) -> Any:  # noqa: N802
 
 def held_view(index: int, doc: str) -> property:
     """``keys`` (``index`` 0) or ``values`` (1) of a layer whose ``held()`` computes them from what it holds:
-    read-only, and ``None`` before the first update (``CacheLayerMixin.__init__`` assigns ``None`` to both)."""
+    read-only, and ``None`` before the first update (``CacheLayerMixin.__init__`` assigns ``None`` to
+    both)."""
 
     def read(layer: Any) -> torch.Tensor | None:
         return layer.held()[index] if layer.is_initialized else None
@@ -81,7 +82,7 @@ _DECLARED: dict[tuple[type, str], tuple[Declared, ...]] = {}
 
 
 class HeldTensors:
-    """Row selection and byte counting for an object that declares what it holds (see the module docstring)."""
+    """Row selection and byte counting for an object that declares what it holds (see the module)."""
 
     @classmethod
     def declared(cls, kind: str) -> tuple[Declared, ...]:

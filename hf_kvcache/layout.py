@@ -100,7 +100,7 @@ def require_layer_types(layout: AttentionLayout, allowed: tuple[str, ...], strat
 
 
 def require_positions_in_keys(model: PreTrainedModel, strategy: str) -> None:
-    """Raise a ``ValueError`` for a model whose attention adds a position bias (ALiBi) instead of rotating keys.
+    """``ValueError`` for a model whose attention adds a position bias (ALiBi) instead of rotating keys.
 
     ALiBi biases each key by its distance to the query, computed from the mask's columns, which after an
     eviction no longer are the kept tokens' positions: the result would be silently wrong.
@@ -108,6 +108,6 @@ def require_positions_in_keys(model: PreTrainedModel, strategy: str) -> None:
     config = text_config(model)
     if getattr(config, "alibi", False) or getattr(config, "model_type", None) in ("bloom", "mpt"):
         raise ValueError(
-            f"{strategy} cannot serve {type(model).__name__}: its ALiBi attention biases keys by position, which "
-            "evicting tokens breaks; use 'quantized' (any options) or 'full'"
+            f"{strategy} cannot serve {type(model).__name__}: its ALiBi attention biases keys by position, "
+            "which evicting tokens breaks; use 'quantized' (any options) or 'full'"
         )

@@ -1,4 +1,4 @@
-"""Everything hf-kvcache attaches to a model: the hooks that tell a cache about each forward, and RoPE helpers.
+"""Everything hf-kvcache attaches to a model: hooks that tell a cache about each forward, RoPE helpers.
 
 ``transformers`` hands a cache layer only the new keys and values. Eviction caches also need the 2D padding
 mask of the current forward, and score-based ones the queries of each attention layer. The hooks here are
@@ -33,7 +33,7 @@ class CacheObserver(Protocol):
         """Before each attention layer: whether the cache needs this forward's queries of that layer."""
 
     def observe_queries(self, layer_idx: int, queries: torch.Tensor, math: AttentionMath) -> None:
-        """The layer's new rotated queries ``[B, H_q, q, D]`` and how its attention turns logits into weights."""
+        """The layer's new rotated queries ``[B, H_q, q, D]`` and how it turns logits into weights."""
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,11 @@ class AttentionMath:
     """What an attention module does between ``q . k`` and its weights, read from the module itself.
 
     Args:
-        scaling: factor on ``q . k`` (``module.scaling``: ``D ** -0.5``, Gemma's ``query_pre_attn_scalar ** -0.5``,
-            Granite's attention multiplier).
+        scaling: factor on ``q . k`` (``module.scaling``: ``D ** -0.5``, Gemma's ``query_pre_attn_scalar **
+            -0.5``, Granite's attention multiplier).
         softcap: logits become ``softcap * tanh(logits / softcap)`` (Gemma 2); ``None``: no capping.
-        sinks: ``[H_q]`` learned logits of a virtual entry every query attends to, which takes its share of the
-            softmax and is then dropped (gpt-oss); ``None``: no sinks.
+        sinks: ``[H_q]`` learned logits of a virtual entry every query attends to, which takes its share of
+            the softmax and is then dropped (gpt-oss); ``None``: no sinks.
     """
 
     scaling: float
@@ -93,12 +93,13 @@ def install_forward_observer(model: nn.Module) -> None:
 
 
 def left_padding_counts(attention_mask: torch.Tensor | None, batch: int, total: int, device) -> torch.Tensor:
-    """Padding tokens at the start of each row of a 2D mask ``[B, total]``; ``ValueError`` for other padding."""
+    """Padding tokens at the start of each row of a 2D mask ``[B, total]``; other padding is an error."""
     if attention_mask is None:
         return torch.zeros(batch, dtype=torch.long, device=device)
     if attention_mask.dim() != 2:
         raise ValueError(
-            f"eviction caches need the usual 2D attention mask [batch, tokens], got shape {tuple(attention_mask.shape)}"
+            "eviction caches need the usual 2D attention mask [batch, tokens], got shape "
+            f"{tuple(attention_mask.shape)}"
         )
     mask = attention_mask.to(device=device, dtype=torch.long)
     if mask.shape != (batch, total):
@@ -159,7 +160,7 @@ def _query_projection(module: nn.Module) -> nn.Module:
 
 
 def rotated_queries(module: nn.Module, projected: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """The rotated queries ``[B, H_q, S, D]`` of ``module`` from its query projection's output ``[B, S, ...]``.
+    """The rotated queries ``[B, H_q, S, D]`` of ``module`` from its query projection's output.
 
     SDPA never materializes attention probabilities, so score-based caches take the queries the model itself
     projected, apply what the module applies after the projection (q-norm, the RoPE it receives) and score
@@ -241,9 +242,9 @@ def install_query_capture(model: nn.Module, num_layers: int) -> None:
     modules = attention_modules(model)
     if len(modules) != num_layers:
         raise ValueError(
-            f"found {len(modules)} attention modules with a query projection in {type(model).__name__}, expected "
-            f"{num_layers}; score-based caches support attention modules with a layer_idx and one of "
-            f"{list(QUERY_PROJECTIONS)}"
+            f"found {len(modules)} attention modules with a query projection in {type(model).__name__}, "
+            f"expected {num_layers}; score-based caches support attention modules with a layer_idx and one "
+            f"of {list(QUERY_PROJECTIONS)}"
         )
     handles = []
     for module in modules:
@@ -269,7 +270,8 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 def find_rotary_module(model: nn.Module) -> nn.Module | None:
     """The model's rotary-embedding module, or ``None`` without RoPE.
 
-    It holds ``inv_freq``, or one ``<layer type>_inv_freq`` per kind of layer (Gemma 3: local and global bases).
+    It holds ``inv_freq``, or one ``<layer type>_inv_freq`` per kind of layer (Gemma 3: local and global
+    bases).
     """
     found = [
         m
@@ -278,8 +280,8 @@ def find_rotary_module(model: nn.Module) -> nn.Module | None:
     ]
     if len({id(m) for m in found}) > 1:
         raise ValueError(
-            f"model has {len(found)} rotary embeddings ({[type(m).__name__ for m in found]}); re-rotating keys "
-            "supports models with a single RoPE. Use positions='original'."
+            f"model has {len(found)} rotary embeddings ({[type(m).__name__ for m in found]}); re-rotating "
+            "keys supports models with a single RoPE. Use positions='original'."
         )
     return found[0] if found else None
 
@@ -287,10 +289,10 @@ def find_rotary_module(model: nn.Module) -> nn.Module | None:
 class KeyRotator:
     """Moves cached keys ``[B, H, S, D]`` along the RoPE position axis by a per-row offset ``[B]``.
 
-    RoPE rotates each channel pair by ``position * inv_freq``; rotating a key at position ``p`` by
-    ``delta * inv_freq`` puts it at ``p + delta``. ``inv_freq`` comes from the model's rotary module, so default,
-    linear and llama3 scaling are covered; ``layer_type`` picks that kind of layer's table where the model has
-    one per kind.
+    RoPE rotates each channel pair by ``position * inv_freq``; rotating a key at position ``p`` by ``delta *
+    inv_freq`` puts it at ``p + delta``. ``inv_freq`` comes from the model's rotary module, so default, linear
+    and llama3 scaling are covered; ``layer_type`` picks that kind of layer's table where the model has one
+    per kind.
     """
 
     def __init__(self, rotary_module: nn.Module, layer_type: str | None = None):

@@ -16,13 +16,13 @@ def prefill(
     chunk_size: int = 512,
     attention_mask: torch.Tensor | None = None,
 ) -> Cache:
-    """Feed all but the last token of ``input_ids`` through ``model`` into ``cache``, ``chunk_size`` tokens at a time.
+    """Feed all but the last token of ``input_ids`` into ``cache``, ``chunk_size`` tokens per forward.
 
-    Afterwards ``model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, ...)`` continues
-    from the cache: ``transformers`` skips the cached prefix and feeds only the last prompt token, which gives
-    the logits of the first new token. With an eviction cache (sliding window, H2O, TOVA, SnapKV) the memory
-    of the whole run is then bounded by the budget plus one chunk, whatever the prompt length; no forward
-    computes more than one position of vocabulary logits. (transformers' own ``generate(...,
+    Afterwards ``model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, ...)``
+    continues from the cache: ``transformers`` skips the cached prefix and feeds only the last prompt token,
+    which gives the logits of the first new token. With an eviction cache (sliding window, H2O, TOVA, SnapKV)
+    the memory of the whole run is then bounded by the budget plus one chunk, whatever the prompt length; no
+    forward computes more than one position of vocabulary logits. (transformers' own ``generate(...,
     prefill_chunk_size=N)`` works with these caches too; it also chunks the last token's forward.)
 
     Args:
@@ -48,7 +48,8 @@ def prefill(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(
-            f"attention_mask of shape {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
+            f"attention_mask of shape {tuple(attention_mask.shape)} must match input_ids "
+            f"{tuple(input_ids.shape)}"
         )
     if not isinstance(cache, Cache):
         raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__}")

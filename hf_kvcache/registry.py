@@ -1,10 +1,10 @@
 """One registry from strategy names and spec strings to caches, used by the CLI, the harness and the tests.
 
-A spec string is ``name`` or ``name:option=value,option=value``, for example ``"quantized:nbits=2,group_size=32"``.
-Option names and types come from the strategy's frozen options dataclass, which also checks the values.
-A composition joins an eviction strategy and a storage format with ``+``, e.g.
-``"sliding-window:window_length=512+quantized:nbits=4"``: the eviction strategy's options declare a field with
-``metadata={"composes": "quantized"}``, which holds the second half's options.
+A spec string is ``name`` or ``name:option=value,option=value``, for example
+``"quantized:nbits=2,group_size=32"``. Option names and types come from the strategy's frozen options
+dataclass, which also checks the values. A composition joins an eviction strategy and a storage format with
+``+``, e.g. ``"sliding-window:window_length=512+quantized:nbits=4"``: the eviction strategy's options declare
+a field with ``metadata={"composes": "quantized"}``, which holds the second half's options.
 This module imports no strategy: each built-in registers itself when ``hf_kvcache.strategies`` is imported,
 which ``import hf_kvcache`` does.
 """
@@ -39,13 +39,14 @@ def register_strategy(
 ):
     """Register a strategy under ``name``.
 
-    As a class decorator on a :class:`~hf_kvcache.base.KVCache` subclass, it takes the options from the class's
-    ``options_class`` and builds caches as ``cls(model, options)``::
+    As a class decorator on a :class:`~hf_kvcache.base.KVCache` subclass, it takes the options from the
+    class's ``options_class`` and builds caches as ``cls(model, options)``::
 
         @register_strategy("tova", "TOVA: evict the entry the current query attends to least")
         class TOVAKVCache(ScoringCache): ...
 
-    For a cache that is not ours (the ``full`` baseline), pass ``options_class`` and ``build(model, options)``.
+    For a cache that is not ours (the ``full`` baseline), pass ``options_class`` and ``build(model,
+    options)``.
     """
 
     def add(options_class: type, build: Callable) -> None:
@@ -67,14 +68,14 @@ def register_strategy(
 
 
 def unregister_strategy(name: str) -> None:
-    """Remove the strategy ``name`` (one a notebook or test registered for a while); ``ValueError`` if unknown."""
+    """Remove the strategy ``name`` (registered for a while by a test); ``ValueError`` if unknown."""
     get_strategy(name)
     del _STRATEGIES[name]
 
 
 def check_int(name: str, value: object, minimum: int, why: str = "") -> None:
-    """For an options dataclass: ``ValueError`` naming ``name`` unless ``value`` is an integer (not a bool) of at
-    least ``minimum``; ``why`` says where the minimum comes from."""
+    """For an options dataclass: ``ValueError`` naming ``name`` unless ``value`` is an integer (not a bool) of
+    at least ``minimum``; ``why`` says where the minimum comes from."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}{why}, got {value!r}")
 
@@ -205,8 +206,8 @@ def _spelled(name: str, options: Any) -> str:
 
 
 def canonical_spec(spec: str) -> str:
-    """The spec with every option spelled out, e.g. ``"quantized"`` -> ``"quantized:nbits=4,group_size=32,..."``;
-    a composition spells out both halves."""
+    """The spec with every option spelled out, e.g. ``"quantized"`` ->
+    ``"quantized:nbits=4,group_size=32,..."``; a composition spells out both halves."""
     strategy, options = parse_spec(spec)
     text = _spelled(strategy.name, options)
     for other, name in _composed_fields(type(options)).items():

@@ -48,7 +48,8 @@ MORE_ARCHITECTURES = {
     "gpt-oss": (GptOssConfig, {"sliding_window": WINDOW, "head_dim": 16, "num_local_experts": 4,
                                "num_experts_per_tok": 2, "layer_types": ALTERNATING}),
     "mistral-sliding": (MistralConfig, {"sliding_window": WINDOW}),
-    "qwen2-sliding": (Qwen2Config, {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
+    "qwen2-sliding": (Qwen2Config, {"use_sliding_window": True, "sliding_window": WINDOW,
+                                    "max_window_layers": 1}),
     "olmo2": (Olmo2Config, {}),
     "granite": (GraniteConfig, {"attention_multiplier": 0.5}),
     # GPT-NeoX: one fused query_key_value projection, partial rotary.

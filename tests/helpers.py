@@ -1,8 +1,8 @@
 """Helpers and tables shared by several test modules, and the generic checks every strategy must pass.
 
 LOSSLESS holds, per strategy, a spec that keeps every token of the short runs of the tests: it must reproduce
-DynamicCache's output token for token. LOSSY holds specs that really compress: they must run in every mode, and
-an eviction strategy must choose the same entries on its decoding path as on its general path.
+DynamicCache's output token for token. LOSSY holds specs that really compress: they must run in every mode,
+and an eviction strategy must choose the same entries on its decoding path as on its general path.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ def eager_weights(arch: str, ids: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 def bookkeeping_bytes(cache) -> int:
-    """What eviction layers hold beyond the tokens: two int64 counters per row (real tokens seen and held) and,
-    for H2O, a float32 accumulated score per held entry."""
+    """What eviction layers hold beyond the tokens: two int64 counters per row (real tokens seen and held)
+    and, for H2O, a float32 accumulated score per held entry."""
     total = 0
     for layer in cache.layers:
         if isinstance(layer, EvictingLayer):

@@ -113,8 +113,8 @@ def test_cropping_a_local_layer_after_it_dropped_tokens_is_refused():
 
 @pytest.mark.parametrize("kind", ["sliding_attention", "full_attention"])
 def test_keys_are_re_rotated_with_their_own_layer_kinds_rope(kind):
-    """Gemma 3 has one RoPE base for local layers and one for global ones: a key computed at position p and moved
-    by delta must equal the key computed at p + delta by the model's own rotary module for that kind."""
+    """Gemma 3 has one RoPE base for local layers and one for global ones: a key computed at position p and
+    moved by delta must equal the key computed at p + delta by the model's own rotary module for that kind."""
     model = make_tiny_model("gemma3")
     rotary = find_rotary_module(model)
     raw = torch.randn(2, 4, 5, 16)
@@ -132,8 +132,8 @@ def test_keys_are_re_rotated_with_their_own_layer_kinds_rope(kind):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_heavy_hitter_scores_equal_the_models_eager_attention_weights(arch):
-    """Scaling (Gemma, Granite), soft-capping (Gemma 2), q/k norms (Gemma 3, Olmo 2), sinks (gpt-oss) and fused
-    projections (GPT-NeoX) must all be applied as the model's own eager attention applies them."""
+    """Scaling (Gemma, Granite), soft-capping (Gemma 2), q/k norms (Gemma 3, Olmo 2), sinks (gpt-oss) and
+    fused projections (GPT-NeoX) must all be applied as the model's own eager attention applies them."""
     model, eager = make_tiny_model(arch), make_tiny_model(arch, attn="eager")
     ids = random_ids(20, batch=2, seed=4)
     cache = build_cache("heavy-hitter:heavy_budget=32,recent_budget=32", model)

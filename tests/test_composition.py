@@ -1,5 +1,5 @@
-"""Compositions ``eviction+quantized``: the spec grammar, and what the layers hold against a reference computed
-from scratch.
+"""Compositions ``eviction+quantized``: the spec grammar, and what the layers hold against a reference
+computed from scratch.
 
 Layer 0's keys and values are projections of the input tokens alone, so a DynamicCache fed the same tokens
 gives their exact values whatever the cache under test did to attention. The reference for a packed token is
@@ -60,9 +60,11 @@ def test_sliding_window_holds_exact_sinks_packed_groups_and_exact_residual(nbits
     window, residual, length = 40, 12, 90
     ids = random_ids(length, seed=3)
     cache = SlidingWindowKVCache(
-        model, window_length=window, num_sink_tokens=SINKS,
+        model,
+        window_length=window,
+        num_sink_tokens=SINKS,
         quantization=QuantizedOptions(nbits=nbits, group_size=GROUP, residual_length=residual),
-    )  # fmt: skip
+    )
     run_token_by_token(model, cache, ids, prompt=30)
     exact_k, exact_v, quant_k, quant_v = reference_layer0(model, ids, 30, nbits)
     keys, values, sinks, packed = held_parts(cache.layers[0])
@@ -79,15 +81,17 @@ def test_sliding_window_holds_exact_sinks_packed_groups_and_exact_residual(nbits
 
 
 def test_heavy_hitter_keeps_each_packed_token_decodable_with_its_own_group():
-    """H2O evicts single tokens out of key groups: every kept packed token must still decode to its own group's
-    quantization, whichever of its group-mates are gone."""
+    """H2O evicts single tokens out of key groups: every kept packed token must still decode to its own
+    group's quantization, whichever of its group-mates are gone."""
     model = make_tiny_model("llama-gqa")
     heavy, recent, residual, length = 12, 16, 8, 120
     ids = random_ids(length, seed=4)
     cache = HeavyHitterKVCache(
-        model, heavy_budget=heavy, recent_budget=recent,
+        model,
+        heavy_budget=heavy,
+        recent_budget=recent,
         quantization=QuantizedOptions(nbits=4, group_size=GROUP, residual_length=residual),
-    )  # fmt: skip
+    )
     run_token_by_token(model, cache, ids, prompt=20)
     exact_k, exact_v, quant_k, quant_v = reference_layer0(model, ids, 20, 4)
     layer = cache.layers[0]

@@ -40,7 +40,9 @@ def lines_of_code(source: str) -> int:
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node):
             docstrings |= set(range(node.body[0].lineno, node.body[0].end_lineno + 1))
     lines = enumerate(source.splitlines(), 1)
-    return sum(1 for n, line in lines if line.strip() and not line.strip().startswith("#") and n not in docstrings)
+    return sum(
+        1 for n, line in lines if line.strip() and not line.strip().startswith("#") and n not in docstrings
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,5 +107,7 @@ def test_its_bad_options_are_named(value_norm):
     model = make_tiny_model("llama")
     with pytest.raises(ValueError, match="recent must be an integer >= 0, got -1"):
         build_cache("value-norm:recent=-1", model)
-    with pytest.raises(ValueError, match=r"budget must be an integer >= 36 \(the num_sink_tokens=4 \+ recent=32"):
+    with pytest.raises(
+        ValueError, match=r"budget must be an integer >= 36 \(the num_sink_tokens=4 \+ recent=32"
+    ):
         build_cache("value-norm:budget=8", model)

@@ -1,4 +1,4 @@
-"""Data-parallel harness runs through accelerate: the work is split, the merged results equal one process's."""
+"""Data-parallel harness runs through accelerate: the work is split, merged results equal one process's."""
 
 import json
 

@@ -1,5 +1,5 @@
-"""generate() in every mode, for every strategy (the tables of tests/helpers.py), across the tiny architectures;
-and every eviction strategy's decoding path choosing what its general path chooses."""
+"""generate() in every mode, for every strategy (the tables of tests/helpers.py), across the tiny
+architectures; and every eviction strategy's decoding path choosing what its general path chooses."""
 
 import pytest
 

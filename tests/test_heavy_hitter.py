@@ -8,7 +8,7 @@ from tests.helpers import eager_weights, stream
 
 
 def grouped_eager_attention(model_arch, ids, layer):
-    """Reference scores: eager attention weights of a cache-free forward, summed over queries and per KV head."""
+    """Reference scores: eager attention weights of a cache-free forward, summed over queries, per KV head."""
     weights = eager_weights(model_arch, ids, layer)  # [B, Hq, T, T]
     config = make_tiny_model(model_arch).config
     groups = config.num_attention_heads // config.num_key_value_heads

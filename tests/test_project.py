@@ -26,7 +26,9 @@ def test_no_module_grows_past_350_lines(path):
 def test_registry_imports_no_strategy():
     tree = ast.parse((PACKAGE / "registry.py").read_text())
     imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
-    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    ]
     assert not [name for name in imported if "strategies" in name or name.startswith("hf_kvcache.")]
 
 
@@ -36,7 +38,11 @@ def private_names_used(path: Path) -> list[str]:
     tree = ast.parse(path.read_text())
     found, modules = [], {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(("hf_kvcache", "tests")):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith(("hf_kvcache", "tests"))
+        ):
             for alias in node.names:
                 if alias.name.startswith("_") and not alias.name.startswith("__"):
                     found.append(f"{node.module}.{alias.name}")

@@ -130,10 +130,20 @@ def test_too_short_a_length_for_the_task_says_so(tokenizer, corpus):
 def test_ruler_metric_runs_through_compare_and_plots(tiny_model_dir, filler_file, tmp_path):
     args = compare_args(tiny_model_dir, filler_file, tmp_path)
     args = args[: args.index("--strategies")] + [
-        "--strategies", "full", "sliding-window:window_length=64+quantized:nbits=4,group_size=8,residual_length=16",
-        "--metrics", "ruler", "--ruler-tasks", "niah_single", "common_words", "--ruler-lengths", "256", "384",
-        "--ruler-trials", "1",
-    ]  # fmt: skip
+        "--strategies",
+        "full",
+        "sliding-window:window_length=64+quantized:nbits=4,group_size=8,residual_length=16",
+        "--metrics",
+        "ruler",
+        "--ruler-tasks",
+        "niah_single",
+        "common_words",
+        "--ruler-lengths",
+        "256",
+        "384",
+        "--ruler-trials",
+        "1",
+    ]
     assert main(args) == 0
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     assert {r["metric"] for r in records} == {"ruler"} and len(records) == 2
@@ -167,8 +177,9 @@ def test_ruler_headline_of_a_record_written_before_scores_existed():
         {"task": "niah_single", "length": 1024, "correct": 2, "trials": 2, "partial": 1.0},
     ]
     assert RulerMetric().headline({"cells": cells, "ruler_accuracy": 0.5}) == {
-        "ruler_score": 0.875, "ruler_all_found": 0.5,
-    }  # fmt: skip
+        "ruler_score": 0.875,
+        "ruler_all_found": 0.5,
+    }
 
 
 def test_compare_does_not_run_ruler_unless_asked():

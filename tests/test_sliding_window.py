@@ -28,7 +28,7 @@ def next_logits_after_stream(model, ids, cache, chunk, next_token=7):
 @pytest.mark.parametrize("positions", ["shifted", "original"])
 @pytest.mark.parametrize("chunk", [1, 6])
 def test_next_token_equals_fresh_pass_over_kept_tokens(arch, positions, chunk):
-    """Reference: a one-layer model, recomputed from scratch without any cache over exactly the kept tokens."""
+    """Reference: a one-layer model, recomputed from scratch without a cache over exactly the kept tokens."""
     model = make_tiny_model(arch, num_layers=1, layer_types=["full_attention"])
     length, window, sinks = 61, 20, 4
     ids = random_ids(length, seed=3)
@@ -77,7 +77,8 @@ def test_memory_never_exceeds_window_plus_chunk(chunk):
             peak = max(peak, cache.layers[0].keys.shape[2])
         model(ids[:, :1], past_key_values=cache)  # a decoding step: evicts in place
     assert peak == 16 and cache.get_seq_length() == 121
-    # Per layer: 17 slots (the window and the slot the next step refills) of keys + values (2 KV heads x 16 x 4
+    # Per layer: 17 slots (the window and the slot the next step refills) of keys + values (2 KV heads x 16 x
+    # 4
     # bytes each) and int32 positions; the 2 sinks' unshifted keys; two int64 counters; the victim per head.
     slots = 2 * 17
     assert cache.nbytes == 2 * (slots * 16 * 4 * 2 + slots * 4 + 2 * 2 * 16 * 4 + 2 * 8 + 2 * 8)

@@ -1,4 +1,4 @@
-"""Evaluation: models, corpora, and the metrics the harness runs (one module each; importing registers them)."""
+"""Evaluation: models, corpora, and the metrics the harness runs (a module each; importing registers them)."""
 
 import importlib
 

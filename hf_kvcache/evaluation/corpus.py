@@ -32,7 +32,8 @@ def embedded_wikipedia_articles() -> list[str]:
     spec = importlib.util.find_spec("gensim")
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(
-            "the embedded default corpus ships with gensim, which is not installed: pip install 'hf-kvcache[eval]'"
+            "the embedded default corpus ships with gensim, which is not installed: pip install "
+            "'hf-kvcache[eval]'"
         )
     from gensim.corpora.wikicorpus import extract_pages
 
@@ -111,7 +112,7 @@ def load_corpus(
 
 
 def corpus_token_ids(tokenizer, text: str, max_tokens: int):
-    """The first ``max_tokens`` token ids of ``text`` as a ``[1, T]`` tensor (fewer if the text is shorter)."""
+    """The first ``max_tokens`` token ids of ``text``, ``[1, T]`` (fewer if the text is shorter)."""
     if max_tokens < 2:
         raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
     # Tokenizing a generous prefix is much faster than tokenizing the whole corpus.

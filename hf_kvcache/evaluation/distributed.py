@@ -51,8 +51,12 @@ class Workers:
         there are several processes)."""
         mine = units[self.index :: self.count]
         if self.count > 1:
-            print(f"hf-kvcache: process {self.index} of {self.count} measures {len(mine)} of {len(units)} units",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"hf-kvcache: process {self.index} of {self.count} measures {len(mine)} of {len(units)} "
+                "units",
+                file=sys.stderr,
+                flush=True,
+            )
         return mine
 
     def gather(self, items: list) -> list:
@@ -69,13 +73,13 @@ class Workers:
 
 
 def relaunch_with_accelerate(num_processes: int, argv: list[str]) -> int:
-    """Run ``hf-kvcache <argv>`` in ``num_processes`` processes through ``accelerate launch``; its exit status."""
+    """Run ``hf-kvcache <argv>`` in ``num_processes`` processes (``accelerate launch``); its exit status."""
     if num_processes < 1:
         raise SystemExit(f"error: --num-processes must be at least 1, got {num_processes}")
     if importlib.util.find_spec("accelerate") is None:
         raise SystemExit(
-            f"error: --num-processes {num_processes} runs the work in parallel through accelerate, which is not "
-            "installed: pip install accelerate (or pip install 'hf-kvcache[eval]'); nothing was run"
+            f"error: --num-processes {num_processes} runs the work in parallel through accelerate, which is "
+            "not installed: pip install accelerate (or pip install 'hf-kvcache[eval]'); nothing was run"
         )
     # --multi_gpu starts the processes through torchrun, also on a machine without GPUs (accelerate's --cpu
     # would start only one); each process then finds its device, or the CPU.
@@ -114,8 +118,8 @@ def work_units(todo: list[tuple[str, str]], metrics: dict[str, Metric]) -> list[
 
 def merge_records(store, workers: Workers, produced: list[dict], order):
     """After every process measured its share: the main process adds the others' ``produced`` records to
-    ``store`` (a :class:`~hf_kvcache.evaluation.harness.ResultStore`, which holds its own already) and sorts all
-    by ``order``; every process then returns the store as written."""
+    ``store`` (a :class:`~hf_kvcache.evaluation.harness.ResultStore`, which holds its own already) and sorts
+    all by ``order``; every process then returns the store as written."""
     everything = workers.gather(produced)
     if workers.is_main:
         for record in everything[len(produced) :]:

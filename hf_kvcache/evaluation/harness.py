@@ -1,4 +1,4 @@
-"""``hf-kvcache compare``: perplexity, memory, speed, passkey retrieval and more for every strategy, resumable.
+"""``hf-kvcache compare``: perplexity, memory, speed, retrieval and more for every strategy, resumable.
 
 A record per (strategy, metric), measured and saved by the orchestrator (:mod:`.orchestrator`): it is reused
 only if it was measured under the same settings (model, data, token counts, dtype, device, the metric's own
@@ -117,7 +117,7 @@ class StreamOutcome:
 
 
 class Run:
-    """What metrics measure on: the model, tokenizer, corpus text and prompt ``input_ids`` ``[1, T]`` of one run."""
+    """What metrics measure on: model, tokenizer, corpus text and prompt ``input_ids`` ``[1, T]``."""
 
     def __init__(self, model, tokenizer, text: str, input_ids: torch.Tensor, settings: CompareSettings):
         self.model, self.tokenizer, self.text = model, tokenizer, text
@@ -198,7 +198,7 @@ def run_compare(
     device_map: str | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Measure every strategy in ``strategies`` under ``settings``; records land in ``out_dir/results.json``."""
+    """Measure every strategy of ``strategies`` under ``settings``; records go to ``out_dir/results.json``."""
     source = DataSource(
         settings.model, settings.dataset, settings.text_file, settings.split, settings.dtype, settings.device
     )

@@ -42,7 +42,7 @@ class MemoryMetric(Metric):
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on ``device``: CUDA's free memory, or Linux's MemAvailable; ``None`` if unknown."""
+    """Bytes free for tensors on ``device`` (CUDA's free memory, Linux's MemAvailable); ``None``: unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return _kib_field("/proc/meminfo", "MemAvailable")
@@ -62,7 +62,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = torch.cuda.memory_allocated(self.device)
         else:
-            # Memory freed by earlier runs stays resident in the allocator's arenas, where this run would reuse
+            # Memory freed by earlier runs stays resident in the allocator's arenas, where this run would
+            # reuse
             # it without raising the high-water mark: hand it back to the system first (glibc).
             gc.collect()
             _malloc_trim()

@@ -1,9 +1,9 @@
 """Metrics as plug-ins: what the harness measures for each strategy, one module per metric.
 
-A metric subclasses :class:`Metric`, declares its options as a frozen dataclass (they become ``--<metric>-<option>``
-flags of the CLI and part of its records' fingerprint), its table columns, how it measures one strategy and,
-optionally, its plots; ``@register_metric`` makes ``hf-kvcache compare --metrics NAME`` and
-``hf-kvcache NAME`` run it. Example, a metric counting cache bytes per prompt token::
+A metric subclasses :class:`Metric`, declares its options as a frozen dataclass (they become
+``--<metric>-<option>`` flags of the CLI and part of its records' fingerprint), its table columns, how it
+measures one strategy and, optionally, its plots; ``@register_metric`` makes ``hf-kvcache compare --metrics
+NAME`` and ``hf-kvcache NAME`` run it. Example, a metric counting cache bytes per prompt token::
 
     @register_metric
     class BytesPerToken(Metric):
@@ -100,7 +100,7 @@ def register_metric(metric_class: type[Metric]) -> type[Metric]:
 
 
 def unregister_metric(name: str) -> None:
-    """Remove the metric ``name`` (one a notebook or test registered for a while); ``ValueError`` if unknown."""
+    """Remove the metric ``name`` (registered for a while by a test); ``ValueError`` if unknown."""
     get_metric(name)
     del _METRICS[name]
 

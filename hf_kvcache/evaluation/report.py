@@ -1,4 +1,4 @@
-"""Turn ``results.json`` records into a CSV, a markdown table and PNG plots, from what each metric declares."""
+"""Turn ``results.json`` records into a CSV, a markdown table and PNG plots, as each metric declares them."""
 
 from __future__ import annotations
 
@@ -104,14 +104,23 @@ def write_pareto_plot(rows: list[dict], out: Path) -> list[Path]:
     markers = "osD^vP*Xhp"
     for index, row in enumerate(quality):
         axis.scatter(
-            row["ratio_to_full"], row["perplexity"], s=50, marker=markers[index % len(markers)],
-            label=row["spec"], alpha=0.85,
-        )  # fmt: skip
+            row["ratio_to_full"],
+            row["perplexity"],
+            s=50,
+            marker=markers[index % len(markers)],
+            label=row["spec"],
+            alpha=0.85,
+        )
     frontier = pareto_frontier(quality)
     axis.plot(
-        [r["ratio_to_full"] for r in frontier], [r["perplexity"] for r in frontier],
-        color="0.4", linewidth=1, linestyle="--", zorder=0, label="Pareto frontier (nothing beats these on both)",
-    )  # fmt: skip
+        [r["ratio_to_full"] for r in frontier],
+        [r["perplexity"] for r in frontier],
+        color="0.4",
+        linewidth=1,
+        linestyle="--",
+        zorder=0,
+        label="Pareto frontier (nothing beats these on both)",
+    )
     # Perplexity is exp(mean NLL): a log axis keeps a bad outlier from flattening the rest.
     axis.set_yscale("log")
     axis.yaxis.set_major_formatter(ScalarFormatter())

@@ -12,9 +12,9 @@ Six synthetic tasks at any prompt length, each trial seeded so that every strate
 * ``common_words``: a numbered list of words where ten appear far more often than the rest; the ten must be
   named.
 
-A trial scores the fraction of expected items its greedy answer contains (exact whole-word match, case-insensitive
-for words). Prompts go through the cache in chunks, so a compressing cache never sees more than one chunk
-beyond its budget.
+A trial scores the fraction of expected items its greedy answer contains (exact whole-word match,
+case-insensitive for words). Prompts go through the cache in chunks, so a compressing cache never sees more
+than one chunk beyond its budget.
 """
 
 from __future__ import annotations
@@ -30,11 +30,22 @@ import torch
 from hf_kvcache.evaluation.metric import Column, Metric, register_metric
 
 RULER_TASKS = (
-    "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking", "common_words",
-)  # fmt: skip
+    "niah_single",
+    "niah_multikey",
+    "niah_multivalue",
+    "niah_multiquery",
+    "variable_tracking",
+    "common_words",
+)
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
-ANSWER_TOKENS = {"niah_single": 12, "niah_multikey": 12, "niah_multivalue": 48, "niah_multiquery": 32,
-                 "variable_tracking": 32, "common_words": 64}  # fmt: skip
+ANSWER_TOKENS = {
+    "niah_single": 12,
+    "niah_multikey": 12,
+    "niah_multivalue": 48,
+    "niah_multiquery": 32,
+    "variable_tracking": 32,
+    "common_words": 64,
+}
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,7 @@ class _Builder:
         return cut
 
     def haystack(self, length: int, needles: list[str], question: str, task: str) -> torch.Tensor:
-        """Filler of ``length`` tokens in all, with ``needles`` at seeded depths (in order) and ``question`` last."""
+        """``length`` tokens: filler with ``needles`` at seeded depths (in order), then ``question``."""
         pieces = [self.encode(" " + needle + " ") for needle in needles]
         tail = self.encode(question)
         budget = length - sum(map(len, pieces)) - len(tail)
@@ -124,8 +135,8 @@ def make_ruler_trial(tokenizer, corpus: str, task: str, length: int, seed: int =
         needles = [NEEDLE.format(key=k, value=v) for k, v in zip(keys, values, strict=True)]
         b.rng.shuffle(needles)
         question = (
-            f"\n\nWhat are the special magic numbers for {keys[0]} and {keys[1]} mentioned in the provided text? "
-            f"The special magic numbers for {keys[0]} and {keys[1]} mentioned in the provided text are"
+            f"\n\nWhat are the special magic numbers for {keys[0]} and {keys[1]} mentioned in the provided "
+            f"text? The special magic numbers for {keys[0]} and {keys[1]} mentioned in the provided text are"
         )
         return RulerTrial(task, b.haystack(length, needles, question, task), tuple(values[:2]))
     if task == "variable_tracking":
@@ -133,9 +144,9 @@ def make_ruler_trial(tokenizer, corpus: str, task: str, length: int, seed: int =
         value = b.number()
         chain = [f"VAR {names[0]} = {value}."] + [f"VAR {n} = VAR {p}." for p, n in itertools.pairwise(names)]
         question = (
-            f"\n\nFind all variables that are assigned the value {value} in the text above. Answer: According to "
-            f"the chain of variable assignments in the text above, {len(names)} variables are assigned the value "
-            f"{value}, they are:"
+            f"\n\nFind all variables that are assigned the value {value} in the text above. Answer: "
+            f"According to the chain of variable assignments in the text above, {len(names)} variables are "
+            f"assigned the value {value}, they are:"
         )
         return RulerTrial(task, b.haystack(length, chain, question, task), tuple(names))
     return _common_words_trial(b, length)
@@ -178,7 +189,7 @@ def _common_words_trial(b: _Builder, length: int) -> RulerTrial:
 def answer_trial(
     model, tokenizer, trial: RulerTrial, cache, chunk_size: int = 512
 ) -> tuple[bool, float, str]:
-    """Feed the prompt in chunks through ``cache``, decode greedily; return (all found, fraction found, text)."""
+    """Feed the prompt through ``cache`` in chunks, decode greedily: (all found, fraction found, answer)."""
     ids = trial.input_ids.to(model.device)
     for start in range(0, ids.shape[1], chunk_size):
         logits = model(ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True).logits
@@ -193,7 +204,7 @@ def answer_trial(
 
 
 def score_answer(text: str, expected: tuple[str, ...]) -> tuple[bool, float]:
-    """Whether ``text`` holds every expected item as a whole word (case-insensitive), and the fraction it does."""
+    """Whether ``text`` holds every expected item as a whole word (any case), and the fraction it holds."""
     found = [re.search(rf"\b{re.escape(item)}\b", text, flags=re.IGNORECASE) is not None for item in expected]
     return all(found), sum(found) / len(found)
 
@@ -253,8 +264,15 @@ class RulerMetric(Metric):
                     )
                     correct, partial = correct + ok, partial + fraction
                     tick(length)
-                cells.append({"task": task, "length": length, "correct": correct, "trials": self.options.trials,
-                              "partial": partial / self.options.trials})  # fmt: skip
+                cells.append(
+                    {
+                        "task": task,
+                        "length": length,
+                        "correct": correct,
+                        "trials": self.options.trials,
+                        "partial": partial / self.options.trials,
+                    }
+                )
         return {"cells": cells, **self.headline({"cells": cells})}
 
     def headline(self, values: dict) -> dict:

@@ -78,8 +78,8 @@ def check_lengths(model, lengths: tuple[int, ...], available_tokens: int, specs:
     over = [n for n, size in needed.items() if free is not None and size > free]
     if over:
         raise ValueError(
-            f"scale lengths {over} need {needed[over[0]] / 2**30:.1f} GiB or more for the full cache, more than "
-            f"the {free / 2**30:.1f} GiB free on {model.device}; drop 'full' or those lengths"
+            f"scale lengths {over} need {needed[over[0]] / 2**30:.1f} GiB or more for the full cache, more "
+            f"than the {free / 2**30:.1f} GiB free on {model.device}; drop 'full' or those lengths"
         )
 
 
@@ -180,7 +180,7 @@ def scale_table(records: list[dict]) -> str:
 
 
 def write_scale_plot(records: list[dict], out: Path) -> Path:
-    """``scale.png``: held bytes and decode ms/token against context length, log-log, one line per strategy."""
+    """``scale.png``: held bytes and decode ms/token against context length, log-log, a line per strategy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,8 +223,8 @@ def settings_record(settings: ScaleSettings, source: DataSource, length: int) ->
 
 
 class ScaleJob(Job):
-    """``scale`` as an orchestrator job: a record per (strategy, length); a unit is one length, all its pending
-    strategies measured together in interleaved rounds."""
+    """``scale`` as an orchestrator job: a record per (strategy, length); a unit is one length, all its
+    pending strategies measured together in interleaved rounds."""
 
     label = "scale"
 

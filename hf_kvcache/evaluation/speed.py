@@ -18,7 +18,7 @@ from hf_kvcache.evaluation.metric import Column, Metric, register_metric
 
 @dataclass(frozen=True)
 class SpeedResult:
-    """Throughput of one run: ``prefill_tokens`` of prompt, then ``decode_tokens`` greedy single-token steps."""
+    """Throughput of one run: ``prefill_tokens`` of prompt, then ``decode_tokens`` greedy decoding steps."""
 
     prefill_tokens: int
     prefill_tokens_per_s: float
@@ -54,8 +54,8 @@ class CompetingLoad:
         available = len(os.sched_getaffinity(0))
         if self.cores > self.warn_fraction * available:
             warnings.warn(
-                f"other processes kept {self.cores:.1f} of this process's {available} CPU cores busy while it "
-                "was timing: the timings are slower and less repeatable than on a quiet machine",
+                f"other processes kept {self.cores:.1f} of this process's {available} CPU cores busy while "
+                "it was timing: the timings are slower and less repeatable than on a quiet machine",
                 stacklevel=2,
             )
         return self.cores
@@ -110,7 +110,8 @@ def measure_speed(
         decode_tokens: greedy steps to time after the prefill. Default 32.
         prefill_chunk_size: feed the prompt in chunks of this size (a cache that evicts during prefill may
             need it to bound memory). Default ``None``: one forward pass.
-        warmup_tokens: decode steps of an untimed warm-up run first; 0: none (the caller warmed up). Default 4.
+        warmup_tokens: decode steps of an untimed warm-up run first; 0: none (the caller warmed up). Default
+            4.
     """
     if decode_tokens < 1:
         raise ValueError(f"decode_tokens must be positive, got {decode_tokens}")
@@ -152,7 +153,7 @@ def measure_speed_interleaved(
     on_run: Callable[[], None] | None = None,
     **options,
 ) -> dict[str, list[SpeedResult]]:
-    """Time every cache of ``make_caches`` ``rounds`` times, one of each per round, with :func:`measure_speed`.
+    """Time every cache of ``make_caches`` ``rounds`` times, one of each per round (:func:`measure_speed`).
 
     Timings on a shared machine drift with its load; interleaving gives every cache the same conditions, so
     medians of the returned runs compare fairly. ``on_run`` is called after each run (progress); ``options``
@@ -242,10 +243,15 @@ class SpeedMetric(Metric):
             measure_speed(run.model, run.input_ids[:, :64], maker(spec), decode_tokens=2, warmup_tokens=0)
         with CompetingLoad() as load:
             results = measure_speed_interleaved(
-                run.model, run.input_ids, {spec: maker(spec) for spec in specs}, self.options.rounds,
-                on_run=lambda: tick(run.prompt_tokens), decode_tokens=self.options.decode_tokens,
-                prefill_chunk_size=512, warmup_tokens=0,
-            )  # fmt: skip
+                run.model,
+                run.input_ids,
+                {spec: maker(spec) for spec in specs},
+                self.options.rounds,
+                on_run=lambda: tick(run.prompt_tokens),
+                decode_tokens=self.options.decode_tokens,
+                prefill_chunk_size=512,
+                warmup_tokens=0,
+            )
         return {
             spec: {**summarize_rounds(values), "other_load_cores": load.cores}
             for spec, values in results.items()

@@ -1,7 +1,7 @@
 """The built-in strategies, one module each; importing this package registers them.
 
-Shared machinery lives beside them: :mod:`.eviction` (caches that drop tokens), :mod:`.scoring` (attention-score
-strategies on top of it) and :mod:`.packing` (quantization codecs).
+Shared machinery lives beside them: :mod:`.eviction` (caches that drop tokens), :mod:`.scoring`
+(attention-score strategies on top of it) and :mod:`.packing` (quantization codecs).
 """
 
 from hf_kvcache.strategies.full import build_full_cache

@@ -1,21 +1,22 @@
-"""Caches that drop tokens: one policy contract, preallocated slots, per-row selection that respects left padding.
+"""Caches that drop tokens: one policy contract, preallocated slots, per-row choices, left padding.
 
 The contract. An eviction strategy declares what it protects and, optionally, how much each entry is worth:
 
 * ``sinks``: the first ``sinks`` real entries of every row are always kept;
 * ``recent``: the newest ``recent`` entries are always kept;
-* :meth:`EvictingLayer.priority`: ``[B, H, N]``, higher is kept; the default is age (newest first), which makes
-  a sliding window. Of entries tied in priority, the older goes first.
+* :meth:`EvictingLayer.priority`: ``[B, H, N]``, higher is kept; the default is age (newest first), which
+  makes a sliding window. Of entries tied in priority, the older goes first.
 
 Whenever an update would leave a layer holding more than ``capacity(new)`` entries, the base class keeps the
-protected entries and, of the others, those of highest priority: a top-k over the held entries and the new ones
-on the general path, an argmin over the slots on the decoding path below. Nothing else is written per strategy.
+protected entries and, of the others, those of highest priority: a top-k over the held entries and the new
+ones on the general path, an argmin over the slots on the decoding path below. Nothing else is written per
+strategy.
 
-Left padding. Each row of the batch keeps the same number of entries, chosen per row (and per KV head). The mask
-that ``transformers`` builds reads the 2D padding mask at columns ``seen - kept + i`` for stored entry ``i``; with
-left padding those columns are padding exactly for the first ``max(0, kept - real_tokens)`` entries. So a row that
-has enough real tokens keeps only real ones, and a row that has fewer keeps all of them behind that many padding
-entries, which then line up with the padded columns.
+Left padding. Each row of the batch keeps the same number of entries, chosen per row (and per KV head). The
+mask that ``transformers`` builds reads the 2D padding mask at columns ``seen - kept + i`` for stored entry
+``i``; with left padding those columns are padding exactly for the first ``max(0, kept - real_tokens)``
+entries. So a row that has enough real tokens keeps only real ones, and a row that has fewer keeps all of them
+behind that many padding entries, which then line up with the padded columns.
 
 Cost per step. A decoding step once no row holds padding writes the new token into the slot the last step's
 victim left (or the next free one), hands attention a view of the slots and marks the new victim: the cost
@@ -57,13 +58,13 @@ from hf_kvcache.strategies.slots import (
 
 
 class EvictingLayer(HeldTensors, CacheLayerMixin):
-    """Keys and values of one layer in slots ``[B, H, capacity, D]``; see the module docstring for the contract.
+    """Keys and values of one layer in slots ``[B, H, capacity, D]``; the module docstring has the contract.
 
-    ``stored`` entries are held. After a decoding step that evicted, ``pending_victim`` ``[B, H]`` names the slot
-    of the entry that went; the next token is written there, so until then ``stored + 1`` slots are in use.
-    ``slot_positions`` is the token column of each slot, or ``None`` until the first eviction: slot ``i`` then
-    holds column ``seen - stored + i``, and no byte is spent on it. ``keys`` and ``values`` give the held entries
-    in age order, and reading them changes nothing.
+    ``stored`` entries are held. After a decoding step that evicted, ``pending_victim`` ``[B, H]`` names the
+    slot of the entry that went; the next token is written there, so until then ``stored + 1`` slots are in
+    use. ``slot_positions`` is the token column of each slot, or ``None`` until the first eviction: slot ``i``
+    then holds column ``seen - stored + i``, and no byte is spent on it. ``keys`` and ``values`` give the held
+    entries in age order, and reading them changes nothing.
 
     Args:
         budget: entries kept per row and KV head.
@@ -92,8 +93,8 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
         super().__init__()
         if sinks + recent > budget:
             raise ValueError(
-                f"{type(self).__name__}: sinks={sinks} plus recent={recent} protected entries exceed the budget "
-                f"of {budget}"
+                f"{type(self).__name__}: sinks={sinks} plus recent={recent} protected entries exceed the "
+                f"budget of {budget}"
             )
         self.budget, self.state, self.sinks, self.recent = budget, state, sinks, recent
         self.reset()
@@ -121,10 +122,10 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
     def priority(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """How much each entry attention saw this step is worth keeping, ``[B, H, N]``: higher is kept.
 
-        ``keys`` and ``values`` ``[B, H, N, D]`` are those entries (held ones and new ones), in age order on the
-        general path and in slot order on a decoding step; ``positions`` ``[B, H, N]`` are their token columns
-        (a layer that keeps no columns, such as quantized storage, passes their rank in age order). Protected
-        entries are kept whatever their priority. Default: age, so the newest entries are kept.
+        ``keys`` and ``values`` ``[B, H, N, D]`` are those entries (held ones and new ones), in age order on
+        the general path and in slot order on a decoding step; ``positions`` ``[B, H, N]`` are their token
+        columns (a layer that keeps no columns, such as quantized storage, passes their rank in age order).
+        Protected entries are kept whatever their priority. Default: age, so the newest entries are kept.
         """
         return positions
 
@@ -133,8 +134,9 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
     ) -> None:
         """Called with the keys attention sees this step, before anything is evicted (scoring happens here).
 
-        ``new_valid`` ``[B, new]`` marks real new tokens, or is ``None`` on a decoding step that holds no padding
-        (one new real token, every entry real); ``real_in_full`` ``[B]`` counts real entries in ``keys``.
+        ``new_valid`` ``[B, new]`` marks real new tokens, or is ``None`` on a decoding step that holds no
+        padding (one new real token, every entry real); ``real_in_full`` ``[B]`` counts real entries in
+        ``keys``.
         """
 
     def attention_keys(self, keys: torch.Tensor, evicted: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -284,7 +286,7 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
     def store_entries(self, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor | None) -> None:
-        """Hold entries ``indices`` ``[B, H, kept]`` (ascending; ``None``: all) of :meth:`entries_with`' output."""
+        """Hold entries ``indices`` ``[B, H, kept]`` (ascending; ``None``: all) of :meth:`entries_with`."""
         if indices is not None:
             keys, values = gather_entries(keys, indices), gather_entries(values, indices)
         self.key_buffer, self.value_buffer = keys, values
@@ -302,11 +304,11 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
 
 
 class EvictionCache(KVCache):
-    """A cache of :class:`EvictingLayer` s, one per full-attention layer, that learns each forward's padding mask
-    from the model. Subclasses implement :meth:`make_layer`."""
+    """A cache of :class:`EvictingLayer` s, one per full-attention layer, that learns each forward's padding
+    mask from the model. Subclasses implement :meth:`make_layer`."""
 
     def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[CacheLayerMixin]:
-        """A strategy layer per full-attention layer; a plain recent window per local (sliding, chunked) layer.
+        """A strategy layer per full-attention layer; a recent window per local (sliding, chunked) layer.
 
         A local layer's attention never reaches past its window, so the strategy's choice among older tokens
         would be wasted there: it keeps the newest ``min(budget, window - 1)`` tokens, never more than

@@ -35,8 +35,8 @@ class HeavyHitterOptions:
         if quantization is not None and quantization.residual_length > self.recent_budget:
             raise ValueError(
                 f"residual_length={quantization.residual_length} of the quantized half must be at most "
-                f"recent_budget={self.recent_budget}: the full-precision residual is the newest tokens, which "
-                "heavy-hitter eviction must never evict"
+                f"recent_budget={self.recent_budget}: the full-precision residual is the newest tokens, "
+                "which heavy-hitter eviction must never evict"
             )
         if quantization is not None and quantization.num_sink_tokens > self.heavy_budget:
             raise ValueError(
@@ -46,8 +46,8 @@ class HeavyHitterOptions:
 
 
 class HeavyHitterLayer(ScoringLayer):
-    """Scores each held entry by the attention it has received so far: every query's probabilities, summed over
-    the query heads sharing its KV head (``accumulated``, which follows every eviction)."""
+    """Scores each held entry by the attention it has received so far: every query's probabilities, summed
+    over the query heads sharing its KV head (``accumulated``, which follows every eviction)."""
 
     accumulates = True
     accumulated = SlotTensor("attention each slot received so far [B, H_kv, slots]", torch.float32, fill=0.0)
@@ -64,8 +64,8 @@ class HeavyHitterLayer(ScoringLayer):
 
 
 class QuantizedHeavyHitterLayer(QuantizedStorage, HeavyHitterLayer):
-    """A heavy-hitter layer that holds its entries in quantized storage (``heavy-hitter+quantized``); its sinks
-    are always kept, out of the heavy budget."""
+    """A heavy-hitter layer that holds its entries in quantized storage (``heavy-hitter+quantized``); its
+    sinks are always kept, out of the heavy budget."""
 
 
 @register_strategy(
@@ -74,7 +74,8 @@ class QuantizedHeavyHitterLayer(QuantizedStorage, HeavyHitterLayer):
 class HeavyHitterKVCache(ScoringCache):
     """Heavy-hitter eviction cache (H2O, https://arxiv.org/abs/2306.14048), under SDPA or eager attention.
 
-    For each KV head it keeps the ``recent_budget`` newest tokens plus the ``heavy_budget`` older tokens with the
+    For each KV head it keeps the ``recent_budget`` newest tokens plus the ``heavy_budget`` older tokens with
+    the
     largest accumulated attention: the probability each token has received, summed over every query so far and
     over the query heads that share the KV head (GQA). Eviction happens at prefill and at every decoding step,
     so memory stays bounded. Each row of a batch chooses its own tokens; left padding is never kept as a heavy

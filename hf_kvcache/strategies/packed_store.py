@@ -1,4 +1,4 @@
-"""The one store of quantized tokens: sinks, bit-packed tokens and a full-precision residual, as KIVI keeps them.
+"""The one store of quantized tokens: sinks, bit-packed tokens and a full-precision residual, as in KIVI.
 
 Paper: KIVI, "A Tuning-Free Asymmetric 2bit Quantization for KV Cache", https://arxiv.org/abs/2402.02750
 
@@ -7,8 +7,8 @@ order:
 
 * **sinks**: the first ``num_sink_tokens`` tokens, in the model's dtype (every later query attends to them
   heavily, so they stay exact);
-* **packed**: older tokens, quantized once and bit-packed (:class:`PackedTokens`): values per token over groups
-  of ``group_size`` channels, keys per channel over *key groups* of ``group_size`` tokens that left the
+* **packed**: older tokens, quantized once and bit-packed (:class:`PackedTokens`): values per token over
+  groups of ``group_size`` channels, keys per channel over *key groups* of ``group_size`` tokens that left the
   residual together;
 * **residual**: the newest tokens in the model's dtype (the host layer's ``key_buffer``/``value_buffer``); the
   oldest of them move into packed storage a whole key group at a time once there are more than
@@ -21,10 +21,10 @@ single tokens may leave the store:
   along its tokens (:func:`~.packing.pack_token_groups`), and its per-channel scale and zero point are row
   ``i // group_size`` of the group table. Dequantizing is one long contiguous copy and a broadcast
   multiply-add.
-* **scattered** (compositions: eviction takes single tokens): each token's codes are packed along its channels,
-  so it can be dropped alone, and it carries the index of its key group (int16); the group table counts each
-  group's members and lets a row go once its last member is gone. A token that outlives the rest of its key
-  group pays for the group's row (``2 * D`` scale and zero values) alone.
+* **scattered** (compositions: eviction takes single tokens): each token's codes are packed along its
+  channels, so it can be dropped alone, and it carries the index of its key group (int16); the group table
+  counts each group's members and lets a row go once its last member is gone. A token that outlives the rest
+  of its key group pays for the group's row (``2 * D`` scale and zero values) alone.
 
 Why two layouts: a grouped store cannot drop one token without repacking its group, and a scattered store
 dequantizes about half as fast (per-token rows of ``D * nbits / 8`` bytes are too short for one long copy).
@@ -52,8 +52,9 @@ class PackedTokens(HeldTensors):
     """Bit-packed tokens of one layer in the grouped or scattered layout (see the module docstring).
 
     Shapes (``n`` tokens, ``g`` key groups, ``D`` head size, ``G`` group size, ``b = nbits``):
-    ``key_codes``/``value_codes`` ``[B, H, n * b / 8, D]`` (grouped) or ``[B, H, n, D * b / 8]`` (scattered), uint8;
-    ``value_scale``/``value_zero`` ``[B, H, n, D / G]``; ``group_scale``/``group_zero`` ``[B, H, g, D]``; scattered
+    ``key_codes``/``value_codes`` ``[B, H, n * b / 8, D]`` (grouped) or ``[B, H, n, D * b / 8]`` (scattered),
+    uint8; ``value_scale``/``value_zero`` ``[B, H, n, D / G]``; ``group_scale``/``group_zero`` ``[B, H, g,
+    D]``; scattered
     only: ``key_group`` ``[B, H, n]`` and ``group_members`` ``[B, H, g]``, int16.
     """
 
@@ -110,7 +111,7 @@ class PackedTokens(HeldTensors):
         self.group_zero = torch.cat([self.group_zero, key_zero], dim=2)
 
     def _add_group_rows(self, groups: int) -> None:
-        """Scattered layout: number ``groups`` new key groups of ``G`` tokens each, after compacting the table."""
+        """Scattered layout: number ``groups`` new key groups of ``G`` tokens, after compacting the table."""
         self._compact_groups()
         batch, heads, first = self.group_members.shape
         if first + groups > torch.iinfo(self.key_group.dtype).max:
@@ -138,7 +139,7 @@ class PackedTokens(HeldTensors):
         self.key_group = renumber.gather(2, self.key_group.long()).to(self.key_group.dtype)
 
     def keep(self, indices: torch.Tensor) -> None:
-        """Scattered layout: keep tokens ``indices`` ``[B, H, kept]`` (ascending) and recount each key group."""
+        """Scattered layout: keep tokens ``indices`` ``[B, H, kept]`` (ascending); recount each key group."""
         for name in ("key_codes", "value_codes", "value_scale", "value_zero", "key_group"):
             setattr(self, name, gather_entries(getattr(self, name), indices))
         members = torch.zeros_like(self.group_members, dtype=torch.int32)
@@ -160,7 +161,7 @@ class PackedTokens(HeldTensors):
         self.value_zero = self.value_zero[:, :, tokens].clone()
 
     def dequantize_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Dequantize every token into ``keys``/``values`` ``[B, H, n, D]`` (views of a larger output are fine)."""
+        """Dequantize every token into ``keys``/``values`` ``[B, H, n, D]`` (views into a larger output)."""
         batch, heads, length, head_dim = keys.shape
         size = self.group_size
         # One conversion of all codes, then in-place multiply-add over whole rows: faster on CPU than addcmul.
@@ -209,9 +210,9 @@ class QuantizedTokens:
     def assemble(
         self, key_states: torch.Tensor, value_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sinks, dequantized packed tokens, residual and then ``key_states``/``value_states``, as one
-        ``[B, H, S + n + R + new, D]`` tensor each. The packed tokens are dequantized straight into their slice
-        of the output, which saves a copy of the history per step over concatenating."""
+        """Sinks, dequantized packed tokens, residual and then ``key_states``/``value_states``, as one ``[B,
+        H, S + n + R + new, D]`` tensor each. The packed tokens are dequantized straight into their slice of
+        the output, which saves a copy of the history per step over concatenating."""
         sinks, packed = self.sink_keys.shape[2], self.packed_length
         residual, new = self.key_buffer.shape[2], key_states.shape[2]
         batch, heads, _, head_dim = key_states.shape
@@ -255,7 +256,7 @@ class QuantizedTokens:
             self.value_buffer = self.value_buffer[:, :, count:].clone()
 
     def excess(self, residual: int) -> int:
-        """Oldest tokens of a residual of ``residual`` to pack: whole key groups, until at most ``max_residual``
-        are left (or fewer than a group)."""
+        """Oldest tokens of a residual of ``residual`` to pack: whole key groups, until at most
+        ``max_residual`` are left (or fewer than a group)."""
         size, excess = self.quantization.group_size, residual - self.max_residual
         return min(-(-excess // size), residual // size) * size if excess > 0 else 0

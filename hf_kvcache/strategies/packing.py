@@ -38,17 +38,19 @@ def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
 
 
 def unpack_slots(packed: torch.Tensor, nbits: int) -> torch.Tensor:
-    """Split every byte of ``packed`` ``[..., m]`` into its bit slots: ``uint8`` codes ``[..., 8 // nbits, m]``.
+    """Split each byte of ``packed`` ``[..., m]`` into bit slots: ``uint8`` codes ``[..., 8 // nbits, m]``.
 
     Slot ``s`` of the result holds bits ``[s * nbits, (s + 1) * nbits)`` of every byte, which for bytes from
-    :func:`pack_codes` are codes ``s * m`` to ``(s + 1) * m - 1``: one shift and mask per slot over whole rows.
+    :func:`pack_codes` are codes ``s * m`` to ``(s + 1) * m - 1``: one shift and mask per slot over whole
+    rows.
     """
     per_byte = 8 // nbits
     if nbits == 8:
         return packed.unsqueeze(-2)
     mask = 2**nbits - 1
     shifts = torch.arange(0, 8, nbits, device=packed.device).view(per_byte, 1)
-    # Eight bytes per shift where the bytes form whole, aligned int64 words: a byte's slot never takes bits from
+    # Eight bytes per shift where the bytes form whole, aligned int64 words: a byte's slot never takes bits
+    # from
     # its neighbours once masked per byte.
     if packed.is_contiguous() and packed.shape[-1] % 8 == 0 and packed.storage_offset() % 8 == 0:
         words = packed.view(torch.int64).unsqueeze(-2)
@@ -66,7 +68,8 @@ def quantize_kivi(
     codec: TorchCodec, keys: torch.Tensor, values: torch.Tensor, group_size: int, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, ...]:
     """KIVI's scheme on whole groups of tokens, keys and values ``[B, H, n * G, D]``: keys per channel over
-    each group of ``group_size`` consecutive tokens, values per token over each group of ``group_size`` channels.
+    each group of ``group_size`` consecutive tokens, values per token over each group of ``group_size``
+    channels.
 
     Returns ``(key_codes, key_scale, key_zero, value_codes, value_scale, value_zero)``: uint8 codes
     ``[B, H, n * G, D]``, not yet packed; key scales and zero points ``[B, H, n, D]``; value scales and zero
@@ -81,14 +84,18 @@ def quantize_kivi(
     value_codes, value_scale, value_zero = codec.quantize(value_groups, dim=4, scale_dtype=scale_dtype)
     shape = (batch, heads, length, head_dim)
     return (
-        key_codes.reshape(shape), key_scale.squeeze(3), key_zero.squeeze(3),
-        value_codes.reshape(shape), value_scale.squeeze(4), value_zero.squeeze(4),
-    )  # fmt: skip
+        key_codes.reshape(shape),
+        key_scale.squeeze(3),
+        key_zero.squeeze(3),
+        value_codes.reshape(shape),
+        value_scale.squeeze(4),
+        value_zero.squeeze(4),
+    )
 
 
 def pack_token_groups(codec: TorchCodec, codes: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Codes ``[B, H, T, D]`` or ``[B, H, n, G, D]`` of whole groups of ``group_size`` tokens to
-    bytes ``[B, H, T * nbits / 8, D]``, packed along the tokens of each group in :func:`pack_codes`' layout."""
+    """Codes ``[B, H, T, D]`` or ``[B, H, n, G, D]`` of whole groups of ``group_size`` tokens to bytes ``[B,
+    H, T * nbits / 8, D]``, packed along the tokens of each group in :func:`pack_codes`' layout."""
     batch, heads, head_dim = codes.shape[0], codes.shape[1], codes.shape[-1]
     groups = codes.reshape(batch, heads, -1, group_size, head_dim)  # [B, H, n, G, D]
     packed = codec.pack(groups.transpose(-1, -2)).transpose(-1, -2)  # [B, H, n, G * nbits / 8, D]
@@ -146,7 +153,7 @@ class TorchCodec:
 
 
 class QuantoCodec(TorchCodec):
-    """The same scheme computed with optimum-quanto: its ``MaxOptimizer`` ranges and its bit-packing kernels."""
+    """The same scheme computed with optimum-quanto: its ``MaxOptimizer`` ranges and bit-packing kernels."""
 
     name = "quanto"
 

@@ -55,8 +55,10 @@ class QuantizedOptions:
 
 
 class QuantizedLayer(QuantizedTokens, HeldTensors, CacheLayerMixin):
-    """One model layer's tokens as sinks, packed history and full-precision residual (:mod:`.packed_store`), in
-    the grouped layout: whole key groups arrive, and only whole groups leave (a local layer's window, ``crop``).
+    """One model layer's tokens as sinks, packed history and full-precision residual (:mod:`.packed_store`).
+
+    The packed tokens use the grouped layout: whole key groups arrive, and only whole groups leave (a local
+    layer's window, ``crop``).
 
     ``keys`` and ``values`` are every held token, dequantized, in sequence order; ``key_buffer`` and
     ``value_buffer`` ``[B, H, R, D]`` are the residual. A local (sliding-window) layer keeps no sinks, which
@@ -75,7 +77,8 @@ class QuantizedLayer(QuantizedTokens, HeldTensors, CacheLayerMixin):
         self.is_sliding = window is not None
         # Sinks would sit outside a local layer's window, where the model never looks.
         sinks = 0 if window is not None else options.num_sink_tokens
-        # KIVI keeps at least `residual_length` tokens exact: a group is packed once that many newer ones exist.
+        # KIVI keeps at least `residual_length` tokens exact: a group is packed once that many newer ones
+        # exist.
         self.setup_quantized(
             options, sinks, options.residual_length + options.group_size - 1, scattered=False
         )
@@ -132,7 +135,8 @@ class QuantizedLayer(QuantizedTokens, HeldTensors, CacheLayerMixin):
         span, size = self.window - 1, self.options.group_size
         residual = min(self.options.residual_length, span)
         full = 2 * head_dim * element_size
-        # codes, then key scales and zeros per group of tokens, then value scales and zeros per group of channels
+        # codes, then key scales and zeros per group of tokens, then value scales and zeros per group of
+        # channels
         quantized = 2 * head_dim * self.options.nbits / 8 + 4 * head_dim * element_size / size
         # Worst case between drops: residual + size - 1 full-precision tokens, span - residual quantized ones.
         if (size - 1) * full <= (span - residual) * (full - quantized):
@@ -179,8 +183,8 @@ class QuantizedLayer(QuantizedTokens, HeldTensors, CacheLayerMixin):
         size = self.options.group_size
         if keep % size:
             raise ValueError(
-                f"cannot crop the quantized cache to {keep} tokens: the cut falls inside a quantized group of "
-                f"{size} tokens; crop to a multiple of {size} or to at least {sinks + packed} tokens"
+                f"cannot crop the quantized cache to {keep} tokens: the cut falls inside a quantized group "
+                f"of {size} tokens; crop to a multiple of {size} or to at least {sinks + packed} tokens"
             )
         self.packed.slice_groups(0, keep // size)
         self.key_buffer, self.value_buffer = (
@@ -198,8 +202,8 @@ class QuantizedKVCache(KVCache):
     Keys are quantized per channel (each group of ``group_size`` consecutive tokens has its own scale and zero
     point per channel) and values per token (each group of ``group_size`` channels has its own scale and zero
     point per token), asymmetric min-max, as in KIVI (https://arxiv.org/abs/2402.02750). The newest
-    ``residual_length`` tokens stay in full precision; older tokens are quantized group by group, once, and never
-    dequantized and quantized again. 2-bit codes are stored four to a byte, 4-bit codes two to a byte.
+    ``residual_length`` tokens stay in full precision; older tokens are quantized group by group, once, and
+    never dequantized and quantized again. 2-bit codes are stored four to a byte, 4-bit codes two to a byte.
 
     Args:
         model: the model the cache serves (its config gives layers and head size).

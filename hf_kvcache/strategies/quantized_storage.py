@@ -1,14 +1,14 @@
-"""Quantized storage under eviction: the composition ``eviction+quantized`` (``sliding-window+quantized``, ...).
+"""Quantized storage under eviction: compositions ``eviction+quantized`` (``sliding-window+quantized``, ...).
 
-The eviction half decides *which* tokens a layer holds; the quantized half how: the layer's entries live in the
-one quantized store (:mod:`.packed_store`) as sinks, packed tokens in the *scattered* layout (single tokens can
-be evicted from their key groups without anything being dequantized or quantized again) and a full-precision
-residual in the layer's ``key_buffer``/``value_buffer``.
+The eviction half decides *which* tokens a layer holds; the quantized half how: the layer's entries live in
+the one quantized store (:mod:`.packed_store`) as sinks, packed tokens in the *scattered* layout (single
+tokens can be evicted from their key groups without anything being dequantized or quantized again) and a
+full-precision residual in the layer's ``key_buffer``/``value_buffer``.
 
 Tokens leave the residual once, a whole key group at a time, when the residual would hold more than
-``residual_length``. Nothing is quantized while a row still holds left padding, so each row's sinks are its own
-first real tokens. The eviction half never evicts sinks or residual entries (the strategies that compose check
-this in their options), which keeps the three parts the same length in every row and head.
+``residual_length``. Nothing is quantized while a row still holds left padding, so each row's sinks are its
+own first real tokens. The eviction half never evicts sinks or residual entries (the strategies that compose
+check this in their options), which keeps the three parts the same length in every row and head.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ class QuantizedStorage(QuantizedTokens):
         kept_packed, uneven = torch.stack([first, uneven.long()]).tolist()  # one device sync, not three
         if uneven:
             raise RuntimeError(
-                f"{type(self).__name__}: the eviction dropped a sink, or kept different numbers of packed tokens "
-                "in different rows or heads, which this storage cannot hold"
+                f"{type(self).__name__}: the eviction dropped a sink, or kept different numbers of packed "
+                "tokens in different rows or heads, which this storage cannot hold"
             )
         if kept_packed < packed:
             self.packed.keep(indices[..., sinks : sinks + kept_packed] - sinks)

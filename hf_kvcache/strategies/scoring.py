@@ -1,4 +1,4 @@
-"""The base of attention-score strategies (H2O, TOVA, SnapKV): what the held entries receive from the new queries.
+"""Attention-score strategies (H2O, TOVA, SnapKV): the attention the held entries receive from new queries.
 
 A scoring layer gets this forward's rotated queries from the model hooks (so SDPA works), computes their
 attention probabilities over the entries it holds plus the new ones, masked exactly as the model masks them
@@ -36,8 +36,8 @@ def attention_mass(
     """Attention probability each key receives, summed over the queries and over the query heads of its group.
 
     Args:
-        queries: ``[B, H_q, q, D]`` rotated queries; query ``i`` sits at entry position ``first_query_position + i``
-            and sees the entries up to and including its own position.
+        queries: ``[B, H_q, q, D]`` rotated queries; query ``i`` sits at entry position ``first_query_position
+            + i`` and sees the entries up to and including its own position.
         keys: ``[B, H_kv, K, D]``, ``H_q`` a multiple of ``H_kv`` (grouped-query attention).
         query_valid: ``[B, q]``, False for padding queries, which attend to nothing real and must not vote;
             ``None``: all real.
@@ -122,10 +122,10 @@ class ScoringLayer(EvictingLayer):
         return self.accumulates or self.stored + new > self.capacity(new)
 
     def score(self, mass: torch.Tensor, new: int) -> torch.Tensor:
-        """Scores ``[B, H_kv, K]`` of the entries attention saw this step, from the attention ``mass``
-        ``[B, H_kv, K]`` they received (in the same order; the last ``new`` are this step's tokens on the
-        general path). By default the mass itself: the attention the scored queries paid each entry, summed over
-        the query heads of its KV head (the same order as their average)."""
+        """Scores ``[B, H_kv, K]`` of the entries attention saw this step, from the attention ``mass`` ``[B,
+        H_kv, K]`` they received (in the same order; the last ``new`` are this step's tokens on the general
+        path). By default the mass itself: the attention the scored queries paid each entry, summed over the
+        query heads of its KV head (the same order as their average)."""
         return mass
 
     def priority(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -163,7 +163,7 @@ class ScoringLayer(EvictingLayer):
 
 
 class ScoringCache(EvictionCache):
-    """A cache of :class:`ScoringLayer` s: hooks the model's attention modules so they hand over their queries."""
+    """A cache of :class:`ScoringLayer` s: hooks on the model's attention modules hand over their queries."""
 
     def build_layers(self, model, layout: AttentionLayout) -> list[ScoringLayer]:
         layers = super().build_layers(model, layout)

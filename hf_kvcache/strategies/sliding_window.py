@@ -49,8 +49,8 @@ class SlidingWindowOptions:
 
 
 class SlidingWindowLayer(EvictingLayer):
-    """Keeps each row's first ``num_sink_tokens`` real tokens and its newest ones, ``window_length`` in all: the
-    eviction contract's default priority (age) with the sinks protected."""
+    """Keeps each row's first ``num_sink_tokens`` real tokens and its newest ones, ``window_length`` in all:
+    the eviction contract's default priority (age) with the sinks protected."""
 
     sink_originals = RowTensor("the sinks' own keys while the slots hold them shifted [B, H, sinks, D]")
 
@@ -69,7 +69,8 @@ class SlidingWindowLayer(EvictingLayer):
             return torch.cat(
                 [self.rotator.shift(keys[..., :sinks, :], evicted), keys[..., sinks:, :]], dim=-2
             )
-        # Decoding steps write the shifted sinks over the slots' own (sinks never move) and keep the originals.
+        # Decoding steps write the shifted sinks over the slots' own (sinks never move) and keep the
+        # originals.
         if self.sink_originals is None:
             self.sink_originals = keys[..., :sinks, :].clone()
         keys[..., :sinks, :] = self.rotator.shift(self.sink_originals, evicted)
@@ -130,8 +131,8 @@ class SlidingWindowKVCache(EvictionCache):
             rotary = find_rotary_module(model)
             if rotary is None:
                 raise ValueError(
-                    f"positions='shifted' re-rotates cached keys and needs a RoPE model; {type(model).__name__} "
-                    "has no rotary embedding. Use positions='original'."
+                    "positions='shifted' re-rotates cached keys and needs a RoPE model; "
+                    f"{type(model).__name__} has no rotary embedding. Use positions='original'."
                 )
         layers = super().build_layers(model, layout)
         if rotary is not None:

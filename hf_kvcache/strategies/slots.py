@@ -1,6 +1,7 @@
-"""Per-slot bookkeeping of eviction layers: writing a new entry into a slot, growing the slots, reading them in
-age order, and the masked priorities from which victims and survivors are picked. Every function reads the layer's declared slot tensors
-(:mod:`hf_kvcache.held`), so a strategy's own per-slot state follows without code of its own.
+"""Per-slot bookkeeping of eviction layers: writing a new entry into a slot, growing the slots, reading them
+in age order, and the masked priorities from which victims and survivors are picked. Every function reads the
+layer's declared slot tensors (:mod:`hf_kvcache.held`), so a strategy's own per-slot state follows without
+code of its own.
 
 Shapes: slot tensors are ``[B, H, slots, ...]``; a slot index is an ``int`` (the same slot in every row and
 head) or a ``[B, H]`` tensor.
@@ -117,8 +118,9 @@ def implicit_positions(layer: Any, size: int) -> torch.Tensor:
 
 
 def growth_size(layer: Any, total: int) -> int:
-    """Slots for an eviction layer that keeps growing (nothing to evict): about 1/8 more than ``total``, but never
-    more bytes, positions and per-slot state included, than ``DynamicCache`` holds for the tokens seen by then."""
+    """Slots for an eviction layer that keeps growing (nothing to evict): about 1/8 more than ``total``, but
+    never more bytes, positions and per-slot state included, than ``DynamicCache`` holds for the tokens seen
+    by then."""
     token_bytes = layer.key_buffer[0, 0, 0].nbytes + layer.value_buffer[0, 0, 0].nbytes
     held = [getattr(layer, d.name) for d in layer.declared("slot")]
     slot_bytes = sum(tensor[0, 0, :1].nbytes for tensor in held if tensor is not None)
@@ -142,8 +144,9 @@ def highest(priority: torch.Tensor, candidate: torch.Tensor, count: int) -> torc
 
 
 def sort_slots_by_age(layer: Any) -> None:
-    """Put an eviction layer's held entries back in age order in every slot tensor, dropping the slot a decoding
-    step evicted: the general path works on entries in age order."""
+    """Put an eviction layer's held entries back in age order in every slot tensor, for the general path.
+
+    The slot a decoding step evicted is dropped."""
     if layer.slot_positions is None:
         return
     order = age_order(layer)
@@ -157,7 +160,7 @@ def sort_slots_by_age(layer: Any) -> None:
 
 
 def keep_slot_state(layer: HeldTensors, indices: torch.Tensor) -> None:
-    """Keep entries ``indices`` ``[B, H, kept]`` of each per-slot state tensor (those declared with a ``fill``)."""
+    """Keep entries ``indices`` ``[B, H, kept]`` of each per-slot state tensor (declared with a ``fill``)."""
     for declared in layer.declared("slot"):
         tensor = getattr(layer, declared.name)
         if declared.fill is not None and tensor is not None:

@@ -59,11 +59,11 @@ class SnapKVCache(ScoringCache):
     """SnapKV prompt compression (https://arxiv.org/abs/2404.14469), under SDPA or eager attention.
 
     When a forward feeds more than one token (the prompt) and the layer would then hold more than ``budget``
-    entries, each KV head keeps the ``window_size`` newest entries (the observation window) plus the
-    ``budget - window_size`` older ones with the most attention from the window's queries (summed over those
-    queries and the query heads sharing the KV head), after a 1-D max-pool of ``kernel_size`` over positions.
-    Tokens generated afterwards, one per forward, are appended uncompressed, so the cache holds ``budget`` plus
-    the generated tokens. A prompt fed in chunks is compressed after each chunk, scored by that chunk's last
+    entries, each KV head keeps the ``window_size`` newest entries (the observation window) plus the ``budget
+    - window_size`` older ones with the most attention from the window's queries (summed over those queries
+    and the query heads sharing the KV head), after a 1-D max-pool of ``kernel_size`` over positions. Tokens
+    generated afterwards, one per forward, are appended uncompressed, so the cache holds ``budget`` plus the
+    generated tokens. A prompt fed in chunks is compressed after each chunk, scored by that chunk's last
     queries. Left padding is never kept over a real token.
 
     Args:

@@ -22,7 +22,7 @@ class TOVAOptions:
 
 
 class TOVALayer(ScoringLayer):
-    """Scores each entry by the attention of the newest query only, summed over the query heads of its KV head."""
+    """Scores an entry by the attention of the newest query, summed over the query heads of its KV head."""
 
     scored_queries = 1
 
@@ -32,10 +32,11 @@ class TOVAKVCache(ScoringCache):
     """Token Omission Via Attention (TOVA, https://arxiv.org/abs/2401.06104), under SDPA or eager attention.
 
     Holds at most ``budget`` entries per layer. Whenever a forward would leave more, each KV head keeps the
-    ``budget`` entries with the highest attention from the newest query (its probabilities summed over the query
-    heads that share the KV head, which ranks them as their average does); the newest token itself may go. There
-    is no fixed recent window: the query decides. A prompt longer than the budget is cut to it at prefill by its
-    last token's attention. Left padding is never kept over a real token.
+    ``budget`` entries with the highest attention from the newest query (its probabilities summed over the
+    query heads that share the KV head, which ranks them as their average does); the newest token itself may
+    go. There
+    is no fixed recent window: the query decides. A prompt longer than the budget is cut to it at prefill by
+    its last token's attention. Left padding is never kept over a real token.
 
     Args:
         model: the model the cache serves (Llama-style attention: Llama, Mistral, Qwen2/3, Phi3, ...).
