@@ -44,17 +44,13 @@ def default_metrics() -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class CompareSettings:
-    """What to measure on. ``metric_options`` maps a metric name to its options (defaults where absent)."""
+class CompareSettings(DataSource):
+    """What to measure on (the :class:`~.orchestrator.DataSource` fields) and how: ``max_tokens`` of prompt,
+    streamed ``chunk_size`` at a time, and ``metric_options`` mapping a metric name to its options (defaults
+    where absent)."""
 
-    model: str | None = None
-    dataset: str | None = None
-    text_file: str | None = None
-    split: str = "test"
     max_tokens: int = 1024
     chunk_size: int = 16
-    dtype: str | None = None
-    device: str | None = None
     metrics: tuple[str, ...] = field(default_factory=default_metrics)
     metric_options: dict[str, Any] = field(default_factory=dict)
 
@@ -199,7 +195,4 @@ def run_compare(
     progress: bool = True,
 ) -> list[dict]:
     """Measure every strategy of ``strategies`` under ``settings``; records go to ``out_dir/results.json``."""
-    source = DataSource(
-        settings.model, settings.dataset, settings.text_file, settings.split, settings.dtype, settings.device
-    )
-    return run_job(CompareJob(strategies, settings), source, out_dir, force, device_map, progress)
+    return run_job(CompareJob(strategies, settings), settings, out_dir, force, device_map, progress)

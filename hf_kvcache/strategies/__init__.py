@@ -1,7 +1,9 @@
 """The built-in strategies, one module each; importing this package registers them.
 
-Shared machinery lives beside them: :mod:`.eviction` (caches that drop tokens), :mod:`.scoring`
-(attention-score strategies on top of it) and :mod:`.packing` (quantization codecs).
+Shared machinery lives beside them: :mod:`.eviction` (the eviction contract and the layer that applies it),
+:mod:`.slots` (per-slot bookkeeping of eviction layers), :mod:`.scoring` (attention-score strategies on top of
+the contract), :mod:`.packed_store` (the one store of quantized tokens), :mod:`.quantized_storage` (that store
+under an eviction strategy) and :mod:`.packing` (quantization codecs).
 """
 
 from hf_kvcache.strategies.full import build_full_cache

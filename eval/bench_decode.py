@@ -1,0 +1,106 @@
+"""Decode cost of every strategy after a long prompt: ms per token in interleaved rounds, aten ops per step.
+
+    OMP_WAIT_POLICY=PASSIVE python eval/bench_decode.py --lengths 1024 8192 --out eval/results/decode.json
+
+For each length, one process prefills a cache per strategy (``hf_kvcache.prefill``, chunks of 512) with the
+first tokens of the corpus, then times ``--steps`` greedy decoding steps per cache per round, one cache after
+another, for ``--rounds`` rounds: every strategy meets the same machine load, and the medians and min-max of
+ms/token are reported. ``--profile`` also counts the aten operators one decoding step runs (torch profiler),
+next to the full cache's. Only the public API is used, so the same script times another checkout of the
+package (``PYTHONPATH=/path/to/checkout``), which is how before/after figures are taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hf_kvcache.evaluation.harness import DEFAULT_STRATEGIES
+
+
+def count_aten_ops(model, cache, token) -> tuple[int, torch.Tensor]:
+    """Aten operators one decoding step runs, and the step's next token."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+    return sum(1 for event in prof.events() if event.name.startswith("aten::")), token
+
+
+@torch.no_grad()
+def measure(model, ids: torch.Tensor, specs: list[str], rounds: int, steps: int, profile: bool) -> dict:
+    from hf_kvcache import build_cache, cache_nbytes, prefill
+
+    caches, tokens, results = {}, {}, {}
+    for spec in specs:
+        cache = build_cache(spec, model)
+        prefill(model, ids, cache, chunk_size=512)
+        tokens[spec] = model(ids[:, -1:], past_key_values=cache).logits[:, -1:].argmax(-1)
+        caches[spec] = cache
+        print(f"  {ids.shape[1]}: prefilled {spec}", file=sys.stderr, flush=True)
+    for spec in specs:  # one untimed step each: first-call costs are not charged to round one
+        tokens[spec] = model(tokens[spec], past_key_values=caches[spec]).logits[:, -1:].argmax(-1)
+    timings = {spec: [] for spec in specs}
+    for _ in range(rounds):
+        for spec in specs:
+            start = time.perf_counter()
+            for _ in range(steps):
+                logits = model(tokens[spec], past_key_values=caches[spec]).logits
+                tokens[spec] = logits[:, -1:].argmax(-1)
+            timings[spec].append(1000 * (time.perf_counter() - start) / steps)
+    for spec in specs:
+        values = timings[spec]
+        results[spec] = {
+            "ms_per_token": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "rounds": values,
+            "held_bytes": cache_nbytes(caches[spec]),
+        }
+        if profile:
+            ops, tokens[spec] = count_aten_ops(model, caches[spec], tokens[spec])
+            results[spec]["aten_ops_per_step"] = ops
+    return results
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8, help="decoding steps per cache per round")
+    parser.add_argument("--profile", action="store_true", help="count aten operators per decoding step")
+    parser.add_argument("--label", default="", help="a name for this run in the JSON (e.g. 'before')")
+    parser.add_argument("--out", default="eval/results/decode.json")
+    args = parser.parse_args()
+
+    import hf_kvcache
+    from hf_kvcache.evaluation import load_corpus, load_model
+    from hf_kvcache.evaluation.corpus import corpus_token_ids
+
+    model, tokenizer = load_model()
+    ids = corpus_token_ids(tokenizer, load_corpus(), max(args.lengths))
+    report = {"label": args.label, "package": hf_kvcache.__file__, "settings": vars(args), "lengths": {}}
+    for length in args.lengths:
+        rows = measure(model, ids[:, :length], args.strategies, args.rounds, args.steps, args.profile)
+        report["lengths"][str(length)] = rows
+        for spec, row in rows.items():
+            ops = f"  {row['aten_ops_per_step']} aten ops" if "aten_ops_per_step" in row else ""
+            print(
+                f"{length:>6} {spec:<72} {row['ms_per_token']:7.1f} ms/token "
+                f"({row['min']:.1f}-{row['max']:.1f}){ops}",
+                flush=True,
+            )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
