@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -133,6 +134,13 @@ class KVCache(Cache):
     def nbytes(self) -> int:
         """Bytes of the tensors this cache holds right now (packed data, scales, full-precision parts)."""
         return cache_nbytes(self)
+
+    def save(self, path) -> Path:
+        """Write this cache to the safetensors file ``path`` (see :mod:`hf_kvcache.saving`); returns the path.
+        ``hf_kvcache.load_cache(path, model)`` reads it back."""
+        from hf_kvcache.saving import save_cache
+
+        return save_cache(self, path)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options}, layers={len(self.layers)}, nbytes={self.nbytes})"

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
+
+from hf_kvcache.cli_arguments import (
+    add_harness_arguments,
+    add_model_arguments,
+    add_parallel_argument,
+    metric_options_from_args,
+)
 
 EXAMPLES = """examples:
   hf-kvcache compare                                # the main job: all default strategies, embedded defaults
@@ -22,40 +28,6 @@ EXAMPLES = """examples:
   hf-kvcache ppl --model HuggingFaceTB/SmolLM2-360M --dataset wikitext:wikitext-2-raw-v1
   hf-kvcache ppl --text-file book.txt --chunk-size 1
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every measuring subcommand shares: which model, which text, how much."""
-    parser.add_argument("--model", default=None, help="Hub id or local path (default: embedded SmolLM2-135M)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--text-file", default=None, help="a local UTF-8 text file to evaluate on")
-    source.add_argument(
-        "--dataset", default=None, help="a datasets id, optionally 'name:config' (needs network)"
-    )
-    parser.add_argument("--split", default="test", help="dataset split (default: test)")
-    parser.add_argument(
-        "--max-tokens", type=_positive_int, default=1024, help="tokens to evaluate (default 1024)"
-    )
-    parser.add_argument(
-        "--chunk-size", type=_positive_int, default=16, help="tokens per forward (default 16)"
-    )
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)"
-    )
-    parser.add_argument(
-        "--device-map", choices=["auto"], default=None, help="shard the model with accelerate"
-    )
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU)")
 
 
 def load_inputs(args: argparse.Namespace):
@@ -118,76 +90,6 @@ def run_ppl(args: argparse.Namespace) -> int:
             f"{spec}\tperplexity={result.perplexity:.4f}\ttokens={result.num_tokens}\tnll={result.mean_nll:.5f}"
         )
     return 0
-
-
-def _option_flags(metric: str, option: dataclasses.Field) -> list[str]:
-    return [f"--{metric}-{option.name}".replace("_", "-"), *option.metadata.get("aliases", ())]
-
-
-def add_metric_option_arguments(parser: argparse.ArgumentParser, metric_names: list[str]) -> None:
-    """A ``--<metric>-<option>`` flag per field of each metric's options dataclass (which checks values)."""
-    import typing
-
-    from hf_kvcache.evaluation import get_metric
-
-    for name in metric_names:
-        options_class = get_metric(name).options_class
-        hints = typing.get_type_hints(options_class)
-        group = parser.add_argument_group(f"{name} metric options")
-        for option in dataclasses.fields(options_class):
-            kind, many = hints[option.name], False
-            if typing.get_origin(kind) is tuple:
-                kind, many = typing.get_args(kind)[0], True
-            group.add_argument(
-                *_option_flags(name, option),
-                dest=f"metric_option:{name}:{option.name}",
-                metavar=kind.__name__.upper(),
-                type=kind,
-                nargs="+" if many else None,
-                default=None,
-                help=f"{option.metadata.get('help', option.name)} (default: {option.default})",
-            )
-
-
-def metric_options_from_args(args: argparse.Namespace, metric_names: list[str]) -> dict:
-    """Each metric's options dataclass, built from the flags given; a bad value exits with its message."""
-    from hf_kvcache.evaluation import get_metric
-
-    options = {}
-    for name in metric_names:
-        options_class = get_metric(name).options_class
-        given = {}
-        for option in dataclasses.fields(options_class):
-            value = getattr(args, f"metric_option:{name}:{option.name}", None)
-            if value is not None:
-                given[option.name] = tuple(value) if isinstance(value, list) else value
-        try:
-            options[name] = options_class(**given)
-        except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
-    return options
-
-
-def add_harness_arguments(
-    parser: argparse.ArgumentParser, default_strategies: list[str], metric_names: list[str]
-) -> None:
-    parser.add_argument(
-        "--strategies", nargs="+", default=default_strategies, help="strategy specs to compare"
-    )
-    parser.add_argument("--out", default=None, help="folder for results.json, results.csv, results.md, plots")
-    parser.add_argument("--force", action="store_true", help="recompute records already in results.json")
-    add_parallel_argument(parser)
-    add_metric_option_arguments(parser, metric_names)
-
-
-def add_parallel_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--num-processes",
-        type=_positive_int,
-        default=1,
-        help="split the work between this many processes through accelerate (one device each); the same as "
-        "'accelerate launch --num_processes N -m hf_kvcache.cli ...'",
-    )
 
 
 def run_harness(args: argparse.Namespace, default_out: str | None) -> int:
@@ -298,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--force", action="store_true", help="recompute records already in results.json")
     add_parallel_argument(scale)
     scale.set_defaults(run=run_scale_command)
+    commands.add_parser(
+        "lm-eval",
+        add_help=False,
+        help="lm-evaluation-harness through a cache: --model-args ...,cache=SPEC "
+        "--tasks ... (any lm-eval flag)",
+    )
     # One subcommand per metric, so that `hf-kvcache passkey ...` measures just that.
     for name in list_metrics():
         command = add_measuring_command(commands, name, get_metric(name).summary)
@@ -306,8 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_lm_eval(argv: list[str]) -> int:
+    """``hf-kvcache lm-eval ...``: lm-eval's command line, with the ``hf-kvcache`` model type registered."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise SystemExit(
+            "error: hf-kvcache lm-eval runs lm-evaluation-harness, which is not installed: "
+            "pip install 'hf-kvcache[lm-eval]' (nothing was run)"
+        )
+    from hf_kvcache.lm_eval import run_cli
+
+    return run_cli(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # every other argument is lm-eval's own
+        return run_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "num_processes", 1) > 1 and "WORLD_SIZE" not in os.environ:
         from hf_kvcache.evaluation.distributed import relaunch_with_accelerate

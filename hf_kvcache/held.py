@@ -78,6 +78,17 @@ def held_view(index: int, doc: str) -> property:
     return property(read, write, doc=doc)
 
 
+def check_batch(layer: Any, held: torch.Tensor, new: torch.Tensor) -> None:
+    """``ValueError`` naming both batch sizes when a forward brings another batch than the one ``layer`` holds
+    (``held`` and ``new`` have the batch first)."""
+    if held.shape[0] != new.shape[0]:
+        raise ValueError(
+            f"this cache holds a batch of {held.shape[0]} rows, but the model was called with "
+            f"{new.shape[0]}: a cache serves the batch it was filled with ({type(layer).__name__}; beam "
+            "search and batch expansion reorder it themselves). Build a fresh cache for another batch."
+        )
+
+
 _DECLARED: dict[tuple[type, str], tuple[Declared, ...]] = {}
 
 

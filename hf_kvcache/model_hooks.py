@@ -308,6 +308,10 @@ class KeyRotator:
                 "use positions='original'"
             )
 
+    def __deepcopy__(self, memo: dict) -> KeyRotator:
+        # A copy of a cache shares the model's rotary module rather than cloning it.
+        return self
+
     def shift(self, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         inv_freq = getattr(self.rotary_module, self.frequencies).to(device=keys.device, dtype=torch.float32)
         angles = offsets.to(torch.float32)[:, None] * inv_freq[None, :]  # [B, rotary_dim / 2]

@@ -15,6 +15,7 @@ def prefill(
     cache: Cache,
     chunk_size: int = 512,
     attention_mask: torch.Tensor | None = None,
+    leave_last: bool = True,
 ) -> Cache:
     """Feed all but the last token of ``input_ids`` into ``cache``, ``chunk_size`` tokens per forward.
 
@@ -32,18 +33,23 @@ def prefill(
         cache: the cache to fill (any ``transformers`` cache).
         chunk_size: tokens per forward pass. Default 512.
         attention_mask: ``[B, T]`` padding mask for left-padded batches. Default ``None``: no padding.
+        leave_last: leave the last token out, for ``generate`` to feed. ``False`` feeds every token (a
+            context that questions will follow, :func:`hf_kvcache.ask`). Default ``True``.
 
     Returns:
-        ``cache``, holding ``T - 1`` tokens' worth of context.
+        ``cache``, holding ``T - 1`` tokens' worth of context (``T`` with ``leave_last=False``).
 
     Example:
         >>> cache = SlidingWindowKVCache(model, window_length=512)
         >>> prefill(model, ids, cache, chunk_size=512)  # a 32k-token prompt, 512 tokens held per layer
         >>> model.generate(ids, past_key_values=cache, max_new_tokens=32)
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
+    least = 2 if leave_last else 1
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < least:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a [batch, tokens] tensor with at least 2 tokens, got {shape}")
+        raise ValueError(
+            f"input_ids must be a [batch, tokens] tensor with at least {least} tokens, got {shape}"
+        )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -55,7 +61,7 @@ def prefill(
         raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__}")
     if isinstance(cache, KVCache):
         cache.check_model(model)
-    past, end = cache.get_seq_length(), input_ids.shape[1] - 1
+    past, end = cache.get_seq_length(), input_ids.shape[1] - leave_last
     if past > end:
         raise ValueError(
             f"the cache already holds {past} tokens, more than the {end} to prefill from input_ids"

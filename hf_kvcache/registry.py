@@ -20,6 +20,8 @@ from typing import Any
 
 from transformers import Cache, PreTrainedModel
 
+from hf_kvcache.budget import Budget, parse_budget
+
 
 @dataclass(frozen=True)
 class Strategy:
@@ -80,22 +82,6 @@ def check_int(name: str, value: object, minimum: int, why: str = "") -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}{why}, got {value!r}")
 
 
-def check_budget(
-    options: Any, budget: str = "budget", sinks: str | None = None, recent: str | None = None
-) -> None:
-    """For an eviction strategy's options: the field ``budget`` an integer >= 1, the fields named by ``sinks``
-    and ``recent`` (first and newest entries always kept) integers >= 0 that fit in the budget together."""
-    protected = 0
-    for name in (sinks, recent):
-        if name is not None:
-            check_int(name, getattr(options, name), 0)
-            protected += getattr(options, name)
-    fields = " + ".join(f"{name}={getattr(options, name)}" for name in (sinks, recent) if name is not None)
-    check_int(
-        budget, getattr(options, budget), max(1, protected), f" (the {fields} it protects)" if fields else ""
-    )
-
-
 def list_strategies() -> list[str]:
     """Names of all registered strategies, sorted."""
     return sorted(_STRATEGIES)
@@ -131,6 +117,8 @@ def split_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def _convert(value: str, kind: type, option: str, strategy: str) -> Any:
+    if kind == Budget:
+        return parse_budget(value, option, strategy)
     if kind is bool:
         lowered = value.lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -142,7 +130,11 @@ def _convert(value: str, kind: type, option: str, strategy: str) -> Any:
             return kind(value)
         except ValueError:
             pass
-    raise ValueError(f"option {option}={value!r} of strategy {strategy!r} must be of type {kind.__name__}")
+    raise ValueError(f"option {option}={value!r} of strategy {strategy!r} must be of type {_type_name(kind)}")
+
+
+def _type_name(kind: Any) -> str:
+    return "tokens or fraction" if kind == Budget else getattr(kind, "__name__", str(kind))
 
 
 def _plain_fields(options_class: type) -> list[dataclasses.Field]:
@@ -170,7 +162,7 @@ def _parse_one(spec: str, whole: str) -> tuple[Strategy, Any]:
     fields = [f.name for f in _plain_fields(strategy.options_class)]
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        allowed = ", ".join(f"{f} ({hints[f].__name__})" for f in fields) or "none"
+        allowed = ", ".join(f"{f} ({_type_name(hints[f])})" for f in fields) or "none"
         raise ValueError(
             f"unknown option(s) {unknown} for strategy {name!r} in {whole!r}; allowed options: {allowed}"
         )
@@ -209,11 +201,25 @@ def canonical_spec(spec: str) -> str:
     """The spec with every option spelled out, e.g. ``"quantized"`` ->
     ``"quantized:nbits=4,group_size=32,..."``; a composition spells out both halves."""
     strategy, options = parse_spec(spec)
-    text = _spelled(strategy.name, options)
-    for other, name in _composed_fields(type(options)).items():
-        if getattr(options, name) is not None:
-            text += "+" + _spelled(other, getattr(options, name))
+    return _spec_of_options(strategy.name, options)
+
+
+def _spec_of_options(name: str, options: Any) -> str:
+    text = _spelled(name, options)
+    for other, field_name in _composed_fields(type(options)).items():
+        if getattr(options, field_name) is not None:
+            text += "+" + _spelled(other, getattr(options, field_name))
     return text
+
+
+def spec_of(cache: Cache) -> str:
+    """The canonical spec that builds a cache like ``cache`` (one of the registered strategies' caches)."""
+    for strategy in _STRATEGIES.values():
+        if type(cache) is strategy.build:
+            return _spec_of_options(strategy.name, cache.options)
+    if type(cache).__name__ == "DynamicCache":
+        return "full"
+    raise ValueError(f"{type(cache).__name__} is not the cache of a registered strategy")
 
 
 def build_cache(spec: str, model: PreTrainedModel) -> Cache:

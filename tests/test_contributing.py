@@ -105,7 +105,9 @@ def test_it_keeps_the_sinks_the_recent_and_the_largest_values(value_norm):
 
 def test_its_bad_options_are_named(value_norm):
     model = make_tiny_model("llama")
-    with pytest.raises(ValueError, match="recent must be an integer >= 0, got -1"):
+    with pytest.raises(
+        ValueError, match=r"recent must be a number of tokens >= 0 or a fraction in \(0, 1\], got -1"
+    ):
         build_cache("value-norm:recent=-1", model)
     with pytest.raises(
         ValueError, match=r"budget must be an integer >= 36 \(the num_sink_tokens=4 \+ recent=32"

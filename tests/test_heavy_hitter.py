@@ -125,8 +125,8 @@ def test_a_cache_used_with_another_model_is_refused():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"heavy_budget": -1}, "heavy_budget must be an integer >= 0, got -1"),
-        ({"recent_budget": 2.5}, "recent_budget must be an integer >= 0, got 2.5"),
+        ({"heavy_budget": -1}, "heavy_budget must be a number of tokens >= 0 or a fraction .*, got -1"),
+        ({"recent_budget": 2.5}, "recent_budget=2.5 is a fraction of the tokens seen, which must lie in"),
         ({"heavy_budget": 0, "recent_budget": 0}, "must be at least 1"),
     ],
 )

@@ -102,7 +102,7 @@ def test_left_padded_rows_match_their_unpadded_runs():
     [
         (
             {"window_length": 4, "num_sink_tokens": 4},
-            "window_length must be an integer larger than num_sink_tokens=4",
+            "window_length must be larger than num_sink_tokens=4, got 4",
         ),
         ({"num_sink_tokens": -1}, "num_sink_tokens must be an integer >= 0, got -1"),
         ({"positions": "relative"}, "positions must be one of \\['shifted', 'original'\\]"),

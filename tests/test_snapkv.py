@@ -86,8 +86,12 @@ def test_left_padded_rows_match_their_unpadded_runs():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"budget": 0}, "budget must be an integer >= 1, got 0"),
-        ({"budget": 16, "window_size": 17}, "window_size must be an integer in \\[1, budget=16\\], got 17"),
+        ({"budget": 0}, "budget must be an integer >= 32 \\(the window_size=32 it protects\\), got 0"),
+        (
+            {"budget": 16, "window_size": 17},
+            "budget must be an integer >= 17 \\(the window_size=17 it protects",
+        ),
+        ({"window_size": 0}, "window_size must be an integer >= 1, got 0"),
         ({"kernel_size": 4}, "kernel_size must be an odd integer >= 1, got 4"),
     ],
 )

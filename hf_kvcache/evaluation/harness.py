@@ -83,14 +83,23 @@ class CompareSettings(DataSource):
         return fingerprint_of(self.record_settings(name))
 
 
-def full_cache_bytes(model, tokens: int) -> int:
-    """Bytes a ``DynamicCache`` holds after ``tokens`` tokens of one sequence: keys and values of every layer,
-    where local (sliding-window, chunked) layers keep only their last ``window - 1`` tokens, as it does."""
+def full_cache_bytes(model, tokens: int, chunk_size: int | None = None) -> int:
+    """Bytes a ``DynamicCache`` holds after ``tokens`` tokens of one sequence, fed ``chunk_size`` at a time
+    (``None``: in one forward), counted as :func:`~hf_kvcache.cache_nbytes` counts them: the storage of the
+    keys and values of every layer. A local (sliding-window, chunked) layer keeps a view of its last ``window
+    - 1`` tokens, which pins the storage of the last concatenation: those tokens, plus the tokens of the last
+    chunk beyond them; and an 8-byte window scalar."""
     layout = attention_layout(model)
     element = torch.finfo(model.dtype).bits // 8
     per_token = 2 * layout.num_key_value_heads * layout.head_dim * element
-    windows = (layout.window(index) for index in range(layout.num_layers))
-    return sum(per_token * (tokens if window is None else min(tokens, window - 1)) for window in windows)
+    last = tokens if chunk_size is None else tokens - (tokens - 1) // chunk_size * chunk_size
+    total = 0
+    for window in (layout.window(index) for index in range(layout.num_layers)):
+        if window is None:
+            total += per_token * tokens
+        else:
+            total += per_token * (min(window - 1, tokens - last) + last) + 8
+    return total
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -136,7 +145,7 @@ class Run:
             )
             seconds = time.perf_counter() - start
             peak, peak_kind = peak_memory(self.model.device)
-            full = full_cache_bytes(self.model, self.prompt_tokens)
+            full = full_cache_bytes(self.model, self.prompt_tokens, self.settings.chunk_size)
             self._streams[spec] = StreamOutcome(result, seconds, cache_nbytes(cache), full, peak, peak_kind)
         return self._streams[spec]
 

@@ -62,7 +62,7 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _embedded_model_dir() -> Path:
+def embedded_model_dir() -> Path:
     """Convert the GGUF once (about 20-40 s) into a safetensors checkpoint, and reuse it afterwards."""
     gguf_path = embedded_gguf_path()
     import transformers
@@ -118,7 +118,7 @@ def load_model(
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, "cuda" if device == "auto" else device)
-    source = str(_embedded_model_dir()) if name_or_path is None else name_or_path
+    source = str(embedded_model_dir()) if name_or_path is None else name_or_path
     kwargs = {"dtype": torch_dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

@@ -10,6 +10,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from hf_kvcache.evaluation.metric import Column, Metric, register_metric
+from hf_kvcache.evaluation.report import save_figure, spec_label
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "\n\nWhat is the pass key? The pass key is"
@@ -134,13 +135,12 @@ class PasskeyMetric(Metric):
 
         columns = [(c["length"], c["depth"]) for c in records[0]["values"]["cells"]]
         grid = [[c["correct"] / c["trials"] for c in r["values"]["cells"]] for r in records]
-        figure, axis = plt.subplots(figsize=(4 + 0.6 * len(columns), 1.5 + 0.45 * len(records)))
+        labels = [spec_label(r["spec"]) for r in records]
+        height = 1.5 + 0.14 * sum(label.count("\n") + 1 for label in labels)
+        figure, axis = plt.subplots(figsize=(4 + 0.6 * len(columns), height))
         axis.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         axis.set_xticks(range(len(columns)), [f"{n}\n{d:.0%}" for n, d in columns], fontsize=7)
-        axis.set_yticks(range(len(records)), [r["spec"] for r in records], fontsize=7)
+        axis.set_yticks(range(len(records)), labels, fontsize=6)
         axis.set_xlabel("prompt tokens / needle depth")
         axis.set_title("Passkey retrieval accuracy")
-        figure.tight_layout()
-        figure.savefig(out / "passkey.png", dpi=120)
-        plt.close(figure)
-        return [out / "passkey.png"]
+        return [save_figure(figure, out / "passkey.png")]

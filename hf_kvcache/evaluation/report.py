@@ -108,7 +108,7 @@ def write_pareto_plot(rows: list[dict], out: Path) -> list[Path]:
             row["perplexity"],
             s=50,
             marker=markers[index % len(markers)],
-            label=row["spec"],
+            label=spec_label(row["spec"], 60),
             alpha=0.85,
         )
     frontier = pareto_frontier(quality)
@@ -132,7 +132,27 @@ def write_pareto_plot(rows: list[dict], out: Path) -> list[Path]:
     axis.set_title("Quality against cache memory")
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    return [save_figure(figure, out / "pareto.png")]
+
+
+def spec_label(spec: str, width: int = 36) -> str:
+    """A strategy spec wrapped onto lines of about ``width`` characters, after its commas and before a ``+``,
+    so that long specs make tall labels rather than figures wider than a page."""
+    lines, line = [], ""
+    for piece in spec.replace("+", "\n+").replace(",", ",\n").split("\n"):
+        if line and (piece.startswith("+") or len(line) + len(piece) > width):
+            lines.append(line)
+            line = ""
+        line += piece
+    return "\n".join([*lines, line])
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Lay ``figure`` out, write it to ``path`` with the canvas grown to hold every label, title and legend
+    whole (long strategy specs included), and close it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
-    figure.savefig(out / "pareto.png", dpi=120, bbox_inches="tight")
+    figure.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.1)
     plt.close(figure)
-    return [out / "pareto.png"]
+    return Path(path)

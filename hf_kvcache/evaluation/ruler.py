@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from hf_kvcache.evaluation.metric import Column, Metric, register_metric
+from hf_kvcache.evaluation.report import save_figure, spec_label
 
 RULER_TASKS = (
     "niah_single",
@@ -303,7 +304,7 @@ class RulerMetric(Metric):
             axis.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
             axis.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             axis.set_yticks(range(len(tasks)), tasks if axis is axes[0][0] else [""] * len(tasks), fontsize=7)
-            axis.set_title(record["spec"], fontsize=6, wrap=True)
+            axis.set_title(spec_label(record["spec"], 28), fontsize=6)
             shown = [
                 f"{by_column[key]['partial']:.0%} ({by_column[key]['correct']}/{by_column[key]['trials']})"
                 if key in by_column
@@ -312,9 +313,7 @@ class RulerMetric(Metric):
             ]
             mean = self.headline(record["values"])["ruler_score"]
             lines.append(f"| `{record['spec']}` | " + " | ".join(shown) + f" | {mean:.0%} |")
-        figure.tight_layout()
-        figure.savefig(out / "ruler.png", dpi=120)
-        plt.close(figure)
+        save_figure(figure, out / "ruler.png")
         (out / "ruler.md").write_text(
             "RULER score per task and prompt length: the fraction of expected items the greedy answer holds, "
             "averaged over trials; in brackets, trials whose answer holds every item.\n\n"

@@ -22,6 +22,7 @@ from hf_kvcache.base import cache_nbytes
 from hf_kvcache.evaluation.memory import PeakMemory, free_memory
 from hf_kvcache.evaluation.orchestrator import DataSource, Job, Measured, RecordKey, run_job
 from hf_kvcache.evaluation.records import fingerprint_of
+from hf_kvcache.evaluation.report import save_figure, spec_label
 from hf_kvcache.evaluation.speed import CompetingLoad, synchronize
 from hf_kvcache.prefill import prefill
 from hf_kvcache.registry import build_cache, canonical_spec
@@ -193,11 +194,13 @@ def write_scale_plot(records: list[dict], out: Path) -> Path:
         lengths = [v["length"] for v in values]
         exponent = growth[spec]["held_bytes"]
         label = spec if exponent is None else f"{spec} (held ∝ L^{exponent:.2f})"
-        memory.plot(lengths, [v["held_bytes"] / 2**20 for v in values], marker="o", label=label)
+        memory.plot(
+            lengths, [v["held_bytes"] / 2**20 for v in values], marker="o", label=spec_label(label, 60)
+        )
         medians = [v["decode_ms_per_token"]["median"] for v in values]
         low = [m - v["decode_ms_per_token"]["min"] for m, v in zip(medians, values, strict=True)]
         high = [v["decode_ms_per_token"]["max"] - m for m, v in zip(medians, values, strict=True)]
-        decode.errorbar(lengths, medians, yerr=[low, high], marker="o", capsize=3, label=spec)
+        decode.errorbar(lengths, medians, yerr=[low, high], marker="o", capsize=3, label=spec_label(spec, 60))
     for axis, title in (
         (memory, "cache bytes held (MiB)"),
         (decode, "decode ms per token (median, min-max)"),
@@ -208,11 +211,7 @@ def write_scale_plot(records: list[dict], out: Path) -> Path:
         axis.set_title(title)
         axis.grid(alpha=0.3, which="both")
     memory.legend(fontsize=6)
-    figure.tight_layout()
-    path = Path(out) / "scale.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, Path(out) / "scale.png")
 
 
 def settings_record(settings: ScaleSettings, source: DataSource, length: int) -> dict:

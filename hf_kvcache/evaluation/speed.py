@@ -14,6 +14,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from hf_kvcache.evaluation.metric import Column, Metric, register_metric
+from hf_kvcache.evaluation.report import save_figure, spec_label
 
 
 @dataclass(frozen=True)
@@ -270,16 +271,15 @@ class SpeedMetric(Metric):
     def plots(self, records: list[dict], out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
 
-        figure, axis = plt.subplots(figsize=(7, 4))
+        labels = [spec_label(r["spec"]) for r in records]
+        figure, axis = plt.subplots(figsize=(8, 1.2 + 0.16 * sum(label.count("\n") + 1 for label in labels)))
         values = [r["values"] for r in records]
         medians = [v["decode_tokens_per_s"] for v in values]
         low = [m - v.get("decode_tokens_per_s_min", m) for m, v in zip(medians, values, strict=True)]
         high = [v.get("decode_tokens_per_s_max", m) - m for m, v in zip(medians, values, strict=True)]
-        axis.barh([r["spec"] for r in records], medians, xerr=[low, high], capsize=3)
+        axis.barh(range(len(records)), medians, xerr=[low, high], capsize=3)
+        axis.set_yticks(range(len(records)), labels)
         axis.set_xlabel("decode tokens/s (median of interleaved rounds; bars: min-max)")
         axis.invert_yaxis()
-        axis.tick_params(axis="y", labelsize=7)
-        figure.tight_layout()
-        figure.savefig(out / "decode_speed.png", dpi=120)
-        plt.close(figure)
-        return [out / "decode_speed.png"]
+        axis.tick_params(axis="y", labelsize=6)
+        return [save_figure(figure, out / "decode_speed.png")]

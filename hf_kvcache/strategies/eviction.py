@@ -33,7 +33,8 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
 from hf_kvcache.base import KVCache, gather_entries
-from hf_kvcache.held import HeldTensors, RowTensor, SlotTensor, held_view
+from hf_kvcache.budget import Budget, tokens
+from hf_kvcache.held import HeldTensors, RowTensor, SlotTensor, check_batch, held_view
 from hf_kvcache.layout import (
     FULL_ATTENTION,
     LOCAL_ATTENTION,
@@ -47,11 +48,11 @@ from hf_kvcache.strategies.slots import (
     fill_new_slots,
     grow_slots,
     growth_size,
-    highest,
     implicit_positions,
     keep_slot_state,
     sort_slots_by_age,
     start_slot_state,
+    survivors,
     victim,
     write_slot,
 )
@@ -89,9 +90,9 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
     cached_real = RowTensor("real tokens held [B]")
     pending_victim = RowTensor("slot of the entry the last decoding step evicted [B, H], or None")
 
-    def __init__(self, budget: int, state: ForwardState, sinks: int = 0, recent: int = 0):
+    def __init__(self, budget: Budget, state: ForwardState, sinks: int = 0, recent: Budget = 0):
         super().__init__()
-        if sinks + recent > budget:
+        if isinstance(budget, int) and isinstance(recent, int) and sinks + recent > budget:
             raise ValueError(
                 f"{type(self).__name__}: sinks={sinks} plus recent={recent} protected entries exceed the "
                 f"budget of {budget}"
@@ -116,8 +117,10 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
 
     # --- the contract ---------------------------------------------------------------------------------------
     def capacity(self, new: int) -> int:
-        """Entries kept after an update that adds ``new``; more than that triggers an eviction."""
-        return self.budget
+        """Entries kept after an update that adds ``new``; more than that triggers an eviction. By default the
+        budget (in tokens, or its fraction of the tokens seen), and never fewer than what is protected."""
+        seen = self.seen + new
+        return max(tokens(self.budget, seen), self.sinks + tokens(self.recent, seen))
 
     def priority(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """How much each entry attention saw this step is worth keeping, ``[B, H, N]``: higher is kept.
@@ -173,7 +176,7 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
         return self.stored + query_length, self.seen - self.stored
 
     def get_max_length(self) -> int:
-        return self.budget
+        return self.budget if isinstance(self.budget, int) else -1
 
     # --- updating -------------------------------------------------------------------------------------------
     def update(
@@ -181,25 +184,28 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        check_batch(self, self.real_seen, key_states)
         batch, _, new, _ = key_states.shape
         pads = self.state.padding(batch, self.seen + new, self.device)
         new_real = (self.seen + new - pads).clamp(min=0) - (self.seen - pads).clamp(min=0)
         real_in_full = self.cached_real + new_real
         total = self.stored + new
-        kept = min(total, self.capacity(new))
+        kept, recent = min(total, self.capacity(new)), tokens(self.recent, self.seen + new)
         evicted = self.real_seen - self.cached_real
         decoding = (
             new == 1 and kept >= total - 1 and not self.holds_padding and self.seen >= self.state.max_pad
         )
         if self.decodes_in_place and decoding:
-            result = self._decode_in_place(key_states, value_states, evicted, real_in_full, kept < total)
+            result = self._decode_in_place(
+                key_states, value_states, evicted, real_in_full, kept < total, recent
+            )
         else:
-            result = self._update_general(key_states, value_states, pads, evicted, real_in_full, kept)
+            result = self._update_general(key_states, value_states, pads, evicted, real_in_full, kept, recent)
         self.seen += new
         self.real_seen = self.real_seen + new_real
         return result
 
-    def _decode_in_place(self, key_states, value_states, evicted, real_in_full, evicting: bool):
+    def _decode_in_place(self, key_states, value_states, evicted, real_in_full, evicting: bool, recent: int):
         """One new real token, at most one entry evicted per row and head, no padding held: write in place."""
         total = self.stored + 1
         if self.pending_victim is None:  # append after the held slots
@@ -217,8 +223,11 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
         if evicting:
             positions = self.slot_positions[..., :total]
             # Protected: each row's first `sinks` real tokens and the newest `recent` (columns up to `seen`).
-            first_real = (self.seen - self.real_seen)[:, None, None]
-            candidate = (positions >= first_real + self.sinks) & (positions <= self.seen - self.recent)
+            candidate = None if recent == 0 else positions <= self.seen - recent
+            if self.sinks:
+                first_real = (self.seen - self.real_seen)[:, None, None]
+                not_sink = positions >= first_real + self.sinks
+                candidate = not_sink if candidate is None else candidate & not_sink
             priority = self.priority(keys, values, positions)
             self.pending_victim = victim(priority, candidate, positions)
             self.stored, self.cached_real = total - 1, real_in_full - 1
@@ -226,7 +235,7 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
             self.stored, self.cached_real = total, real_in_full
         return keys, values
 
-    def _update_general(self, key_states, value_states, pads, evicted, real_in_full, kept):
+    def _update_general(self, key_states, value_states, pads, evicted, real_in_full, kept, recent: int):
         batch, heads, new, _ = key_states.shape
         self.restore_buffers()
         sort_slots_by_age(self)
@@ -236,8 +245,8 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
         columns = self.seen + torch.arange(new, device=self.device)
         new_valid = columns[None, :] >= pads[:, None]
         full_keys, full_values = self.entries_with(key_states, value_states)
-        positions = None  # implicit while nothing has been evicted
-        if evicting or self.slot_positions is not None:
+        positions = None  # implicit while nothing has been evicted, and never kept without in-place decoding
+        if self.decodes_in_place and (evicting or self.slot_positions is not None):
             held = implicit_positions(self, stored) if self.slot_positions is None else self.slot_positions
             new_columns = columns.to(torch.int32).expand(batch, heads, new)
             positions = torch.cat([held[..., :stored], new_columns], dim=-1)
@@ -249,7 +258,7 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
             if positions is None:  # no columns kept (quantized storage): their age rank orders them
                 positions = torch.arange(total, device=self.device).expand(batch, heads, total)
             priority = self.priority(returned_keys, full_values, positions)
-            indices = self._keep(total, kept, real_in_full, priority)
+            indices = survivors(priority, total, kept, real_in_full, self.sinks, recent)
             self.cached_real = real_in_full.clamp(max=kept)
             if self.decodes_in_place:
                 positions = positions.gather(2, indices)
@@ -261,24 +270,6 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
         self.stored = kept
         self.holds_padding = bool((self.cached_real < kept).any())
         return returned_keys, full_values
-
-    def _keep(
-        self, total: int, kept: int, real_in_full: torch.Tensor, priority: torch.Tensor
-    ) -> torch.Tensor:
-        """Indices ``[B, H, kept]`` (ascending) of the entries to keep among ``total`` in age order: the
-        protected ones and the highest-priority others. Rows with fewer than ``kept`` real entries keep the
-        newest ``kept``: all their real ones behind padding."""
-        batch, heads = priority.shape[:2]
-        device = priority.device
-        entry = torch.arange(total, device=device)
-        first_real = (total - real_in_full)[:, None, None]  # padding sits before the real entries
-        sinks = (first_real + torch.arange(self.sinks, device=device)).expand(batch, heads, -1)
-        recent = entry[total - self.recent :].expand(batch, heads, -1)
-        candidate = (entry >= first_real + self.sinks) & (entry < total - self.recent)
-        chosen = highest(priority, candidate, kept - self.sinks - self.recent)
-        indices = torch.cat([sinks, chosen, recent], dim=-1).sort(dim=-1).values
-        newest = entry[total - kept :].expand(batch, heads, kept)
-        return torch.where((real_in_full >= kept)[:, None, None], indices, newest)
 
     def entries_with(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """Held entries in age order, then the new ones: keys and values ``[B, H, stored + new, D]``."""
@@ -322,7 +313,8 @@ class EvictionCache(KVCache):
         for index in range(layout.num_layers):
             layer, window = self.make_layer(layout), layout.window(index)
             if window is not None:
-                layer = DynamicSlidingWindowLayer(sliding_window=min(window, layer.budget + 1))
+                budget = layer.budget if isinstance(layer.budget, int) else window
+                layer = DynamicSlidingWindowLayer(sliding_window=min(window, budget + 1))
             layers.append(layer)
         return layers
 

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hf_kvcache.budget import Budget, check_budget_value, tokens
 from hf_kvcache.held import SlotTensor
-from hf_kvcache.registry import check_int, register_strategy
+from hf_kvcache.registry import register_strategy
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from hf_kvcache.strategies.quantized_storage import QuantizedStorage, check_composed_quantization
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
@@ -21,24 +22,31 @@ from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 class HeavyHitterOptions:
     """Options of :class:`HeavyHitterKVCache`; see there."""
 
-    heavy_budget: int = 128
-    recent_budget: int = 128
+    heavy_budget: Budget = 128
+    recent_budget: Budget = 128
     quantization: QuantizedOptions | None = field(default=None, metadata={"composes": "quantized"})
 
     def __post_init__(self):
         check_composed_quantization(self.quantization)
-        check_int("heavy_budget", self.heavy_budget, 0)
-        check_int("recent_budget", self.recent_budget, 0)
-        if self.heavy_budget + self.recent_budget < 1:
+        check_budget_value("heavy_budget", self.heavy_budget, 0)
+        check_budget_value("recent_budget", self.recent_budget, 0)
+        if self.heavy_budget == 0 and self.recent_budget == 0:
             raise ValueError("heavy_budget + recent_budget must be at least 1, got 0")
         quantization = self.quantization
+        if quantization is not None and not isinstance(self.recent_budget, int):
+            raise ValueError(
+                f"recent_budget={self.recent_budget} must be in tokens (at least residual_length="
+                f"{quantization.residual_length}) when the kept tokens are quantized: the full-precision "
+                "residual is the newest tokens, which heavy-hitter eviction must never evict"
+            )
         if quantization is not None and quantization.residual_length > self.recent_budget:
             raise ValueError(
                 f"residual_length={quantization.residual_length} of the quantized half must be at most "
                 f"recent_budget={self.recent_budget}: the full-precision residual is the newest tokens, "
                 "which heavy-hitter eviction must never evict"
             )
-        if quantization is not None and quantization.num_sink_tokens > self.heavy_budget:
+        heavy = self.heavy_budget
+        if quantization is not None and isinstance(heavy, int) and quantization.num_sink_tokens > heavy:
             raise ValueError(
                 f"num_sink_tokens={quantization.num_sink_tokens} of the quantized half must be at most "
                 f"heavy_budget={self.heavy_budget}: the sinks are always kept, out of the heavy budget"
@@ -50,6 +58,17 @@ class HeavyHitterLayer(ScoringLayer):
     over the query heads sharing its KV head (``accumulated``, which follows every eviction)."""
 
     accumulates = True
+
+    def __init__(self, heavy: Budget, state, sinks: int = 0, recent: Budget = 0):
+        # The budget is heavy + recent; kept as one number where both are tokens (local windows read it).
+        budget = heavy + recent if isinstance(heavy, int) and isinstance(recent, int) else heavy
+        self.heavy = heavy
+        super().__init__(budget, state, sinks, recent)
+
+    def capacity(self, new: int) -> int:
+        seen = self.seen + new
+        return max(self.sinks, tokens(self.heavy, seen)) + tokens(self.recent, seen)
+
     accumulated = SlotTensor("attention each slot received so far [B, H_kv, slots]", torch.float32, fill=0.0)
 
     def score(self, mass: torch.Tensor, new: int) -> torch.Tensor:
@@ -84,8 +103,9 @@ class HeavyHitterKVCache(ScoringCache):
 
     Args:
         model: the model the cache serves (Llama-style attention: Llama, Mistral, Qwen2/3, Phi3, ...).
-        heavy_budget: older tokens kept by accumulated attention. Default 128.
-        recent_budget: newest tokens always kept. Default 128.
+        heavy_budget: older tokens kept by accumulated attention, in tokens or as a fraction of the tokens
+            seen (``0.125``). Default 128.
+        recent_budget: newest tokens always kept, in tokens or as a fraction of the tokens seen. Default 128.
         quantization: a :class:`~hf_kvcache.strategies.quantized.QuantizedOptions` to hold the kept tokens
             bit-packed (spec ``heavy-hitter:...+quantized:...``; see :mod:`~.quantized_storage` for how single
             tokens leave per-channel key groups): the first ``num_sink_tokens`` tokens are then always kept in
@@ -100,13 +120,12 @@ class HeavyHitterKVCache(ScoringCache):
     options_class = HeavyHitterOptions
 
     def make_layer(self, layout) -> HeavyHitterLayer:
-        budget = self.options.heavy_budget + self.options.recent_budget
+        heavy, recent = self.options.heavy_budget, self.options.recent_budget
         quantization = self.options.quantization
-        recent = self.options.recent_budget
         if quantization is None:
-            return HeavyHitterLayer(budget, self.forward_state, recent=recent)
+            return HeavyHitterLayer(heavy, self.forward_state, recent=recent)
         quantization.check_head_dim(layout.head_dim)
         sinks = quantization.num_sink_tokens
         return QuantizedHeavyHitterLayer(
-            budget, self.forward_state, sinks, recent, quantization=quantization, num_sink_tokens=sinks
+            heavy, self.forward_state, sinks, recent, quantization=quantization, num_sink_tokens=sinks
         )

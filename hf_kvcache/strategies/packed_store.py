@@ -208,32 +208,36 @@ class QuantizedTokens:
         return 0 if self.packed is None else self.packed.length
 
     def assemble(
-        self, key_states: torch.Tensor, value_states: torch.Tensor
+        self, key_states: torch.Tensor | None = None, value_states: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sinks, dequantized packed tokens, residual and then ``key_states``/``value_states``, as one ``[B,
-        H, S + n + R + new, D]`` tensor each. The packed tokens are dequantized straight into their slice of
-        the output, which saves a copy of the history per step over concatenating."""
-        sinks, packed = self.sink_keys.shape[2], self.packed_length
-        residual, new = self.key_buffer.shape[2], key_states.shape[2]
-        batch, heads, _, head_dim = key_states.shape
-        shape = (batch, heads, sinks + packed + residual + new, head_dim)
-        keys, values = key_states.new_empty(shape), value_states.new_empty(shape)
-        for out, sink, held, fresh in (
-            (keys, self.sink_keys, self.key_buffer, key_states),
-            (values, self.sink_values, self.value_buffer, value_states),
+        """Sinks, dequantized packed tokens, residual and then ``key_states``/``value_states`` (if given), as
+        one ``[B, H, S + n + R (+ new), D]`` tensor each. The packed tokens are dequantized straight into
+        their slice of the output, which saves a copy of the history per step over concatenating."""
+        outputs = []
+        for sink, held, fresh in (
+            (self.sink_keys, self.key_buffer, key_states),
+            (self.sink_values, self.value_buffer, value_states),
         ):
-            out[:, :, :sinks] = sink
-            out[:, :, sinks + packed : sinks + packed + residual] = held
-            out[:, :, sinks + packed + residual :] = fresh
-        if packed:
-            self.packed.dequantize_into(
-                keys[:, :, sinks : sinks + packed], values[:, :, sinks : sinks + packed]
-            )
-        return keys, values
+            parts = [sink, None, held] + ([] if fresh is None else [fresh])
+            if not self.packed_length:
+                outputs.append(torch.cat([p for p in parts if p is not None], dim=2))
+                continue
+            sizes = [p.shape[2] if p is not None else self.packed_length for p in parts]
+            out = held.new_empty(*held.shape[:2], sum(sizes), held.shape[3])
+            start = 0
+            for part, size in zip(parts, sizes, strict=True):
+                if part is not None and size:
+                    out[:, :, start : start + size] = part
+                start += size
+            outputs.append(out)
+        if self.packed_length:
+            window = slice(self.sink_keys.shape[2], self.sink_keys.shape[2] + self.packed_length)
+            self.packed.dequantize_into(outputs[0][:, :, window], outputs[1][:, :, window])
+        return outputs[0], outputs[1]
 
     def held(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every held key and value ``[B, H, S + n + R, D]``, dequantized, in sequence order."""
-        return self.assemble(self.key_buffer[:, :, :0], self.value_buffer[:, :, :0])
+        return self.assemble()
 
     def settle(self) -> None:
         """Move the first tokens into the sinks (while nothing is packed yet), then pack the oldest residual

@@ -9,6 +9,9 @@ packing kernels). Both unpack with :func:`unpack_slots`.
 from __future__ import annotations
 
 import importlib.util
+import os
+import time
+from pathlib import Path
 
 import torch
 
@@ -166,6 +169,7 @@ class QuantoCodec(TorchCodec):
             )
         from optimum.quanto import MaxOptimizer, qint2, qint4, qint8
 
+        wait_for_quanto_build()
         self._optimizer = MaxOptimizer()
         self._qtype = {2: qint2, 4: qint4, 8: qint8}[nbits]
 
@@ -195,6 +199,33 @@ class QuantoCodec(TorchCodec):
         rows = packed.reshape(-1, packed.shape[-1]).t().contiguous()
         codes = torch.ops.quanto.unpack(rows, self.nbits)
         return codes.t().reshape(*packed.shape[:-1], -1)
+
+
+def wait_for_quanto_build(timeout_s: float | None = None) -> None:
+    """Wait while another process compiles optimum-quanto's C++ extension, and refuse a stale build lock.
+
+    The extension is compiled on first use under a lock file that a killed compile leaves behind; every later
+    use would then wait on it forever. A lock older than ``timeout_s`` (default
+    ``$HF_KVCACHE_QUANTO_LOCK_WAIT`` or 300 s) gets a ``RuntimeError`` that names the file to remove.
+    """
+    from optimum.quanto.library.extensions import get_extension, is_extension_available
+
+    if not is_extension_available("quanto_cpp"):
+        return
+    lock = Path(get_extension("quanto_cpp").build_directory) / "lock"
+    timeout_s = float(os.environ.get("HF_KVCACHE_QUANTO_LOCK_WAIT", 300)) if timeout_s is None else timeout_s
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= timeout_s:
+            raise RuntimeError(
+                f"optimum-quanto's C++ extension has been locked for {age:.0f} s by {lock}: a compile that "
+                "was killed leaves that file behind, and quanto would wait on it forever. If no other "
+                f"process is compiling it, remove {lock} and run again (or use backend='torch')"
+            )
+        time.sleep(min(1.0, timeout_s - age))
 
 
 def make_codec(nbits: int, backend: str) -> TorchCodec:

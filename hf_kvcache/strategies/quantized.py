@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
 from hf_kvcache.base import KVCache
-from hf_kvcache.held import HeldTensors, RowTensor, held_view
+from hf_kvcache.held import HeldTensors, RowTensor, check_batch, held_view
 from hf_kvcache.layout import FULL_ATTENTION, LOCAL_ATTENTION, AttentionLayout, require_layer_types
 from hf_kvcache.registry import check_int, register_strategy
 from hf_kvcache.strategies.packed_store import QuantizedTokens
@@ -106,9 +106,10 @@ class QuantizedLayer(QuantizedTokens, HeldTensors, CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        all_keys, all_values = self.assemble(key_states, value_states)
+        check_batch(self, self.key_buffer, key_states)
         self.key_buffer = torch.cat([self.key_buffer, key_states], dim=-2)
         self.value_buffer = torch.cat([self.value_buffer, value_states], dim=-2)
+        all_keys, all_values = self.assemble()
         self.settle()
         if self.window is not None:
             self._drop_behind_window()

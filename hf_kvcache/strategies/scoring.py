@@ -136,6 +136,7 @@ class ScoringLayer(EvictingLayer):
         self, keys: torch.Tensor, new_valid: torch.Tensor | None, real_in_full: torch.Tensor, evicting: bool
     ) -> None:
         queries, self.queries = self.queries, None
+        math, self.math = self.math, None  # it holds a model parameter (sinks): no cache keeps it past a step
         if not (evicting or self.accumulates):
             return
         if queries is None:
@@ -156,7 +157,7 @@ class ScoringLayer(EvictingLayer):
             key_valid = torch.cat([stored_real, new_valid], dim=-1)
             query_valid = new_valid[:, new - count :]
         mass = attention_mass(
-            queries[..., new - count :, :], keys, query_valid, key_valid, total - count, self.math
+            queries[..., new - count :, :], keys, query_valid, key_valid, total - count, math
         )
         scores = self.score(mass, new)
         self.step_scores = scores if evicting else None
@@ -166,6 +167,14 @@ class ScoringCache(EvictionCache):
     """A cache of :class:`ScoringLayer` s: hooks on the model's attention modules hand over their queries."""
 
     def build_layers(self, model, layout: AttentionLayout) -> list[ScoringLayer]:
+        implementation = getattr(model.config, "_attn_implementation", None)
+        if implementation == "flex_attention" and model.device.type == "cpu":
+            # Inductor's CPU code generation fails on flex attention over these caches' changing key counts.
+            raise ValueError(
+                f"{type(self).__name__} cannot serve a model running attn_implementation='flex_attention' on "
+                "CPU (its compiled kernel fails there); load the model with attn_implementation='sdpa' or "
+                "'eager', or run it on a GPU"
+            )
         layers = super().build_layers(model, layout)
         install_query_capture(model, layout.num_layers)
         return layers

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from hf_kvcache.budget import Budget, check_budget
 from hf_kvcache.held import RowTensor
 from hf_kvcache.layout import AttentionLayout
 from hf_kvcache.model_hooks import (
@@ -31,7 +32,7 @@ POSITION_MODES = ("shifted", "original")
 class SlidingWindowOptions:
     """Options of :class:`SlidingWindowKVCache`; see there."""
 
-    window_length: int = 256
+    window_length: Budget = 256
     num_sink_tokens: int = 4
     positions: str = "shifted"
     quantization: QuantizedOptions | None = field(default=None, metadata={"composes": "quantized"})
@@ -39,11 +40,12 @@ class SlidingWindowOptions:
     def __post_init__(self):
         check_composed_quantization(self.quantization)
         check_int("num_sink_tokens", self.num_sink_tokens, 0)
-        if not isinstance(self.window_length, int) or self.window_length <= self.num_sink_tokens:
+        if isinstance(self.window_length, int) and self.window_length == self.num_sink_tokens:
             raise ValueError(
-                f"window_length must be an integer larger than num_sink_tokens={self.num_sink_tokens}, "
-                f"got {self.window_length!r}"
+                f"window_length must be larger than num_sink_tokens={self.num_sink_tokens}, "
+                f"got {self.window_length}"
             )
+        check_budget(self, "window_length", sinks="num_sink_tokens")
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {list(POSITION_MODES)}, got {self.positions!r}")
 
@@ -107,7 +109,8 @@ class SlidingWindowKVCache(EvictionCache):
 
     Args:
         model: the model the cache serves.
-        window_length: tokens kept per layer, sinks included. Default 256.
+        window_length: tokens kept per layer, sinks included; or a fraction of the tokens seen (``0.25``).
+            Default 256.
         num_sink_tokens: first tokens always kept; 0 is a plain sliding window. Default 4.
         positions: ``"shifted"``: attention sees the kept tokens at consecutive positions, as StreamingLLM
             does, which keeps streaming stable far past the trained context (RoPE models only).

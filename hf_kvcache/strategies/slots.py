@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from hf_kvcache.base import gather_entries
 from hf_kvcache.held import HeldTensors
@@ -79,8 +80,9 @@ def fill_new_slots(layer: HeldTensors, stored: int, new: int) -> None:
         tensor = getattr(layer, declared.name)
         if declared.fill is None or tensor is None:
             continue
-        fresh = tensor.new_full((*tensor.shape[:2], new, *tensor.shape[3:]), declared.fill)
-        setattr(layer, declared.name, torch.cat([tensor[:, :, :stored], fresh], dim=2))
+        # Pad the slot dimension ([B, H, slots, *rest]) at its end, in one operation.
+        widths = [0, 0] * (tensor.dim() - 3) + [0, new]
+        setattr(layer, declared.name, F.pad(tensor[:, :, :stored], widths, value=declared.fill))
 
 
 def exclude(priority: torch.Tensor, candidate: torch.Tensor, from_top_k: bool = False) -> torch.Tensor:
@@ -128,19 +130,22 @@ def growth_size(layer: Any, total: int) -> int:
     return max(total, min(affordable, total + total // 8))
 
 
-def victim(priority: torch.Tensor, candidate: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The slot ``[B, H]`` to evict: the candidate of lowest priority, the oldest of those tied."""
-    masked = exclude(priority, candidate)
-    tied = (masked == masked.amin(dim=-1, keepdim=True)) & candidate
-    return exclude(positions, tied).argmin(dim=-1)
+def victim(priority: torch.Tensor, candidate: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    """The slot ``[B, H]`` to evict: the candidate (``None``: every slot) of lowest priority, the oldest of
+    those tied."""
+    masked = priority if candidate is None else exclude(priority, candidate)
+    if priority is positions:  # age: no two entries tie
+        return masked.argmin(dim=-1)
+    tied = masked == masked.amin(dim=-1, keepdim=True)
+    return exclude(positions, tied if candidate is None else tied & candidate).argmin(dim=-1)
 
 
 def highest(priority: torch.Tensor, candidate: torch.Tensor, count: int) -> torch.Tensor:
     """Indices ``[B, H, count]`` of the ``count`` candidates of highest priority among entries in age order,
     the newest of those tied (so that what is dropped is what :func:`victim` would evict)."""
-    newest_first = exclude(priority, candidate, from_top_k=True).flip(-1)
-    order = newest_first.sort(dim=-1, descending=True, stable=True).indices[..., :count]
-    return priority.shape[-1] - 1 - order
+    # A stable ascending sort puts the older of tied entries first, so the last `count` keep the newer.
+    ascending = exclude(priority, candidate, from_top_k=True).sort(dim=-1, stable=True).indices
+    return ascending[..., ascending.shape[-1] - count :]
 
 
 def sort_slots_by_age(layer: Any) -> None:
@@ -165,3 +170,22 @@ def keep_slot_state(layer: HeldTensors, indices: torch.Tensor) -> None:
         tensor = getattr(layer, declared.name)
         if declared.fill is not None and tensor is not None:
             setattr(layer, declared.name, tensor.gather(2, indices))
+
+
+def survivors(
+    priority: torch.Tensor, total: int, kept: int, real_in_full: torch.Tensor, sinks: int, recent: int
+) -> torch.Tensor:
+    """Indices ``[B, H, kept]`` (ascending) of the entries to keep among ``total`` in age order: each row's
+    first ``sinks`` real entries, the newest ``recent``, and the others of highest ``priority``. Rows with
+    fewer than ``kept`` real entries keep the newest ``kept``: all their real ones behind padding."""
+    batch, heads = priority.shape[:2]
+    device = priority.device
+    entry = torch.arange(total, device=device)
+    first_real = (total - real_in_full)[:, None, None]  # padding sits before the real entries
+    protected_sinks = (first_real + torch.arange(sinks, device=device)).expand(batch, heads, -1)
+    newest = entry[total - recent :].expand(batch, heads, -1)
+    candidate = (entry >= first_real + sinks) & (entry < total - recent)
+    chosen = highest(priority, candidate, kept - sinks - recent)
+    indices = torch.cat([protected_sinks, chosen, newest], dim=-1).sort(dim=-1).values
+    fallback = entry[total - kept :].expand(batch, heads, kept)
+    return torch.where((real_in_full >= kept)[:, None, None], indices, fallback)

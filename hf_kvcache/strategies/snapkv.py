@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hf_kvcache.budget import Budget, check_budget, tokens
 from hf_kvcache.registry import check_int, register_strategy
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 
@@ -19,16 +20,13 @@ from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 class SnapKVOptions:
     """Options of :class:`SnapKVCache`; see there."""
 
-    budget: int = 256
+    budget: Budget = 256
     window_size: int = 32
     kernel_size: int = 7
 
     def __post_init__(self):
-        check_int("budget", self.budget, 1)
-        if not isinstance(self.window_size, int) or not 1 <= self.window_size <= self.budget:
-            raise ValueError(
-                f"window_size must be an integer in [1, budget={self.budget}], got {self.window_size!r}"
-            )
+        check_int("window_size", self.window_size, 1)
+        check_budget(self, recent="window_size")
         if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
 
@@ -42,7 +40,7 @@ class SnapKVLayer(ScoringLayer):
         super().__init__(options.budget, state, recent=options.window_size)
 
     def capacity(self, new: int) -> int:
-        return self.budget if new > 1 else sys.maxsize
+        return max(tokens(self.budget, self.seen + new), self.recent) if new > 1 else sys.maxsize
 
     def get_max_length(self) -> int:
         return -1
@@ -68,7 +66,8 @@ class SnapKVCache(ScoringCache):
 
     Args:
         model: the model the cache serves (Llama-style attention: Llama, Mistral, Qwen2/3, Phi3, ...).
-        budget: entries kept per layer and KV head after the prompt, window included. Default 256.
+        budget: entries kept per layer and KV head after the prompt, window included; in tokens or as a
+            fraction of the prompt (``0.25``). Default 256.
         window_size: last prompt queries that score the rest, and entries always kept. Default 32.
         kernel_size: width of the max-pool over scores (odd). Default 7.
 

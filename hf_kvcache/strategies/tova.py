@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hf_kvcache.registry import check_budget, register_strategy
+from hf_kvcache.budget import Budget, check_budget
+from hf_kvcache.registry import register_strategy
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 
 
@@ -15,7 +16,7 @@ from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 class TOVAOptions:
     """Options of :class:`TOVAKVCache`; see there."""
 
-    budget: int = 256
+    budget: Budget = 256
 
     def __post_init__(self):
         check_budget(self)
@@ -40,7 +41,8 @@ class TOVAKVCache(ScoringCache):
 
     Args:
         model: the model the cache serves (Llama-style attention: Llama, Mistral, Qwen2/3, Phi3, ...).
-        budget: entries kept per layer and KV head. Default 256.
+        budget: entries kept per layer and KV head, in tokens or as a fraction of the tokens seen
+            (``0.25``). Default 256.
 
     Example:
         >>> cache = TOVAKVCache(model, budget=256)

@@ -1,0 +1,77 @@
+"""Budgets in tokens or as a fraction of the tokens seen (the compression-ratio view of kvpress).
+
+An eviction strategy's budget options take either an integer number of tokens (``tova:budget=256``) or a
+fraction of the tokens seen so far (``tova:budget=0.25``,
+``heavy-hitter:heavy_budget=0.125,recent_budget=0.125``). The grammar has no ambiguity: an integer literal is
+a number of tokens, a literal with a decimal point is a fraction, which must lie in (0, 1]. So ``budget=1``
+keeps one token and ``budget=1.0`` keeps every token. A fraction ``f`` of ``n`` tokens seen is ``ceil(f * n)``
+tokens (never fewer than one): the cache then grows by one entry every ``1 / f`` tokens, and its memory is
+that fraction of ``DynamicCache``'s at every length.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+Budget = (
+    int | float
+)  # the type hint of a budget option: tokens (int) or a fraction of the tokens seen (float)
+
+
+def parse_budget(text: str, option: str, strategy: str) -> Budget:
+    """A budget option's value from a spec: ``"256"`` -> 256 tokens, ``"0.25"`` -> the fraction 0.25."""
+    text = text.strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(
+            f"option {option}={text!r} of strategy {strategy!r} must be a number of tokens (an integer such "
+            "as 256) or a fraction of the tokens seen (a decimal such as 0.25)"
+        ) from None
+
+
+def check_budget_value(name: str, value: object, minimum_tokens: int = 1) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is an integer of at least ``minimum_tokens`` or a
+    fraction in (0, 1]."""
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{name}={value!r} is a fraction of the tokens seen, which must lie in (0, 1]")
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum_tokens:
+        raise ValueError(
+            f"{name} must be a number of tokens >= {minimum_tokens} or a fraction in (0, 1], got {value!r}"
+        )
+
+
+def tokens(budget: Budget, seen: int) -> int:
+    """``budget`` in tokens once ``seen`` tokens went in: itself, or its fraction of them (at least one)."""
+    return budget if isinstance(budget, int) else max(1, math.ceil(budget * seen))
+
+
+def check_budget(
+    options: Any, budget: str = "budget", sinks: str | None = None, recent: str | None = None
+) -> None:
+    """For an eviction strategy's options: the field ``budget`` in tokens (>= 1) or a fraction; the fields
+    named by ``sinks`` (first tokens always kept, in tokens) and ``recent`` (newest tokens always kept, in
+    tokens or a fraction); and, in tokens, what they protect fits in the budget."""
+    protected, spelled = 0, []
+    if sinks is not None:
+        check_budget_value(sinks, getattr(options, sinks), 0)
+        if isinstance(getattr(options, sinks), float):
+            raise ValueError(f"{sinks} counts tokens, got the fraction {getattr(options, sinks)!r}")
+    for name in (sinks, recent):
+        if name is not None:
+            check_budget_value(name, getattr(options, name), 0)
+            value = getattr(options, name)
+            if isinstance(value, int):
+                protected += value
+                spelled.append(f"{name}={value}")
+    value = getattr(options, budget)
+    why = f" (the {' + '.join(spelled)} it protects)" if spelled and isinstance(value, int) else ""
+    if isinstance(value, int) and value < max(1, protected):
+        raise ValueError(f"{budget} must be an integer >= {max(1, protected)}{why}, got {value!r}")
+    check_budget_value(budget, value)
