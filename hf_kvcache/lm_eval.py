@@ -91,13 +91,14 @@ class KVCacheLM(HFLM):
         ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        padded = bool((mask == 0).any())  # without padding, the same forwards as hf_kvcache's perplexity
         cache, kept = self.new_cache(), []
         for start in range(0, length, self.chunk_size):
             stop = min(start + self.chunk_size, length)
             logits = self.model(
                 input_ids=ids[:, start:stop],
-                attention_mask=mask[:, :stop],
-                position_ids=positions[:, start:stop],
+                attention_mask=mask[:, :stop] if padded else None,
+                position_ids=positions[:, start:stop] if padded else None,
                 past_key_values=cache,
                 use_cache=True,
             ).logits
