@@ -116,7 +116,20 @@ def split_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name.strip(), options
 
 
+def _optional(kind: Any) -> Any:
+    """``int`` for ``int | None``; ``None`` for a type that does not admit ``None``."""
+    arguments = typing.get_args(kind)
+    if type(None) in arguments and len(arguments) == 2:
+        return next(a for a in arguments if a is not type(None))
+    return None
+
+
 def _convert(value: str, kind: type, option: str, strategy: str) -> Any:
+    declared = kind
+    if _optional(kind) is not None:
+        if value.lower() == "none":
+            return None
+        kind = _optional(kind)
     if kind == Budget:
         return parse_budget(value, option, strategy)
     if kind is bool:
@@ -130,10 +143,14 @@ def _convert(value: str, kind: type, option: str, strategy: str) -> Any:
             return kind(value)
         except ValueError:
             pass
-    raise ValueError(f"option {option}={value!r} of strategy {strategy!r} must be of type {_type_name(kind)}")
+    raise ValueError(
+        f"option {option}={value!r} of strategy {strategy!r} must be of type {_type_name(declared)}"
+    )
 
 
 def _type_name(kind: Any) -> str:
+    if _optional(kind) is not None:
+        return f"{_type_name(_optional(kind))} or None"
     return "tokens or fraction" if kind == Budget else getattr(kind, "__name__", str(kind))
 
 

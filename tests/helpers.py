@@ -47,6 +47,14 @@ LOSSY = {
         "heavy-hitter:heavy_budget=8,recent_budget=8+quantized:group_size=8,residual_length=4"
     ),
 }
+# Options of the quantized store below 4 bits, alone and under eviction (not strategies of their own).
+QUANTIZATION_VARIANTS = [
+    "quantized:nbits=3,group_size=8,residual_length=8",
+    "quantized:nbits=2,nbits_keys=4,group_size=8,residual_length=8",
+    "quantized:nbits=3,nbits_values=2,group_size=8,residual_length=8,rotation=hadamard",
+    "sliding-window:window_length=20+quantized:nbits=3,group_size=8,residual_length=4,rotation=hadamard",
+    "heavy-hitter:heavy_budget=8,recent_budget=8+quantized:nbits=2,nbits_keys=3,group_size=8,residual_length=4",
+]
 
 # --- what the harness tests run: tiny model, filler text, few tokens -----------------------------------
 HARNESS_STRATEGIES = [

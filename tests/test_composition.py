@@ -167,7 +167,8 @@ def test_spec_grammar_spells_out_both_halves_and_matches_the_python_api():
     spec = "sliding-window:window_length=512+quantized:nbits=4"
     assert canonical_spec(spec) == (
         "sliding-window:window_length=512,num_sink_tokens=4,positions=shifted"
-        "+quantized:nbits=4,group_size=32,residual_length=128,backend=torch,num_sink_tokens=4"
+        "+quantized:nbits=4,group_size=32,residual_length=128,backend=torch,num_sink_tokens=4,nbits_keys=None,"
+        "nbits_values=None,rotation=none"
     )
     assert canonical_spec(canonical_spec(spec)) == canonical_spec(spec)
     _, options = parse_spec(spec)
@@ -184,7 +185,7 @@ def test_spec_grammar_spells_out_both_halves_and_matches_the_python_api():
         ("quantized+quantized", "'quantized' is a storage format and goes second"),
         ("sliding-window+quantized+quantized", "a composition joins two"),
         ("sliding-window+quantised", "Did you mean 'quantized'?"),
-        ("sliding-window+quantized:nbits=3", "nbits must be one of [2, 4, 8], got 3"),
+        ("sliding-window+quantized:nbits=5", "nbits must be one of [2, 3, 4, 8], got 5"),
         (
             "heavy-hitter:recent_budget=64+quantized",
             "residual_length=128 of the quantized half must be at most",

@@ -114,7 +114,7 @@ def test_passkey_needle_sits_at_the_requested_depth(tiny_model_dir, filler_file,
             "speed rounds must be an integer of at least 3 .a median needs them., got 2",
         ),
         (["compare", "--metrics", "latency"], "invalid choice: 'latency'"),
-        (["speed", "--strategies", "quantized:nbits=3"], "nbits must be one of \\[2, 4, 8\\], got 3"),
+        (["speed", "--strategies", "quantized:nbits=5"], "nbits must be one of \\[2, 3, 4, 8\\], got 5"),
     ],
 )
 def test_bad_arguments_get_clear_errors(argv, message, capsys):

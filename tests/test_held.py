@@ -8,7 +8,7 @@ from hf_kvcache import build_cache
 from hf_kvcache.base import held_tensors
 from hf_kvcache.held import HeldTensors, RowTensor, SlotTensor
 from tests.conftest import left_padded_ids, make_tiny_model
-from tests.helpers import LOSSLESS, LOSSY, NEW, generate
+from tests.helpers import LOSSLESS, LOSSY, NEW, QUANTIZATION_VARIANTS, generate
 
 
 def walked_storages(obj) -> set[int]:
@@ -22,7 +22,9 @@ def walked_storages(obj) -> set[int]:
     return found
 
 
-@pytest.mark.parametrize("spec", sorted({*LOSSLESS.values(), *LOSSY.values()} - {"full"}))
+@pytest.mark.parametrize(
+    "spec", sorted({*LOSSLESS.values(), *LOSSY.values(), *QUANTIZATION_VARIANTS} - {"full"})
+)
 def test_every_tensor_a_layer_holds_is_declared(spec):
     model = make_tiny_model("llama-gqa")
     cache = build_cache(spec, model)

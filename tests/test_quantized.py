@@ -163,7 +163,16 @@ def test_nbytes_counts_packed_codes_scales_and_residual(nbits, sinks):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"nbits": 3}, "nbits must be one of \\[2, 4, 8\\], got 3"),
+        ({"nbits": 5}, "nbits must be one of \\[2, 3, 4, 8\\], got 5"),
+        ({"nbits_keys": 1}, "nbits_keys must be one of \\[2, 3, 4, 8\\], got 1"),
+        ({"nbits_values": 16}, "nbits_values must be one of \\[2, 3, 4, 8\\], got 16"),
+        ({"nbits": 3, "group_size": 4}, "group_size=4 must be a multiple of 8 for nbits=3"),
+        ({"nbits_values": 3, "group_size": 4}, "group_size=4 must be a multiple of 8 for nbits_values=3"),
+        (
+            {"nbits": 3, "group_size": 8, "backend": "quanto"},
+            "nbits=3 is not supported with backend='quanto'",
+        ),
+        ({"rotation": "qr"}, "rotation must be one of \\['none', 'hadamard'\\], got 'qr'"),
         ({"group_size": 0}, "group_size must be an integer >= 1, got 0"),
         ({"group_size": 12}, "group_size=12 must divide the model's head dimension 16"),
         ({"residual_length": -1}, "residual_length must be an integer >= 0, got -1"),

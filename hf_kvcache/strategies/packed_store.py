@@ -46,6 +46,7 @@ from hf_kvcache.strategies.packing import (
     unpack_codes,
     unpack_token_groups,
 )
+from hf_kvcache.strategies.rotation import rotation_matrix
 
 
 class PackedTokens(HeldTensors):
@@ -67,13 +68,22 @@ class PackedTokens(HeldTensors):
     key_group = RowTensor("key group of each token (scattered layout)")
     group_members = RowTensor("tokens left in each key group (scattered layout)")
 
-    def __init__(self, group_size: int, codec: TorchCodec, scattered: bool, like: torch.Tensor):
-        self.group_size, self.codec, self.scattered = group_size, codec, scattered
-        self.nbits = codec.nbits
+    def __init__(
+        self,
+        group_size: int,
+        codecs: tuple[TorchCodec, TorchCodec],
+        scattered: bool,
+        like: torch.Tensor,
+        rotation: str = "none",
+    ):
+        self.group_size, self.scattered, self.rotation_kind = group_size, scattered, rotation
+        self.key_codec, self.value_codec = codecs
         batch, heads, _, head_dim = like.shape
-        packed_dim = head_dim * self.nbits // 8 if scattered else head_dim
-        codes = torch.empty(batch, heads, 0, packed_dim, dtype=torch.uint8, device=like.device)
-        self.key_codes, self.value_codes = codes, codes.clone()
+        for name, codec in (("key_codes", self.key_codec), ("value_codes", self.value_codec)):
+            packed_dim = head_dim * codec.nbits // 8 if scattered else head_dim
+            setattr(
+                self, name, torch.empty(batch, heads, 0, packed_dim, dtype=torch.uint8, device=like.device)
+            )
         self.value_scale = like.new_empty(batch, heads, 0, head_dim // group_size)
         self.value_zero = self.value_scale.clone()
         self.group_scale, self.group_zero = (
@@ -86,6 +96,14 @@ class PackedTokens(HeldTensors):
             self.group_members = torch.empty(batch, heads, 0, dtype=torch.int16, device=like.device)
 
     @property
+    def rotation(self) -> torch.Tensor | None:
+        """The shared rotation matrix ``[D, D]`` (:mod:`.rotation`), or ``None``; in float32 at least, since a
+        bf16 product would add its own rounding to the codes'."""
+        like = self.group_scale
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return rotation_matrix(self.rotation_kind, like.shape[-1], dtype, like.device)
+
+    @property
     def length(self) -> int:
         """Tokens held."""
         return self.value_scale.shape[2]
@@ -93,16 +111,21 @@ class PackedTokens(HeldTensors):
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize ``[B, H, k * G, D]`` tokens once, as ``k`` new key groups, and append them."""
         size = self.group_size
+        rotation = self.rotation
+        if rotation is not None:
+            keys, values = (
+                keys.to(rotation.dtype) @ rotation,
+                values.to(rotation.dtype) @ rotation,
+            )
         key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = quantize_kivi(
-            self.codec, keys, values, size, self.group_scale.dtype
+            self.key_codec, self.value_codec, keys, values, size, self.group_scale.dtype
         )
         if self.scattered:
             self._add_group_rows(keys.shape[2] // size)
-            key_codes, value_codes = self.codec.pack(key_codes), self.codec.pack(value_codes)
+            key_codes, value_codes = self.key_codec.pack(key_codes), self.value_codec.pack(value_codes)
         else:
-            key_codes, value_codes = (
-                pack_token_groups(self.codec, c, size) for c in (key_codes, value_codes)
-            )
+            key_codes = pack_token_groups(self.key_codec, key_codes, size)
+            value_codes = pack_token_groups(self.value_codec, value_codes, size)
         self.key_codes = torch.cat([self.key_codes, key_codes], dim=2)
         self.value_codes = torch.cat([self.value_codes, value_codes], dim=2)
         self.value_scale = torch.cat([self.value_scale, value_scale], dim=2)
@@ -148,11 +171,11 @@ class PackedTokens(HeldTensors):
 
     def slice_groups(self, start: int, stop: int) -> None:
         """Grouped layout: keep key groups ``start`` to ``stop``; no code changes."""
-        size, rows_per_group = self.group_size, self.group_size * self.nbits // 8
-        rows, groups = slice(start * rows_per_group, stop * rows_per_group), slice(start, stop)
-        tokens = slice(start * size, stop * size)
-        self.key_codes = self.key_codes[:, :, rows].clone()
-        self.value_codes = self.value_codes[:, :, rows].clone()
+        size = self.group_size
+        groups, tokens = slice(start, stop), slice(start * size, stop * size)
+        for name, codec in (("key_codes", self.key_codec), ("value_codes", self.value_codec)):
+            rows = slice(start * size * codec.nbits // 8, stop * size * codec.nbits // 8)
+            setattr(self, name, getattr(self, name)[:, :, rows].clone())
         self.group_scale, self.group_zero = (
             self.group_scale[:, :, groups].clone(),
             self.group_zero[:, :, groups].clone(),
@@ -165,20 +188,26 @@ class PackedTokens(HeldTensors):
         batch, heads, length, head_dim = keys.shape
         size = self.group_size
         # One conversion of all codes, then in-place multiply-add over whole rows: faster on CPU than addcmul.
+        key_bits, value_bits = self.key_codec.nbits, self.value_codec.nbits
         if self.scattered:
-            keys.copy_(unpack_codes(self.key_codes, self.nbits))
+            keys.copy_(unpack_codes(self.key_codes, key_bits))
             group = self.key_group.long()
             keys.mul_(gather_entries(self.group_scale, group)).add_(gather_entries(self.group_zero, group))
-            values.copy_(unpack_codes(self.value_codes, self.nbits))
+            values.copy_(unpack_codes(self.value_codes, value_bits))
         else:
             key_groups = keys.view(batch, heads, length // size, size, head_dim)
-            key_groups.copy_(unpack_token_groups(self.key_codes, self.nbits, size))
+            key_groups.copy_(unpack_token_groups(self.key_codes, key_bits, size))
             key_groups.mul_(self.group_scale.unsqueeze(3)).add_(self.group_zero.unsqueeze(3))
             values.view(batch, heads, length // size, size, head_dim).copy_(
-                unpack_token_groups(self.value_codes, self.nbits, size)
+                unpack_token_groups(self.value_codes, value_bits, size)
             )
         value_groups = values.view(batch, heads, length, head_dim // size, size)
         value_groups.mul_(self.value_scale.unsqueeze(-1)).add_(self.value_zero.unsqueeze(-1))
+        rotation = self.rotation
+        if rotation is not None:
+            # An orthogonal matrix's inverse is its transpose; the output views cannot be matmul's `out`.
+            keys.copy_(keys.to(rotation.dtype) @ rotation.T)
+            values.copy_(values.to(rotation.dtype) @ rotation.T)
 
 
 class QuantizedTokens:
@@ -197,11 +226,17 @@ class QuantizedTokens:
         the oldest whole key groups are packed; ``scattered``: whether single tokens may leave the store."""
         self.quantization, self.sink_target = options, num_sink_tokens
         self.max_residual, self.scattered = max_residual, scattered
-        self.codec: TorchCodec = make_codec(options.nbits, options.backend)
+        self.codecs = (
+            make_codec(options.key_nbits, options.backend),
+            make_codec(options.value_nbits, options.backend),
+        )
 
     def init_quantized(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.sink_keys, self.sink_values = key_states[..., :0, :].clone(), value_states[..., :0, :].clone()
-        self.packed = PackedTokens(self.quantization.group_size, self.codec, self.scattered, key_states)
+        options = self.quantization
+        self.packed = PackedTokens(
+            options.group_size, self.codecs, self.scattered, key_states, options.rotation
+        )
 
     @property
     def packed_length(self) -> int:

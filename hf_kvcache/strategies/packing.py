@@ -1,9 +1,10 @@
 """Asymmetric min-max quantization and bit packing for KV caches.
 
-Codes of ``nbits`` in {2, 4, 8} are packed along the last dimension into ``uint8``: four 2-bit codes or two
-4-bit codes per byte, in the planar layout of :func:`pack_codes`. Two codecs implement the same scheme and
-produce the same bytes: ``"torch"`` (pure PyTorch) and ``"quanto"`` (optimum-quanto's range optimizer and
-packing kernels). Both unpack with :func:`unpack_slots`.
+Codes of ``nbits`` in {2, 3, 4, 8} are packed along the last dimension into ``uint8``: four 2-bit codes or
+two 4-bit codes per byte, eight 3-bit codes in three bytes, in the planar layout of :func:`pack_codes`. Two
+codecs implement the same scheme and produce the same bytes: ``"torch"`` (pure PyTorch) and ``"quanto"``
+(optimum-quanto's range optimizer and packing kernels; 2, 4 and 8 bits). Both unpack with
+:func:`unpack_codes`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,22 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_NBITS = (2, 4, 8)
+SUPPORTED_NBITS = (2, 3, 4, 8)
 BACKENDS = ("torch", "quanto")
+
+
+def codes_per_packing_unit(nbits: int) -> int:
+    """The fewest codes that fill whole bytes: 4 for 2-bit, 8 (in three bytes) for 3-bit, 2, 1."""
+    return 8 if nbits == 3 else 8 // nbits
+
+
+def _pack_planar(codes: torch.Tensor, nbits: int) -> torch.Tensor:
+    per_byte = 8 // nbits
+    slots = codes.to(torch.uint8).unflatten(-1, (per_byte, -1))
+    packed = slots[..., 0, :].clone()
+    for slot in range(1, per_byte):
+        packed |= slots[..., slot, :] << (slot * nbits)
+    return packed
 
 
 def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
@@ -25,23 +40,27 @@ def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
     Planar layout: code ``i`` goes to byte ``i % m``, bits ``[(i // m) * nbits, (i // m + 1) * nbits)``. Each
     bit slot then holds a contiguous run of codes, so unpacking is one shift and mask per slot over whole
     rows (no interleaving), and the bytes are the same as optimum-quanto's ``pack_weights`` along that axis.
+
+    3-bit codes are two planes, concatenated along the last dimension: their low two bits packed as 2-bit
+    codes (``n / 4`` bytes), then their high bit packed eight to a byte (``n / 8`` bytes): 3 bytes per 8
+    codes.
     """
     if nbits == 8:
         return codes.to(torch.uint8)
-    per_byte = 8 // nbits
-    if codes.shape[-1] % per_byte:
+    unit = codes_per_packing_unit(nbits)
+    if codes.shape[-1] % unit:
         raise ValueError(
-            f"last dimension {codes.shape[-1]} is not a multiple of {per_byte} for {nbits}-bit packing"
+            f"last dimension {codes.shape[-1]} is not a multiple of {unit} for {nbits}-bit packing"
         )
-    slots = codes.to(torch.uint8).unflatten(-1, (per_byte, -1))
-    packed = slots[..., 0, :].clone()
-    for slot in range(1, per_byte):
-        packed |= slots[..., slot, :] << (slot * nbits)
-    return packed
+    if nbits == 3:
+        codes = codes.to(torch.uint8)
+        return torch.cat([_pack_planar(codes & 3, 2), _pack_planar(codes >> 2, 1)], dim=-1)
+    return _pack_planar(codes, nbits)
 
 
 def unpack_slots(packed: torch.Tensor, nbits: int) -> torch.Tensor:
-    """Split each byte of ``packed`` ``[..., m]`` into bit slots: ``uint8`` codes ``[..., 8 // nbits, m]``.
+    """Split each byte of ``packed`` ``[..., m]`` into bit slots: ``uint8`` codes ``[..., 8 // nbits, m]``
+    (``nbits`` in 1, 2, 4, 8; 3-bit codes are two planes, see :func:`unpack_codes`).
 
     Slot ``s`` of the result holds bits ``[s * nbits, (s + 1) * nbits)`` of every byte, which for bytes from
     :func:`pack_codes` are codes ``s * m`` to ``(s + 1) * m - 1``: one shift and mask per slot over whole
@@ -55,7 +74,8 @@ def unpack_slots(packed: torch.Tensor, nbits: int) -> torch.Tensor:
     # Eight bytes per shift where the bytes form whole, aligned int64 words: a byte's slot never takes bits
     # from
     # its neighbours once masked per byte.
-    if packed.is_contiguous() and packed.shape[-1] % 8 == 0 and packed.storage_offset() % 8 == 0:
+    aligned = packed.storage_offset() % 8 == 0 and all(stride % 8 == 0 for stride in packed.stride()[:-1])
+    if packed.is_contiguous() and packed.shape[-1] % 8 == 0 and aligned:
         words = packed.view(torch.int64).unsqueeze(-2)
         word_mask = int.from_bytes(bytes([mask]) * 8, "little", signed=True)
         return ((words >> shifts) & word_mask).view(torch.uint8)
@@ -64,11 +84,21 @@ def unpack_slots(packed: torch.Tensor, nbits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, nbits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: ``[..., m]`` bytes to ``[..., m * 8 // nbits]`` codes."""
+    if nbits == 3:
+        low_bytes = packed.shape[-1] * 2 // 3
+        low = unpack_slots(packed[..., :low_bytes], 2).flatten(-2)
+        high = unpack_slots(packed[..., low_bytes:], 1).flatten(-2)
+        return low | (high << 2)
     return unpack_slots(packed, nbits).flatten(-2)
 
 
 def quantize_kivi(
-    codec: TorchCodec, keys: torch.Tensor, values: torch.Tensor, group_size: int, scale_dtype: torch.dtype
+    key_codec: TorchCodec,
+    value_codec: TorchCodec,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    group_size: int,
+    scale_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, ...]:
     """KIVI's scheme on whole groups of tokens, keys and values ``[B, H, n * G, D]``: keys per channel over
     each group of ``group_size`` consecutive tokens, values per token over each group of ``group_size``
@@ -80,11 +110,11 @@ def quantize_kivi(
     """
     batch, heads, length, head_dim = keys.shape
     key_groups = keys.reshape(batch, heads, length // group_size, group_size, head_dim)  # [B, H, n, G, D]
-    key_codes, key_scale, key_zero = codec.quantize(key_groups, dim=3, scale_dtype=scale_dtype)
+    key_codes, key_scale, key_zero = key_codec.quantize(key_groups, dim=3, scale_dtype=scale_dtype)
     value_groups = values.reshape(
         batch, heads, length, head_dim // group_size, group_size
     )  # [B, H, T, D/G, G]
-    value_codes, value_scale, value_zero = codec.quantize(value_groups, dim=4, scale_dtype=scale_dtype)
+    value_codes, value_scale, value_zero = value_codec.quantize(value_groups, dim=4, scale_dtype=scale_dtype)
     shape = (batch, heads, length, head_dim)
     return (
         key_codes.reshape(shape),
@@ -110,7 +140,7 @@ def unpack_token_groups(packed: torch.Tensor, nbits: int, group_size: int) -> to
     batch, heads, rows, head_dim = packed.shape
     per_group = group_size * nbits // 8
     flat = packed.reshape(batch, heads, rows // per_group, per_group * head_dim)
-    return unpack_slots(flat, nbits).view(batch, heads, -1, group_size, head_dim)
+    return unpack_codes(flat, nbits).view(batch, heads, -1, group_size, head_dim)
 
 
 def min_max_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,6 +196,10 @@ class QuantoCodec(TorchCodec):
             raise ModuleNotFoundError(
                 "backend='quanto' needs optimum-quanto: pip install 'hf-kvcache[quanto]' "
                 "(or use the default backend='torch')"
+            )
+        if nbits not in (2, 4, 8):
+            raise ValueError(
+                f"nbits={nbits} is not supported with backend='quanto' (2, 4, 8); use backend='torch'"
             )
         from optimum.quanto import MaxOptimizer, qint2, qint4, qint8
 

@@ -17,7 +17,8 @@ from hf_kvcache.held import HeldTensors, RowTensor, check_batch, held_view
 from hf_kvcache.layout import FULL_ATTENTION, LOCAL_ATTENTION, AttentionLayout, require_layer_types
 from hf_kvcache.registry import check_int, register_strategy
 from hf_kvcache.strategies.packed_store import QuantizedTokens
-from hf_kvcache.strategies.packing import BACKENDS, SUPPORTED_NBITS
+from hf_kvcache.strategies.packing import BACKENDS, SUPPORTED_NBITS, codes_per_packing_unit
+from hf_kvcache.strategies.rotation import ROTATIONS
 
 
 @dataclass(frozen=True)
@@ -29,21 +30,48 @@ class QuantizedOptions:
     residual_length: int = 128
     backend: str = "torch"
     num_sink_tokens: int = 4
+    nbits_keys: int | None = None
+    nbits_values: int | None = None
+    rotation: str = "none"
 
     def __post_init__(self):
-        if self.nbits not in SUPPORTED_NBITS:
-            raise ValueError(f"nbits must be one of {list(SUPPORTED_NBITS)}, got {self.nbits!r}")
+        for name in ("nbits", "nbits_keys", "nbits_values"):
+            value = getattr(self, name)
+            if value not in SUPPORTED_NBITS and not (name != "nbits" and value is None):
+                raise ValueError(f"{name} must be one of {list(SUPPORTED_NBITS)}, got {value!r}")
         check_int("group_size", self.group_size, 1)
         check_int("residual_length", self.residual_length, 0)
         check_int("num_sink_tokens", self.num_sink_tokens, 0)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        if self.group_size % (8 // self.nbits):
-            per_byte = 8 // self.nbits
-            raise ValueError(
-                f"group_size={self.group_size} must be a multiple of {per_byte} for nbits={self.nbits}: the "
-                f"{per_byte} codes in a byte belong to tokens of the same group"
-            )
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {list(ROTATIONS)}, got {self.rotation!r}")
+        for name, nbits in (
+            ("nbits" if self.nbits_keys is None else "nbits_keys", self.key_nbits),
+            ("nbits" if self.nbits_values is None else "nbits_values", self.value_nbits),
+        ):
+            if self.backend == "quanto" and nbits == 3:
+                raise ValueError(
+                    f"{name}=3 is not supported with backend='quanto' (its kernels pack 2, 4 or 8 bits); "
+                    "use backend='torch'"
+                )
+            unit = codes_per_packing_unit(nbits)
+            if self.group_size % unit:
+                raise ValueError(
+                    f"group_size={self.group_size} must be a multiple of {unit} for {name}={nbits}: "
+                    f"{nbits}-bit codes fill whole bytes {unit} at a time, and the codes in a byte belong to "
+                    "tokens of the same group"
+                )
+
+    @property
+    def key_nbits(self) -> int:
+        """Bits per key code: ``nbits_keys``, or ``nbits`` when that is not given."""
+        return self.nbits if self.nbits_keys is None else self.nbits_keys
+
+    @property
+    def value_nbits(self) -> int:
+        """Bits per value code: ``nbits_values``, or ``nbits`` when that is not given."""
+        return self.nbits if self.nbits_values is None else self.nbits_values
 
     def check_head_dim(self, head_dim: int) -> None:
         """Value groups split the head dimension."""
@@ -138,7 +166,8 @@ class QuantizedLayer(QuantizedTokens, HeldTensors, CacheLayerMixin):
         full = 2 * head_dim * element_size
         # codes, then key scales and zeros per group of tokens, then value scales and zeros per group of
         # channels
-        quantized = 2 * head_dim * self.options.nbits / 8 + 4 * head_dim * element_size / size
+        code_bits = self.options.key_nbits + self.options.value_nbits
+        quantized = head_dim * code_bits / 8 + 4 * head_dim * element_size / size
         # Worst case between drops: residual + size - 1 full-precision tokens, span - residual quantized ones.
         if (size - 1) * full <= (span - residual) * (full - quantized):
             return residual
@@ -204,11 +233,12 @@ class QuantizedKVCache(KVCache):
     point per channel) and values per token (each group of ``group_size`` channels has its own scale and zero
     point per token), asymmetric min-max, as in KIVI (https://arxiv.org/abs/2402.02750). The newest
     ``residual_length`` tokens stay in full precision; older tokens are quantized group by group, once, and
-    never dequantized and quantized again. 2-bit codes are stored four to a byte, 4-bit codes two to a byte.
+    never dequantized and quantized again. 2-bit codes are stored four to a byte, 4-bit codes two to a byte,
+    3-bit codes eight to three bytes.
 
     Args:
         model: the model the cache serves (its config gives layers and head size).
-        nbits: bits per code, one of 2, 4, 8. Default 4.
+        nbits: bits per code, one of 2, 3, 4, 8. Default 4.
         group_size: tokens per key group and channels per value group; must divide the head dimension.
             Default 32.
         residual_length: newest tokens kept in full precision. Default 128.
@@ -216,6 +246,12 @@ class QuantizedKVCache(KVCache):
             Default ``'torch'``.
         num_sink_tokens: first tokens of the sequence kept in full precision, since every later query attends
             to them heavily (StreamingLLM's attention sinks); 0 is plain KIVI. Default 4.
+        nbits_keys: bits per key code, overriding ``nbits`` for keys (``None``: ``nbits``). Default None.
+        nbits_values: bits per value code, overriding ``nbits`` for values. Default None.
+        rotation: ``"none"``, or ``"hadamard"``: a fixed randomized Hadamard rotation of each head's keys and
+            values before quantization (inverted on the way out), which spreads outlier channels over all
+            channels (QuaRot, https://arxiv.org/abs/2404.00456; TurboQuant, https://arxiv.org/abs/2504.19874).
+            Default ``'none'``.
 
     Example:
         >>> cache = QuantizedKVCache(model, nbits=2)

@@ -1,0 +1,49 @@
+"""Fixed orthogonal rotations of each head's channels, applied before quantization and inverted after.
+
+A few channels of keys and values carry most of their magnitude; a min-max quantizer over a group that holds
+one of them spends its levels on that outlier. Rotating every head vector by one fixed orthogonal matrix
+spreads the outliers over all channels while keeping inner products (``q . k`` and the attention output) the
+same, as in QuaRot (https://arxiv.org/abs/2404.00456) and TurboQuant (https://arxiv.org/abs/2504.19874).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+ROTATIONS = ("none", "hadamard")
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard_float64(head_dim: int, seed: int) -> torch.Tensor:
+    block = head_dim & -head_dim  # the largest power of two that divides head_dim
+    sylvester = torch.ones(1, 1, dtype=torch.float64)
+    while sylvester.shape[0] < block:
+        sylvester = torch.cat(
+            [torch.cat([sylvester, sylvester], 1), torch.cat([sylvester, -sylvester], 1)], 0
+        )
+    # Block-diagonal for head sizes that are not a power of two (80, 96, ...): still orthogonal.
+    blocks = torch.block_diag(*[sylvester / block**0.5] * (head_dim // block))
+    signs = torch.randint(0, 2, (head_dim,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return signs.to(torch.float64).unsqueeze(1) * blocks
+
+
+@functools.lru_cache(maxsize=64)
+def rotation_matrix(
+    kind: str, head_dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> torch.Tensor | None:
+    """The ``[D, D]`` orthogonal matrix ``R`` of rotation ``kind`` (rows rotate: ``x @ R``, undone by
+    ``y @ R.T``), or ``None`` for ``"none"``.
+
+    ``"hadamard"``: ``diag(s) @ H`` with random signs ``s`` drawn from ``seed`` and ``H`` the normalized
+    Sylvester Hadamard matrix, block-diagonal in blocks of the largest power of two dividing ``D``. The
+    same ``seed`` always gives the same matrix, so a saved cache is read back with the rotation it was
+    written with. One shared, read-only matrix per (kind, size, dtype, device), like a model's rotary
+    tables: no cache holds a copy.
+    """
+    if kind == "none":
+        return None
+    if kind != "hadamard":
+        raise ValueError(f"rotation must be one of {list(ROTATIONS)}, got {kind!r}")
+    return _hadamard_float64(head_dim, seed).to(dtype=dtype, device=device)
