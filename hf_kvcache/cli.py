@@ -146,6 +146,28 @@ def run_scale_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from hf_kvcache.calibration import allocate_widths, calibrate_quantization, default_calibration_path
+    from hf_kvcache.registry import parse_spec
+
+    _check_specs([args.strategy])
+    strategy, options = parse_spec(args.strategy)
+    if strategy.name != "quantized":
+        raise SystemExit(f"error: --strategy must be a quantized spec (quantized:...), got {args.strategy!r}")
+    model, _tokenizer, input_ids = load_inputs(args)
+    record = calibrate_quantization(model, input_ids, options, probe_tokens=args.probe_tokens)
+    out = Path(args.out) if args.out else default_calibration_path(model, options)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    for mean_bits in (2.5, 3.0):
+        widths = allocate_widths(record, mean_bits)
+        print(f"calibrated_bits={mean_bits}: (keys, values) per layer {widths}")
+    print(f"wrote {out}")
+    return 0
+
+
 def add_measuring_command(commands, name: str, summary: str) -> argparse.ArgumentParser:
     """A subcommand that loads a model and text: the shared model arguments and the examples."""
     command = commands.add_parser(
@@ -200,6 +222,27 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--force", action="store_true", help="recompute records already in results.json")
     add_parallel_argument(scale)
     scale.set_defaults(run=run_scale_command)
+    calibrate = add_measuring_command(
+        commands,
+        "calibrate",
+        "per-layer code widths for quantized:calibrated_bits=B (what each width costs the output)",
+    )
+    calibrate.add_argument(
+        "--strategy",
+        default="quantized",
+        help="the quantized setting to calibrate: group size, residual, sinks, rotation, keys "
+        "(default: quantized)",
+    )
+    calibrate.add_argument(
+        "--probe-tokens",
+        type=int,
+        default=256,
+        help="last tokens whose predictions are compared (default 256)",
+    )
+    calibrate.add_argument(
+        "--out", help="file to write (default: the one calibrated_bits reads for this model)"
+    )
+    calibrate.set_defaults(run=run_calibrate, max_tokens=2048)
     commands.add_parser(
         "lm-eval",
         add_help=False,

@@ -52,6 +52,7 @@ QUANTIZATION_VARIANTS = [
     "quantized:nbits=3,group_size=8,residual_length=8",
     "quantized:nbits=2,nbits_keys=4,group_size=8,residual_length=8",
     "quantized:nbits=3,nbits_values=2,group_size=8,residual_length=8,rotation=hadamard",
+    "quantized:nbits=2,group_size=8,residual_length=8,keys=pre_rope,rotation=hadamard-values",
     "sliding-window:window_length=20+quantized:nbits=3,group_size=8,residual_length=4,rotation=hadamard",
     "heavy-hitter:heavy_budget=8,recent_budget=8+quantized:nbits=2,nbits_keys=3,group_size=8,residual_length=4",
 ]

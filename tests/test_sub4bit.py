@@ -61,22 +61,29 @@ def reference_quantize(x: torch.Tensor, nbits: int, dim: int) -> torch.Tensor:
     return torch.round((x - low) / step).clamp(0, 2**nbits - 1) * step + low
 
 
-def reference_dequantized(keys, values, nbits_keys, nbits_values, size, rotation):
+def reference_dequantized(keys, values, nbits_keys, nbits_values, size, rotation, rotate_keys=True):
     """What the packed store should give back for whole groups of tokens ``[B, H, n * G, D]``, from the
     definition in float64: rotate, keys per channel over groups of ``size`` tokens, values per token over
     groups of ``size`` channels, rotate back."""
     r = torch.eye(keys.shape[-1], dtype=torch.float64) if rotation is None else rotation.double()
     batch, heads, length, dim = keys.shape
-    k = (keys.double() @ r).view(batch, heads, length // size, size, dim)
+    rk = r if rotate_keys else torch.eye(dim, dtype=torch.float64)
+    k = (keys.double() @ rk).view(batch, heads, length // size, size, dim)
     v = (values.double() @ r).view(batch, heads, length, dim // size, size)
     k = reference_quantize(k, nbits_keys, 3).view(batch, heads, length, dim)
     v = reference_quantize(v, nbits_values, 4).view(batch, heads, length, dim)
-    return k @ r.T, v @ r.T
+    return k @ rk.T, v @ r.T
 
 
 @pytest.mark.parametrize(
     "nbits, nbits_keys, nbits_values, rotation",
-    [(3, None, None, "none"), (2, 4, None, "none"), (3, None, 2, "hadamard"), (4, 3, 8, "hadamard")],
+    [
+        (3, None, None, "none"),
+        (2, 4, None, "none"),
+        (3, None, 2, "hadamard"),
+        (4, 3, 8, "hadamard"),
+        (2, 3, None, "hadamard-values"),
+    ],
 )
 def test_packed_tokens_equal_float64_quantize_dequantize_from_the_definition(
     nbits, nbits_keys, nbits_values, rotation
@@ -97,7 +104,13 @@ def test_packed_tokens_equal_float64_quantize_dequantize_from_the_definition(
     assert packed == 64
     r = rotation_matrix(rotation, 32, torch.float32, torch.device("cpu"))
     want_keys, want_values = reference_dequantized(
-        keys[..., :packed, :], values[..., :packed, :], options.key_nbits, options.value_nbits, 16, r
+        keys[..., :packed, :],
+        values[..., :packed, :],
+        options.key_nbits,
+        options.value_nbits,
+        16,
+        r,
+        rotate_keys=rotation == "hadamard",
     )
     scale = keys.abs().max()
     assert torch.allclose(layer.keys[..., :packed, :].double(), want_keys, atol=2e-5 * scale, rtol=0)
@@ -163,3 +176,46 @@ def test_every_variant_serves_every_architecture(arch):
         check_never_more_bytes_than_dynamic_cache(model, spec)
     lossless = "quantized:nbits=3,nbits_keys=2,group_size=8,residual_length=64,rotation=hadamard"
     check_generates_like_dynamic_cache(model, lossless, "greedy")
+
+
+def rope_float64(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE from its definition, in float64: channel pair (i, i + D/2) turns by ``p * f_i``."""
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    first, second = x.double().chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_pre_rope_keys_are_quantized_before_the_rotary_embedding_of_their_position(window):
+    from hf_kvcache.model_hooks import KeyRotator, find_rotary_module
+
+    model = make_tiny_model("llama-gqa")
+    rotary = find_rotary_module(model)
+    inv_freq = rotary.inv_freq
+    # Every token's key is one vector c turned to the token's position: undone, all keys are c, so each
+    # channel of a key group is constant and quantizes exactly; quantized as they come they do not.
+    c = torch.randn(1, 2, 1, 16, generator=torch.Generator().manual_seed(3)).expand(1, 2, 96, 16)
+    keys = rope_float64(c, torch.arange(96), inv_freq).float()
+    values = torch.randn(1, 2, 96, 16)
+    errors = {}
+    for mode in ("pre_rope", "post_rope"):
+        options = QuantizedOptions(nbits=2, group_size=8, residual_length=8, num_sink_tokens=4, keys=mode)
+        rope = KeyRotator(rotary) if mode == "pre_rope" else None
+        layer = QuantizedLayer(options, window=window, key_rope=rope)
+        layer.update(keys[:, :, :30], values[:, :, :30])
+        for t in range(30, 96):
+            layer.update(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+        start = layer.dropped + layer.sink_keys.shape[2]  # the cache position of the first packed key
+        packed = layer.packed_length
+        assert packed >= 24 and (window is None or layer.dropped > 0)
+        held = layer.keys[:, :, layer.sink_keys.shape[2] :][:, :, :packed]
+        errors[mode] = (held - keys[:, :, start : start + packed]).abs().max().item()
+    assert errors["pre_rope"] < 1e-5 < 0.05 < errors["post_rope"]
+
+
+def test_pre_rope_is_refused_under_eviction_and_without_rotary_embeddings():
+    with pytest.raises(ValueError, match="keys='pre_rope' is an option of quantized alone"):
+        build_cache("sliding-window:window_length=20+quantized:keys=pre_rope", make_tiny_model("llama"))
+    with pytest.raises(ValueError, match="keys must be one of \\['post_rope', 'pre_rope'\\], got 'rope'"):
+        QuantizedOptions(keys="rope")

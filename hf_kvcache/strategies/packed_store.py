@@ -38,6 +38,7 @@ import torch
 
 from hf_kvcache.base import gather_entries
 from hf_kvcache.held import HeldPart, HeldTensors, RowTensor
+from hf_kvcache.model_hooks import KeyRotator
 from hf_kvcache.strategies.packing import (
     TorchCodec,
     make_codec,
@@ -46,7 +47,7 @@ from hf_kvcache.strategies.packing import (
     unpack_codes,
     unpack_token_groups,
 )
-from hf_kvcache.strategies.rotation import rotation_matrix
+from hf_kvcache.strategies.rotation import rotated_tensors, rotation_matrix
 
 
 class PackedTokens(HeldTensors):
@@ -75,8 +76,12 @@ class PackedTokens(HeldTensors):
         scattered: bool,
         like: torch.Tensor,
         rotation: str = "none",
+        key_rope: KeyRotator | None = None,
     ):
         self.group_size, self.scattered, self.rotation_kind = group_size, scattered, rotation
+        # keys=pre_rope (grouped layout only): keys are stored with the rotary embedding of their position
+        # undone; token 0 of the store sits at `first_position`.
+        self.key_rope, self.first_position = key_rope, 0
         self.key_codec, self.value_codec = codecs
         batch, heads, _, head_dim = like.shape
         for name, codec in (("key_codes", self.key_codec), ("value_codes", self.value_codec)):
@@ -108,15 +113,43 @@ class PackedTokens(HeldTensors):
         """Tokens held."""
         return self.value_scale.shape[2]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Quantize ``[B, H, k * G, D]`` tokens once, as ``k`` new key groups, and append them."""
-        size = self.group_size
-        rotation = self.rotation
-        if rotation is not None:
-            keys, values = (
-                keys.to(rotation.dtype) @ rotation,
-                values.to(rotation.dtype) @ rotation,
+    def _positions(self, start: int, count: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(start, start + count, device=device)
+
+    def _to_stored(self, keys: torch.Tensor, values: torch.Tensor, position: int):
+        """Keys and values as they are quantized: rotary embedding undone (``pre_rope``), then rotated."""
+        if self.key_rope is not None:
+            keys = self.key_rope.at_positions(
+                keys, self._positions(position, keys.shape[2], keys.device), True
             )
+        rotation = self.rotation
+        rotate_keys, rotate_values = rotated_tensors(self.rotation_kind)
+        if rotate_keys:
+            keys = keys.to(rotation.dtype) @ rotation
+        if rotate_values:
+            values = values.to(rotation.dtype) @ rotation
+        return keys, values
+
+    def _from_stored(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Inverse of :meth:`_to_stored`, in place on dequantized ``keys``/``values`` (output views)."""
+        rotation = self.rotation
+        rotate_keys, rotate_values = rotated_tensors(self.rotation_kind)
+        # An orthogonal matrix's inverse is its transpose; the output views cannot be matmul's `out`.
+        if rotate_keys:
+            keys.copy_(keys.to(rotation.dtype) @ rotation.T)
+        if rotate_values:
+            values.copy_(values.to(rotation.dtype) @ rotation.T)
+        if self.key_rope is not None:
+            positions = self._positions(self.first_position, keys.shape[2], keys.device)
+            keys.copy_(self.key_rope.at_positions(keys, positions))
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, position: int = 0) -> None:
+        """Quantize ``[B, H, k * G, D]`` tokens once, as ``k`` new key groups, and append them; ``position``:
+        the cache position of the first of them (read with ``keys=pre_rope``)."""
+        size = self.group_size
+        if self.length == 0:
+            self.first_position = position
+        keys, values = self._to_stored(keys, values, position)
         key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = quantize_kivi(
             self.key_codec, self.value_codec, keys, values, size, self.group_scale.dtype
         )
@@ -173,6 +206,7 @@ class PackedTokens(HeldTensors):
         """Grouped layout: keep key groups ``start`` to ``stop``; no code changes."""
         size = self.group_size
         groups, tokens = slice(start, stop), slice(start * size, stop * size)
+        self.first_position += start * size
         for name, codec in (("key_codes", self.key_codec), ("value_codes", self.value_codec)):
             rows = slice(start * size * codec.nbits // 8, stop * size * codec.nbits // 8)
             setattr(self, name, getattr(self, name)[:, :, rows].clone())
@@ -203,11 +237,7 @@ class PackedTokens(HeldTensors):
             )
         value_groups = values.view(batch, heads, length, head_dim // size, size)
         value_groups.mul_(self.value_scale.unsqueeze(-1)).add_(self.value_zero.unsqueeze(-1))
-        rotation = self.rotation
-        if rotation is not None:
-            # An orthogonal matrix's inverse is its transpose; the output views cannot be matmul's `out`.
-            keys.copy_(keys.to(rotation.dtype) @ rotation.T)
-            values.copy_(values.to(rotation.dtype) @ rotation.T)
+        self._from_stored(keys, values)
 
 
 class QuantizedTokens:
@@ -221,10 +251,18 @@ class QuantizedTokens:
     sink_values = RowTensor("their values [B, H, s, D]")
     packed = HeldPart("the bit-packed tokens")
 
-    def setup_quantized(self, options: Any, num_sink_tokens: int, max_residual: int, scattered: bool) -> None:
+    def setup_quantized(
+        self,
+        options: Any,
+        num_sink_tokens: int,
+        max_residual: int,
+        scattered: bool,
+        key_rope: KeyRotator | None = None,
+    ) -> None:
         """``options``: a :class:`~.quantized.QuantizedOptions`; ``max_residual``: residual tokens above which
-        the oldest whole key groups are packed; ``scattered``: whether single tokens may leave the store."""
-        self.quantization, self.sink_target = options, num_sink_tokens
+        the oldest whole key groups are packed; ``scattered``: whether single tokens may leave the store;
+        ``key_rope``: the layer's rotary embedding, for ``keys=pre_rope``."""
+        self.quantization, self.sink_target, self.key_rope = options, num_sink_tokens, key_rope
         self.max_residual, self.scattered = max_residual, scattered
         self.codecs = (
             make_codec(options.key_nbits, options.backend),
@@ -235,7 +273,7 @@ class QuantizedTokens:
         self.sink_keys, self.sink_values = key_states[..., :0, :].clone(), value_states[..., :0, :].clone()
         options = self.quantization
         self.packed = PackedTokens(
-            options.group_size, self.codecs, self.scattered, key_states, options.rotation
+            options.group_size, self.codecs, self.scattered, key_states, options.rotation, self.key_rope
         )
 
     @property
@@ -289,7 +327,9 @@ class QuantizedTokens:
             return
         count = self.excess(self.key_buffer.shape[2])
         if count:
-            self.packed.append(self.key_buffer[:, :, :count], self.value_buffer[:, :, :count])
+            # The cache position of the first token packed now (a local layer counts the tokens it dropped).
+            position = self.sink_keys.shape[2] + getattr(self, "dropped", 0) + self.packed_length
+            self.packed.append(self.key_buffer[:, :, :count], self.value_buffer[:, :, :count], position)
             # clone() so the residual does not pin the storage of the longer tensor it was sliced from
             self.key_buffer = self.key_buffer[:, :, count:].clone()
             self.value_buffer = self.value_buffer[:, :, count:].clone()

@@ -13,12 +13,15 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
 from hf_kvcache.base import KVCache
+from hf_kvcache.calibration import WIDTHS as CALIBRATION_WIDTHS
+from hf_kvcache.calibration import calibrated_layer_options
 from hf_kvcache.held import HeldTensors, RowTensor, check_batch, held_view
 from hf_kvcache.layout import FULL_ATTENTION, LOCAL_ATTENTION, AttentionLayout, require_layer_types
+from hf_kvcache.model_hooks import KeyRotator
 from hf_kvcache.registry import check_int, register_strategy
 from hf_kvcache.strategies.packed_store import QuantizedTokens
 from hf_kvcache.strategies.packing import BACKENDS, SUPPORTED_NBITS, codes_per_packing_unit
-from hf_kvcache.strategies.rotation import ROTATIONS
+from hf_kvcache.strategies.rotation import KEY_MODES, ROTATIONS, key_ropes
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class QuantizedOptions:
     nbits_keys: int | None = None
     nbits_values: int | None = None
     rotation: str = "none"
+    keys: str = "post_rope"
+    calibrated_bits: float | None = None
+    calibration: str | None = None
 
     def __post_init__(self):
         for name in ("nbits", "nbits_keys", "nbits_values"):
@@ -46,6 +52,9 @@ class QuantizedOptions:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {list(ROTATIONS)}, got {self.rotation!r}")
+        if self.keys not in KEY_MODES:
+            raise ValueError(f"keys must be one of {list(KEY_MODES)}, got {self.keys!r}")
+        self._check_calibrated_bits()
         for name, nbits in (
             ("nbits" if self.nbits_keys is None else "nbits_keys", self.key_nbits),
             ("nbits" if self.nbits_values is None else "nbits_values", self.value_nbits),
@@ -61,6 +70,28 @@ class QuantizedOptions:
                     f"group_size={self.group_size} must be a multiple of {unit} for {name}={nbits}: "
                     f"{nbits}-bit codes fill whole bytes {unit} at a time, and the codes in a byte belong to "
                     "tokens of the same group"
+                )
+
+    def _check_calibrated_bits(self) -> None:
+        if self.calibrated_bits is None:
+            if self.calibration is not None:
+                raise ValueError(f"calibration={self.calibration!r} is read only with calibrated_bits=...")
+            return
+        low, high = min(CALIBRATION_WIDTHS), max(CALIBRATION_WIDTHS)
+        if isinstance(self.calibrated_bits, bool) or not low <= self.calibrated_bits <= high:
+            raise ValueError(
+                f"calibrated_bits must be a number in [{low}, {high}], got {self.calibrated_bits!r}"
+            )
+        if self.group_size % 8:
+            raise ValueError(
+                f"calibrated_bits needs a group_size that is a multiple of 8 (a layer may get 3-bit codes, "
+                f"which fill bytes 8 at a time), got group_size={self.group_size}"
+            )
+        for name in ("nbits_keys", "nbits_values"):
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} and calibrated_bits={self.calibrated_bits} both set code "
+                    "widths; give one of them"
                 )
 
     @property
@@ -99,7 +130,9 @@ class QuantizedLayer(QuantizedTokens, HeldTensors, CacheLayerMixin):
     key_buffer = RowTensor("residual keys in the model's dtype [B, H, R, D]")
     value_buffer = RowTensor("residual values [B, H, R, D]")
 
-    def __init__(self, options: QuantizedOptions, window: int | None = None):
+    def __init__(
+        self, options: QuantizedOptions, window: int | None = None, key_rope: KeyRotator | None = None
+    ):
         super().__init__()
         self.options, self.window = options, window
         self.is_sliding = window is not None
@@ -108,7 +141,11 @@ class QuantizedLayer(QuantizedTokens, HeldTensors, CacheLayerMixin):
         # KIVI keeps at least `residual_length` tokens exact: a group is packed once that many newer ones
         # exist.
         self.setup_quantized(
-            options, sinks, options.residual_length + options.group_size - 1, scattered=False
+            options,
+            sinks,
+            options.residual_length + options.group_size - 1,
+            scattered=False,
+            key_rope=key_rope,
         )
         self.reset()
 
@@ -251,7 +288,20 @@ class QuantizedKVCache(KVCache):
         rotation: ``"none"``, or ``"hadamard"``: a fixed randomized Hadamard rotation of each head's keys and
             values before quantization (inverted on the way out), which spreads outlier channels over all
             channels (QuaRot, https://arxiv.org/abs/2404.00456; TurboQuant, https://arxiv.org/abs/2504.19874).
-            Default ``'none'``.
+            ``"hadamard-values"`` rotates only the values: keys are quantized per channel, where an outlier
+            channel already has its own range. Default ``'none'``.
+        keys: ``"post_rope"`` quantizes keys as the model hands them over; ``"pre_rope"`` undoes the rotary
+            embedding of each key's position before quantizing and applies it again on the way out
+            (KVQuant, https://arxiv.org/abs/2401.18079): a channel's scale then covers one channel rather
+            than a pair mixed by the rotation. The position is the key's index in the cache, which is its
+            RoPE position up to a fixed rotation per left-padded row, so the round trip stays exact.
+            ``quantized`` alone (not under eviction), on models with one rotary embedding. Default
+            ``'post_rope'``.
+        calibrated_bits: mean bits per code; each layer's keys and values get their own width of 2, 3 or 4,
+            chosen from the model's calibration (:mod:`hf_kvcache.calibration`, made by ``hf-kvcache
+            calibrate``) to lose the least attention output. ``None``: ``nbits`` everywhere. Default None.
+        calibration: the calibration file to read; ``None``: the one ``hf-kvcache calibrate`` wrote for this
+            model and setting. Default None.
 
     Example:
         >>> cache = QuantizedKVCache(model, nbits=2)
@@ -263,4 +313,8 @@ class QuantizedKVCache(KVCache):
     def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[QuantizedLayer]:
         require_layer_types(layout, (FULL_ATTENTION, *LOCAL_ATTENTION), type(self).__name__)
         self.options.check_head_dim(layout.head_dim)
-        return [QuantizedLayer(self.options, layout.window(i)) for i in range(layout.num_layers)]
+        ropes = key_ropes(model, layout) if self.options.keys == "pre_rope" else [None] * layout.num_layers
+        options = [self.options] * layout.num_layers
+        if self.options.calibrated_bits is not None:
+            options = calibrated_layer_options(model, self.options)
+        return [QuantizedLayer(options[i], layout.window(i), ropes[i]) for i in range(layout.num_layers)]

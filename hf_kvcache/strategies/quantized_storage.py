@@ -29,6 +29,16 @@ def check_composed_quantization(quantization: object) -> None:
             "quantization must be None or a QuantizedOptions (e.g. QuantizedOptions(nbits=4)), "
             f"got {quantization!r}"
         )
+    if quantization is not None and quantization.calibrated_bits is not None:
+        raise ValueError(
+            f"calibrated_bits={quantization.calibrated_bits} is an option of quantized alone; under eviction "
+            "give nbits, nbits_keys and nbits_values"
+        )
+    if quantization is not None and quantization.keys != "post_rope":
+        raise ValueError(
+            f"keys={quantization.keys!r} is an option of quantized alone; under eviction keys are stored as "
+            "the model rotated them (keys='post_rope')"
+        )
 
 
 class QuantizedStorage(QuantizedTokens):

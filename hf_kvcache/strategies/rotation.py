@@ -11,8 +11,21 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import nn
 
-ROTATIONS = ("none", "hadamard")
+from hf_kvcache.layout import AttentionLayout
+from hf_kvcache.model_hooks import KeyRotator, applies_rope, attention_modules, find_rotary_module
+
+ROTATIONS = ("none", "hadamard", "hadamard-values")
+KEY_MODES = ("post_rope", "pre_rope")
+
+
+def rotated_tensors(kind: str) -> tuple[bool, bool]:
+    """Whether rotation ``kind`` rotates ``(keys, values)``: ``hadamard`` both, ``hadamard-values`` only the
+    values (keys are quantized per channel, which already gives an outlier channel its own range)."""
+    if kind not in ROTATIONS:
+        raise ValueError(f"rotation must be one of {list(ROTATIONS)}, got {kind!r}")
+    return kind == "hadamard", kind != "none"
 
 
 @functools.lru_cache(maxsize=32)
@@ -44,6 +57,28 @@ def rotation_matrix(
     """
     if kind == "none":
         return None
-    if kind != "hadamard":
+    if not kind.startswith("hadamard"):
         raise ValueError(f"rotation must be one of {list(ROTATIONS)}, got {kind!r}")
     return _hadamard_float64(head_dim, seed).to(dtype=dtype, device=device)
+
+
+def key_ropes(model: nn.Module, layout: AttentionLayout) -> list[KeyRotator | None]:
+    """Each layer's rotary embedding for ``keys=pre_rope``; ``None`` for layers that apply none."""
+    try:
+        rotary = find_rotary_module(model)
+    except ValueError:
+        raise ValueError(
+            f"keys='pre_rope' needs a model with one rotary embedding; {type(model).__name__} has several; "
+            "use keys='post_rope'"
+        ) from None
+    modules = attention_modules(model)
+    if rotary is None or len(modules) != layout.num_layers:
+        raise ValueError(
+            "keys='pre_rope' needs a model whose attention layers apply a rotary embedding; "
+            f"{type(model).__name__} has {'none' if rotary is None else 'attention modules we cannot find'}; "
+            "use keys='post_rope'"
+        )
+    return [
+        KeyRotator(rotary, kind) if applies_rope(module) else None
+        for kind, module in zip(layout.layer_types, modules, strict=True)
+    ]

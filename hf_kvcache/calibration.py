@@ -1,0 +1,204 @@
+"""Per-layer code widths for the quantized cache, from a calibration pass over text.
+
+Layers differ in how much the model suffers from their coarse keys or values (the bisection in the README:
+keys, and some layers, are where the bits must go). ``hf-kvcache calibrate`` runs the model over corpus text,
+and for every layer and every width in :data:`WIDTHS` quantizes that layer's keys (or values) with the cache's
+own store and measures the KL divergence this adds to the next-token predictions of the last tokens
+(:func:`calibrate_quantization`). ``quantized:calibrated_bits=B`` then gives each layer's keys and values the
+widths that minimize the summed divergence at a mean of ``B`` bits per code.
+
+File format (JSON, one per model and quantization setting, under ``$HF_KVCACHE_HOME/calibration/``)::
+
+    {"format": "hf-kvcache quantization calibration", "version": 1,
+     "model": "<name or path>", "geometry": {"num_layers": L, "num_key_value_heads": H, "head_dim": D},
+     "options": {"group_size": 64, "residual_length": 0, "num_sink_tokens": 4, "rotation": "hadamard",
+                 "keys": "pre_rope", "backend": "torch"},
+     "tokens": 2048, "probe_tokens": 256,
+     "kl_divergence": {"keys": {"2": [L floats], "3": [...], "4": [...]}, "values": {...}}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from hf_kvcache.layout import AttentionLayout, attention_layout
+
+FORMAT, VERSION = "hf-kvcache quantization calibration", 1
+WIDTHS = (2, 3, 4)
+# The options a calibration depends on (the widths are what it chooses).
+CALIBRATED_OPTIONS = ("group_size", "residual_length", "num_sink_tokens", "rotation", "keys", "backend")
+
+
+def model_name(model: PreTrainedModel) -> str:
+    return str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+
+
+def geometry(layout: AttentionLayout) -> dict:
+    return {
+        "num_layers": layout.num_layers,
+        "num_key_value_heads": layout.num_key_value_heads,
+        "head_dim": layout.head_dim,
+    }
+
+
+def calibrated_options(options: Any) -> dict:
+    return {name: getattr(options, name) for name in CALIBRATED_OPTIONS}
+
+
+def default_calibration_path(model: PreTrainedModel, options: Any) -> Path:
+    """Where ``hf-kvcache calibrate`` writes, and ``calibrated_bits`` reads, the file for ``model``."""
+    from hf_kvcache.evaluation.model import cache_home
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name(model).strip("/"))[-80:]
+    setting = hashlib.sha1(json.dumps(calibrated_options(options), sort_keys=True).encode()).hexdigest()[:10]
+    return cache_home() / "calibration" / f"{slug}-{setting}.json"
+
+
+def _cache_with(model: PreTrainedModel, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    for index, (keys, values) in enumerate(prefix):
+        cache.update(keys, values, index)
+    return cache
+
+
+@torch.no_grad()
+def calibrate_quantization(
+    model: PreTrainedModel, input_ids: torch.Tensor, options: Any, probe_tokens: int = 256
+) -> dict:
+    """Measure what quantizing each layer's keys, or its values, at each width of :data:`WIDTHS` costs the
+    model's next-token distribution.
+
+    The context (all but the last ``probe_tokens`` tokens) goes in once. Then, one layer and one of keys or
+    values at a time, that part of the context is quantized with the cache's own store (sinks and residual
+    as in ``options``) and the last ``probe_tokens`` tokens are run over it; the cost is the mean KL
+    divergence of their next-token distributions from the exact run's. Keys and values are measured on the
+    same scale, so the widths go where the model's output needs them (a layer-by-layer attention error would
+    count value noise that later layers average away as if it were a key that points elsewhere).
+
+    Args:
+        model: the model to calibrate.
+        input_ids: ``[1, T]`` corpus tokens (``T`` > ``probe_tokens``).
+        options: a :class:`~hf_kvcache.strategies.quantized.QuantizedOptions`; its group size, residual,
+            sinks, rotation and key mode are the setting calibrated.
+        probe_tokens: the last tokens whose predictions are compared. Default 256.
+
+    Returns:
+        The calibration record (see the module docstring for the format).
+    """
+    from hf_kvcache.strategies.quantized import QuantizedLayer
+    from hf_kvcache.strategies.rotation import key_ropes
+
+    total = input_ids.shape[1]
+    if total <= probe_tokens:
+        raise ValueError(f"calibration needs more than probe_tokens={probe_tokens} tokens, got {total}")
+    context, probe = input_ids[:, :-probe_tokens], input_ids[:, -probe_tokens:]
+    layout = attention_layout(model)
+    exact_cache = DynamicCache(config=model.config)
+    model(context, past_key_values=exact_cache)
+    prefix = [(layer.keys, layer.values) for layer in exact_cache.layers]
+    exact = model(probe, past_key_values=_cache_with(model, prefix)).logits.float().log_softmax(-1)
+    ropes = key_ropes(model, layout) if options.keys == "pre_rope" else [None] * layout.num_layers
+    costs: dict[str, dict[str, list[float]]] = {"keys": {}, "values": {}}
+    for index, (keys, values) in enumerate(prefix):
+        for width in WIDTHS:
+            setting = dataclasses.replace(options, nbits_keys=width, nbits_values=width, calibrated_bits=None)
+            store = QuantizedLayer(setting, layout.window(index), ropes[index])
+            store.update(keys, values)
+            held = store.keys.shape[2]  # a local layer's store may let go of what is behind its window
+            for kind, replaced in (
+                ("keys", (store.keys, values[:, :, -held:])),
+                ("values", (keys[:, :, -held:], store.values)),
+            ):
+                layers = [*prefix[:index], replaced, *prefix[index + 1 :]]
+                logits = model(probe, past_key_values=_cache_with(model, layers)).logits.float()
+                divergence = (exact.exp() * (exact - logits.log_softmax(-1))).sum(-1).mean().item()
+                costs[kind].setdefault(str(width), []).append(divergence)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_name(model),
+        "geometry": geometry(layout),
+        "options": calibrated_options(options),
+        "tokens": total,
+        "probe_tokens": probe_tokens,
+        "kl_divergence": costs,
+    }
+
+
+def load_calibration(path: Path, model: PreTrainedModel, options: Any) -> dict:
+    """Read a calibration file and check that it describes ``model``'s geometry and this setting."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no quantization calibration for {model_name(model)} at {path}; make one with: hf-kvcache "
+            f"calibrate --model {model_name(model)} --strategy '{_setting_spec(options)}'"
+        )
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a calibration file: {error}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
+        raise ValueError(f"{path} is not a version-{VERSION} hf-kvcache quantization calibration")
+    expected = geometry(attention_layout(model))
+    if record["geometry"] != expected:
+        raise ValueError(
+            f"the calibration {path} was made for {record['model']} with geometry {record['geometry']}; "
+            f"{model_name(model)} has geometry {expected}"
+        )
+    if record["options"] != calibrated_options(options):
+        raise ValueError(
+            f"the calibration {path} was made for quantization options {record['options']}, not "
+            f"{calibrated_options(options)}; calibrate this setting"
+        )
+    return record
+
+
+def _setting_spec(options: Any) -> str:
+    return "quantized:" + ",".join(f"{k}={v}" for k, v in calibrated_options(options).items())
+
+
+def allocate_widths(record: dict, mean_bits: float) -> list[tuple[int, int]]:
+    """Per layer ``(key width, value width)`` at a mean of at most ``mean_bits`` bits per code.
+
+    Greedy: everything starts at the narrowest width; the step (one layer's keys or values to the next
+    width) that removes the most error per added bit is taken until the next would pass the mean.
+    """
+    errors = record["kl_divergence"]
+    layers = record["geometry"]["num_layers"]
+    widths = {(kind, i): 0 for kind in ("keys", "values") for i in range(layers)}  # index into WIDTHS
+    budget, spent = mean_bits * 2 * layers, WIDTHS[0] * 2 * layers
+
+    def gain(item: tuple[str, int]) -> float:
+        kind, layer = item
+        now, nxt = WIDTHS[widths[item]], WIDTHS[widths[item] + 1]
+        return (errors[kind][str(now)][layer] - errors[kind][str(nxt)][layer]) / (nxt - now)
+
+    while True:
+        steps = [item for item in widths if widths[item] + 1 < len(WIDTHS)]
+        steps = [item for item in steps if spent + WIDTHS[widths[item] + 1] - WIDTHS[widths[item]] <= budget]
+        if not steps:
+            break
+        best = max(steps, key=gain)
+        spent += WIDTHS[widths[best] + 1] - WIDTHS[widths[best]]
+        widths[best] += 1
+    return [(WIDTHS[widths["keys", i]], WIDTHS[widths["values", i]]) for i in range(layers)]
+
+
+def calibrated_layer_options(model: PreTrainedModel, options: Any) -> list[Any]:
+    """Each layer's options under ``calibrated_bits``: the widths the calibration allocates to it."""
+    path = options.calibration or default_calibration_path(model, options)
+    widths = allocate_widths(load_calibration(path, model, options), options.calibrated_bits)
+    return [
+        dataclasses.replace(
+            options, nbits_keys=keys, nbits_values=values, calibrated_bits=None, calibration=None
+        )
+        for keys, values in widths
+    ]
