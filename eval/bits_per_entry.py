@@ -2,10 +2,10 @@
 
     OMP_WAIT_POLICY=PASSIVE python eval/bits_per_entry.py --tokens 4096 --dtype bfloat16
 
-The count of issue 23: the embedded model in ``--dtype`` (bfloat16 by default) reads ``--tokens`` corpus tokens
-through each cache (chunks of 512); bits per entry = ``cache_nbytes * 8`` over the number of key and value
-elements held (``keys.numel() + values.numel()`` summed over layers). Scales, zero points, sinks and the
-full-precision residual all count, so the full cache reads 16 in bfloat16.
+The count of issue 23: the embedded model in ``--dtype`` (bfloat16 by default) reads ``--tokens`` corpus
+tokens through each cache (chunks of 512); bits per entry = ``cache_nbytes * 8`` over the number of key and
+value elements held (``keys.numel() + values.numel()`` summed over layers). Scales, zero points, sinks and
+the full-precision residual all count, so the full cache reads 16 in bfloat16.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ STRATEGIES = [
 
 
 def held_entries(cache) -> int:
-    """Key and value elements a cache holds (a quantized layer's ``keys`` are its held tokens, dequantized)."""
+    """Key and value elements a cache holds (a quantized layer's ``keys``: its held tokens, dequantized)."""
     return sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
 
 
