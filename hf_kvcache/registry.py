@@ -34,6 +34,8 @@ class Strategy:
 
 
 _STRATEGIES: dict[str, Strategy] = {}
+# Field metadata of an option that a canonical spec names only when it is not at its default.
+WHEN_SET = {"spelled": "when set"}
 
 
 def register_strategy(
@@ -210,7 +212,14 @@ def parse_spec(spec: str) -> tuple[Strategy, Any]:
 
 
 def _spelled(name: str, options: Any) -> str:
-    spelled = ",".join(f"{f.name}={getattr(options, f.name)}" for f in _plain_fields(type(options)))
+    # Options added after a strategy's first release say `metadata={"spelled": "when set"}`: they appear only
+    # when not at their default, so the canonical spec (the key of stored results) stays what it was.
+    fields = [
+        f
+        for f in _plain_fields(type(options))
+        if f.metadata.get("spelled") != "when set" or getattr(options, f.name) != f.default
+    ]
+    spelled = ",".join(f"{f.name}={getattr(options, f.name)}" for f in fields)
     return f"{name}:{spelled}" if spelled else name
 
 

@@ -167,8 +167,10 @@ def test_spec_grammar_spells_out_both_halves_and_matches_the_python_api():
     spec = "sliding-window:window_length=512+quantized:nbits=4"
     assert canonical_spec(spec) == (
         "sliding-window:window_length=512,num_sink_tokens=4,positions=shifted"
-        "+quantized:nbits=4,group_size=32,residual_length=128,backend=torch,num_sink_tokens=4,nbits_keys=None,"
-        "nbits_values=None,rotation=none"
+        "+quantized:nbits=4,group_size=32,residual_length=128,backend=torch,num_sink_tokens=4"
+    )
+    assert canonical_spec("quantized:nbits=2,rotation=hadamard") == (
+        "quantized:nbits=2,group_size=32,residual_length=128,backend=torch,num_sink_tokens=4,rotation=hadamard"
     )
     assert canonical_spec(canonical_spec(spec)) == canonical_spec(spec)
     _, options = parse_spec(spec)

@@ -3,7 +3,8 @@
 Shared machinery lives beside them: :mod:`.eviction` (the eviction contract and the layer that applies it),
 :mod:`.slots` (per-slot bookkeeping of eviction layers), :mod:`.scoring` (attention-score strategies on top of
 the contract), :mod:`.packed_store` (the one store of quantized tokens), :mod:`.quantized_storage` (that store
-under an eviction strategy) and :mod:`.packing` (quantization codecs).
+under an eviction strategy), :mod:`.packing` (quantization codecs) and :mod:`.rotation` (what the store
+turns before quantizing).
 """
 
 from hf_kvcache.strategies.full import build_full_cache

@@ -5,7 +5,7 @@ Paper: KIVI, "A Tuning-Free Asymmetric 2bit Quantization for KV Cache", https://
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from hf_kvcache.calibration import calibrated_layer_options
 from hf_kvcache.held import HeldTensors, RowTensor, check_batch, held_view
 from hf_kvcache.layout import FULL_ATTENTION, LOCAL_ATTENTION, AttentionLayout, require_layer_types
 from hf_kvcache.model_hooks import KeyRotator
-from hf_kvcache.registry import check_int, register_strategy
+from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
 from hf_kvcache.strategies.packed_store import QuantizedTokens
 from hf_kvcache.strategies.packing import BACKENDS, SUPPORTED_NBITS, codes_per_packing_unit
 from hf_kvcache.strategies.rotation import KEY_MODES, ROTATIONS, key_ropes
@@ -33,12 +33,13 @@ class QuantizedOptions:
     residual_length: int = 128
     backend: str = "torch"
     num_sink_tokens: int = 4
-    nbits_keys: int | None = None
-    nbits_values: int | None = None
-    rotation: str = "none"
-    keys: str = "post_rope"
-    calibrated_bits: float | None = None
-    calibration: str | None = None
+    # Spelled out in a canonical spec only when set, so that stored results keep their keys.
+    nbits_keys: int | None = field(default=None, metadata=WHEN_SET)
+    nbits_values: int | None = field(default=None, metadata=WHEN_SET)
+    rotation: str = field(default="none", metadata=WHEN_SET)
+    keys: str = field(default="post_rope", metadata=WHEN_SET)
+    calibrated_bits: float | None = field(default=None, metadata=WHEN_SET)
+    calibration: str | None = field(default=None, metadata=WHEN_SET)
 
     def __post_init__(self):
         for name in ("nbits", "nbits_keys", "nbits_values"):
