@@ -24,6 +24,7 @@ LOSSLESS = {
     "quantized": "quantized:nbits=2,group_size=8,residual_length=64",
     "sliding-window": "sliding-window:window_length=64,num_sink_tokens=4",
     "heavy-hitter": "heavy-hitter:heavy_budget=32,recent_budget=32",
+    "knorm": "knorm:budget=64,num_sink_tokens=4,recent=8",
     "tova": "tova:budget=64",
     "snapkv": "snapkv:budget=64,window_size=8",
     "sliding-window+quantized": (
@@ -38,6 +39,7 @@ LOSSY = {
     "quantized": "quantized:nbits=2,group_size=8,residual_length=8",
     "sliding-window": "sliding-window:window_length=12,num_sink_tokens=4",
     "heavy-hitter": "heavy-hitter:heavy_budget=6,recent_budget=6",
+    "knorm": "knorm:budget=12,num_sink_tokens=2,recent=4",
     "tova": "tova:budget=12",
     "snapkv": "snapkv:budget=12,window_size=4,kernel_size=3",
     "sliding-window+quantized": (

@@ -9,6 +9,7 @@ turns before quantizing).
 
 from hf_kvcache.strategies.full import build_full_cache
 from hf_kvcache.strategies.heavy_hitter import HeavyHitterKVCache
+from hf_kvcache.strategies.knorm import KeyNormKVCache
 from hf_kvcache.strategies.quantized import QuantizedKVCache
 from hf_kvcache.strategies.sliding_window import SlidingWindowKVCache
 from hf_kvcache.strategies.snapkv import SnapKVCache
@@ -16,6 +17,7 @@ from hf_kvcache.strategies.tova import TOVAKVCache
 
 __all__ = [
     "HeavyHitterKVCache",
+    "KeyNormKVCache",
     "QuantizedKVCache",
     "SlidingWindowKVCache",
     "SnapKVCache",

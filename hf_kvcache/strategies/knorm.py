@@ -1,0 +1,64 @@
+"""Key-norm eviction: keep the entries whose keys have the smallest L2 norm.
+
+Paper: "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression" (Devoto et al., 2024),
+https://arxiv.org/abs/2406.11430
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hf_kvcache.budget import Budget, check_budget
+from hf_kvcache.registry import register_strategy
+from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache
+
+
+@dataclass(frozen=True)
+class KeyNormOptions:
+    """Options of :class:`KeyNormKVCache`; see there."""
+
+    budget: Budget = 256
+    num_sink_tokens: int = 4
+    recent: Budget = 32
+
+    def __post_init__(self):
+        check_budget(self, sinks="num_sink_tokens", recent="recent")
+
+
+class KeyNormLayer(EvictingLayer):
+    """Ranks entries by the negated L2 norm of their keys: a low-norm key draws high attention (the paper's
+    finding), so the smallest norms are kept."""
+
+    def priority(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return -keys.float().norm(dim=-1)
+
+
+@register_strategy("knorm", "key norm: keep the entries whose keys have the smallest L2 norm")
+class KeyNormKVCache(EvictionCache):
+    """Key-norm eviction (Devoto et al., https://arxiv.org/abs/2406.11430), under any attention.
+
+    Needs no attention scores, so it costs one norm per entry and works with SDPA, eager and flash attention
+    alike. The first ``num_sink_tokens`` real tokens of each row and the ``recent`` newest are always kept;
+    of the rest, each KV head keeps those whose keys have the smallest norm, up to ``budget`` entries in all.
+    On models that normalize their keys (Qwen 3, Olmo 2, Gemma 3 with ``k_norm``) the norms nearly tie, and
+    ties go to the newer entry: the cache then behaves as a sliding window.
+
+    Args:
+        model: the model the cache serves.
+        budget: entries kept per layer and KV head, in tokens or as a fraction of the tokens seen.
+            Default 256.
+        num_sink_tokens: first tokens of each row always kept. Default 4.
+        recent: newest tokens always kept, in tokens or as a fraction of the tokens seen. Default 32.
+
+    Example:
+        >>> cache = KeyNormKVCache(model, budget=0.25)
+        >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    """
+
+    options_class = KeyNormOptions
+
+    def make_layer(self, layout) -> KeyNormLayer:
+        options = self.options
+        return KeyNormLayer(options.budget, self.forward_state, options.num_sink_tokens, options.recent)
