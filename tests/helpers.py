@@ -33,6 +33,7 @@ LOSSLESS = {
     "heavy-hitter+quantized": (
         "heavy-hitter:heavy_budget=8,recent_budget=64+quantized:group_size=8,residual_length=64"
     ),
+    "knorm+quantized": "knorm:budget=80,recent=72+quantized:nbits=2,group_size=8,residual_length=64",
 }
 LOSSY = {
     "full": "full",
@@ -48,6 +49,7 @@ LOSSY = {
     "heavy-hitter+quantized": (
         "heavy-hitter:heavy_budget=8,recent_budget=8+quantized:group_size=8,residual_length=4"
     ),
+    "knorm+quantized": "knorm:budget=20,recent=11+quantized:nbits=2,group_size=8,residual_length=4",
 }
 # Options of the quantized store below 4 bits, alone and under eviction (not strategies of their own).
 QUANTIZATION_VARIANTS = [

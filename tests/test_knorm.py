@@ -57,6 +57,10 @@ def test_a_budget_at_least_the_sequence_keeps_everything_like_dynamic_cache():
         ("knorm:budget=4,num_sink_tokens=2,recent=4", "budget must be an integer >= 6"),
         ("knorm:budget=1.5", "budget=1.5 is a fraction of the tokens seen, which must lie in \\(0, 1\\]"),
         ("knorm:num_sink_tokens=-1", "num_sink_tokens must be a number of tokens >= 0"),
+        (
+            "knorm:recent=32+quantized:group_size=32,residual_length=8",
+            "recent=32 must be at least residual_length \\+ group_size - 1 = 39 tokens",
+        ),
     ],
 )
 def test_bad_options_are_named(spec, message):

@@ -6,13 +6,15 @@ https://arxiv.org/abs/2406.11430
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from hf_kvcache.budget import Budget, check_budget
 from hf_kvcache.registry import register_strategy
 from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache
+from hf_kvcache.strategies.quantized import QuantizedOptions
+from hf_kvcache.strategies.quantized_storage import QuantizedStorage, check_composed_quantization
 
 
 @dataclass(frozen=True)
@@ -22,9 +24,22 @@ class KeyNormOptions:
     budget: Budget = 256
     num_sink_tokens: int = 4
     recent: Budget = 32
+    quantization: QuantizedOptions | None = field(default=None, metadata={"composes": "quantized"})
 
     def __post_init__(self):
         check_budget(self, sinks="num_sink_tokens", recent="recent")
+        check_composed_quantization(self.quantization)
+        quantization = self.quantization
+        if quantization is None:
+            return
+        # The residual packs whole key groups only, so it holds up to residual_length + group_size - 1 tokens.
+        most = quantization.residual_length + quantization.group_size - 1
+        if not isinstance(self.recent, int) or self.recent < most:
+            raise ValueError(
+                f"recent={self.recent} must be at least residual_length + group_size - 1 = {most} tokens of "
+                "the quantized half: the full-precision residual (up to that many newest tokens) is never "
+                "evicted"
+            )
 
 
 class KeyNormLayer(EvictingLayer):
@@ -33,6 +48,11 @@ class KeyNormLayer(EvictingLayer):
 
     def priority(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return -keys.float().norm(dim=-1)
+
+
+class QuantizedKeyNormLayer(QuantizedStorage, KeyNormLayer):
+    """A key-norm layer that holds its entries in quantized storage (``knorm+quantized``); it ranks them by
+    the norms of their dequantized keys."""
 
 
 @register_strategy("knorm", "key norm: keep the entries whose keys have the smallest L2 norm")
@@ -51,6 +71,10 @@ class KeyNormKVCache(EvictionCache):
             Default 256.
         num_sink_tokens: first tokens of each row always kept. Default 4.
         recent: newest tokens always kept, in tokens or as a fraction of the tokens seen. Default 32.
+        quantization: a :class:`~hf_kvcache.strategies.quantized.QuantizedOptions` to hold the kept tokens
+            bit-packed (spec ``knorm:...+quantized:...``); ``recent`` must cover its residual
+            (``residual_length + group_size - 1`` tokens).
+            ``None``: everything in full precision. Default ``None``.
 
     Example:
         >>> cache = KeyNormKVCache(model, budget=0.25)
@@ -60,5 +84,17 @@ class KeyNormKVCache(EvictionCache):
     options_class = KeyNormOptions
 
     def make_layer(self, layout) -> KeyNormLayer:
-        options = self.options
-        return KeyNormLayer(options.budget, self.forward_state, options.num_sink_tokens, options.recent)
+        options, quantization = self.options, self.options.quantization
+        if quantization is None:
+            return KeyNormLayer(options.budget, self.forward_state, options.num_sink_tokens, options.recent)
+        quantization.check_head_dim(layout.head_dim)
+        # Sinks past the quantizer's are held packed; they are never evicted either way.
+        sinks = min(quantization.num_sink_tokens, options.num_sink_tokens)
+        return QuantizedKeyNormLayer(
+            options.budget,
+            self.forward_state,
+            options.num_sink_tokens,
+            options.recent,
+            quantization=quantization,
+            num_sink_tokens=sinks,
+        )
