@@ -201,7 +201,10 @@ def test_bad_compositions_say_what_can_be_composed(spec, message):
         parse_spec(spec)
     assert message in str(error.value)
     if "compose" in message or "joins" in message or "storage format" in message:
-        assert "allowed compositions: heavy-hitter+quantized, sliding-window+quantized" in str(error.value)
+        assert (
+            "allowed compositions: heavy-hitter+quantized, knorm+quantized, sliding-window+quantized"
+            in str(error.value)
+        )
 
 
 def test_quantization_option_must_be_quantized_options():
