@@ -70,8 +70,8 @@ class KeyNormKVCache(EvictionCache):
         budget: entries kept per layer and KV head, in tokens or as a fraction of the tokens seen.
             Default 256.
         num_sink_tokens: first tokens of each row always kept. Default 4.
-        recent: newest tokens always kept, in tokens or a fraction of the tokens seen. Default 160 (covers the
-            residual of a default quantized half).
+        recent: newest tokens always kept, in tokens or a fraction of the tokens seen; it covers the
+            residual of a default quantized half. Default 160.
         quantization: a :class:`~hf_kvcache.strategies.quantized.QuantizedOptions` to hold the kept tokens
             bit-packed (spec ``knorm:...+quantized:...``); ``recent`` must cover its residual
             (``residual_length + group_size - 1`` tokens).
