@@ -312,18 +312,20 @@ class KeyRotator:
         # A copy of a cache shares the model's rotary module rather than cloning it.
         return self
 
+    def _angles(self, amounts: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``[N, rotary_dim]`` RoPE angles of ``amounts`` ``[N]`` positions, both halves of each pair."""
+        inv_freq = getattr(self.rotary_module, self.frequencies).to(device=device, dtype=torch.float32)
+        angles = amounts.to(device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        return torch.cat([angles, angles], dim=-1)
+
     def at_positions(
         self, keys: torch.Tensor, positions: torch.Tensor, inverse: bool = False
     ) -> torch.Tensor:
         """Rotate keys ``[B, H, n, D]`` to ``positions`` ``[n]`` (``inverse``: back), alike in every row."""
-        inv_freq = getattr(self.rotary_module, self.frequencies).to(device=keys.device, dtype=torch.float32)
-        angles = positions.to(device=keys.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        angles = torch.cat([angles, angles], dim=-1)  # [n, rotary_dim]
+        angles = self._angles(positions, keys.device)  # [n, rotary_dim]
         sin = -angles.sin() if inverse else angles.sin()
         return rotate_half_rope(keys.float(), angles.cos(), sin).to(keys.dtype)
 
     def shift(self, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        inv_freq = getattr(self.rotary_module, self.frequencies).to(device=keys.device, dtype=torch.float32)
-        angles = offsets.to(torch.float32)[:, None] * inv_freq[None, :]  # [B, rotary_dim / 2]
-        angles = torch.cat([angles, angles], dim=-1)[:, None, None, :]  # [B, 1, 1, rotary_dim]
+        angles = self._angles(offsets, keys.device)[:, None, None, :]  # [B, 1, 1, rotary_dim]
         return rotate_half_rope(keys.float(), angles.cos(), angles.sin()).to(keys.dtype)

@@ -172,7 +172,7 @@ def test_nbytes_counts_packed_codes_scales_and_residual(nbits, sinks):
             {"nbits": 3, "group_size": 8, "backend": "quanto"},
             "nbits=3 is not supported with backend='quanto'",
         ),
-        ({"rotation": "qr"}, "rotation must be one of \\['none', 'hadamard'\\], got 'qr'"),
+        ({"rotation": "qr"}, "rotation must be one of \\['none', 'hadamard', 'hadamard-values'\\], got 'qr'"),
         ({"group_size": 0}, "group_size must be an integer >= 1, got 0"),
         ({"group_size": 12}, "group_size=12 must divide the model's head dimension 16"),
         ({"residual_length": -1}, "residual_length must be an integer >= 0, got -1"),

@@ -83,10 +83,11 @@ class QuantizedOptions:
             raise ValueError(
                 f"calibrated_bits must be a number in [{low}, {high}], got {self.calibrated_bits!r}"
             )
-        if self.group_size % 8:
+        unit = max(codes_per_packing_unit(width) for width in CALIBRATION_WIDTHS)
+        if self.group_size % unit:
             raise ValueError(
-                f"calibrated_bits needs a group_size that is a multiple of 8 (a layer may get 3-bit codes, "
-                f"which fill bytes 8 at a time), got group_size={self.group_size}"
+                f"calibrated_bits needs a group_size that is a multiple of {unit} (a layer may get 3-bit "
+                f"codes, which fill bytes {unit} at a time), got group_size={self.group_size}"
             )
         for name in ("nbits_keys", "nbits_values"):
             if getattr(self, name) is not None:
