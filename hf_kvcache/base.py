@@ -15,6 +15,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
+from hf_kvcache.attention import STORAGE_ATTRIBUTE, install_storage_attention
 from hf_kvcache.held import HeldTensors
 from hf_kvcache.layout import AttentionLayout, attention_layout
 
@@ -90,6 +91,8 @@ class KVCache(Cache):
     """
 
     options_class: ClassVar[type]
+    # The attention module about to update this cache, announced by hf_kvcache.attention's pre-hook.
+    attending_module: torch.nn.Module | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -116,6 +119,27 @@ class KVCache(Cache):
             )
         self.layout = attention_layout(model)
         super().__init__(layers=self.build_layers(model, self.layout))
+        # Why decode steps do not attend over the layers' own storage (None: they do, or none has any).
+        self.storage_attention_off = None
+        if any(getattr(layer, "reads_storage", False) for layer in self.layers):
+            self.storage_attention_off = install_storage_attention(model, len(self.layers))
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # A layer that serves the announced module's attention from its storage stores the new tokens and
+        # hands itself to the module (hf_kvcache.attention); any other call takes the usual path.
+        module, self.attending_module = self.attending_module, None
+        if module is not None and layer_idx < len(self.layers):
+            layer = self.layers[layer_idx]
+            store = getattr(layer, "store_for_attention", None)
+            stored = None if store is None else store(key_states, value_states)
+            if stored:
+                module.__dict__[STORAGE_ATTRIBUTE] = layer
+                return key_states, value_states
+            if stored is not None:  # stored, but nothing to read there yet: the model attends as usual
+                return layer.held()
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def check_model(self, model: PreTrainedModel) -> None:
         """Raise a ``ValueError`` unless ``model`` has the attention geometry this cache was built for."""

@@ -19,6 +19,7 @@ from hf_kvcache.held import HeldTensors, RowTensor, check_batch, held_view
 from hf_kvcache.layout import FULL_ATTENTION, LOCAL_ATTENTION, AttentionLayout, require_layer_types
 from hf_kvcache.model_hooks import KeyRotator
 from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
+from hf_kvcache.strategies.packed_attention import ATTENTION_BACKENDS, MAX_STORED_QUERIES, StoredAttention
 from hf_kvcache.strategies.packed_store import QuantizedTokens
 from hf_kvcache.strategies.packing import BACKENDS, SUPPORTED_NBITS, codes_per_packing_unit
 from hf_kvcache.strategies.rotation import KEY_MODES, ROTATIONS, key_ropes
@@ -40,6 +41,7 @@ class QuantizedOptions:
     keys: str = field(default="post_rope", metadata=WHEN_SET)
     calibrated_bits: float | None = field(default=None, metadata=WHEN_SET)
     calibration: str | None = field(default=None, metadata=WHEN_SET)
+    attention: str = field(default="auto", metadata=WHEN_SET)
 
     def __post_init__(self):
         for name in ("nbits", "nbits_keys", "nbits_values"):
@@ -53,6 +55,8 @@ class QuantizedOptions:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {list(ROTATIONS)}, got {self.rotation!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {list(ATTENTION_BACKENDS)}, got {self.attention!r}")
         if self.keys not in KEY_MODES:
             raise ValueError(f"keys must be one of {list(KEY_MODES)}, got {self.keys!r}")
         self._check_calibrated_bits()
@@ -115,15 +119,18 @@ class QuantizedOptions:
             )
 
 
-class QuantizedLayer(QuantizedTokens, HeldTensors, CacheLayerMixin):
+class QuantizedLayer(StoredAttention, QuantizedTokens, HeldTensors, CacheLayerMixin):
     """One model layer's tokens as sinks, packed history and full-precision residual (:mod:`.packed_store`).
 
     The packed tokens use the grouped layout: whole key groups arrive, and only whole groups leave (a local
     layer's window, ``crop``).
 
     ``keys`` and ``values`` are every held token, dequantized, in sequence order; ``key_buffer`` and
-    ``value_buffer`` ``[B, H, R, D]`` are the residual. A local (sliding-window) layer keeps no sinks, which
-    would sit outside its window, and lets go of whole groups once they are behind it (``dropped`` tokens).
+    ``value_buffer`` ``[B, H, R, D]`` are the residual. Decode steps of a global layer attend over the storage
+    itself (:mod:`.packed_attention`) unless ``attention='dense'``, or keys are stored before RoPE.
+
+    A local (sliding-window) layer keeps no sinks, which would sit outside its window, and lets go of whole
+    groups once they are behind it (``dropped`` tokens).
     """
 
     is_compileable = False
@@ -165,6 +172,16 @@ class QuantizedLayer(QuantizedTokens, HeldTensors, CacheLayerMixin):
             self.max_residual = residual + self.options.group_size - 1
         self.is_initialized = True
 
+    @property
+    def reads_storage(self) -> bool:
+        # Pre-RoPE keys need a rotation per token, which no longer folds into the query.
+        return self.options.attention != "dense" and self.window is None and self.key_rope is None
+
+    def append_tokens(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        check_batch(self, self.key_buffer, key_states)
+        self.key_buffer = torch.cat([self.key_buffer, key_states], dim=-2)
+        self.value_buffer = torch.cat([self.value_buffer, value_states], dim=-2)
+
     keys = held_view(0, "Every held key, dequantized, in order.")
     values = held_view(1, "Every held value, dequantized, in order.")
 
@@ -173,9 +190,11 @@ class QuantizedLayer(QuantizedTokens, HeldTensors, CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        check_batch(self, self.key_buffer, key_states)
-        self.key_buffer = torch.cat([self.key_buffer, key_states], dim=-2)
-        self.value_buffer = torch.cat([self.value_buffer, value_states], dim=-2)
+        self.append_tokens(key_states, value_states)
+        if key_states.shape[-2] <= MAX_STORED_QUERIES:
+            # Pack before attending, as the storage path does, so that both see each token in the same form;
+            # a longer (prompt) chunk attends to its own tokens in full precision, as in KIVI.
+            self.settle()
         all_keys, all_values = self.assemble()
         self.settle()
         if self.window is not None:
@@ -304,6 +323,11 @@ class QuantizedKVCache(KVCache):
             calibrate``) to lose the least attention output. ``None``: ``nbits`` everywhere. Default None.
         calibration: the calibration file to read; ``None``: the one ``hf-kvcache calibrate`` wrote for this
             model and setting. Default None.
+        attention: how decode steps read the packed history (:mod:`.packed_attention`): ``"compiled"``, a
+            native kernel that folds the scales into the query and the weights and never builds a dequantized
+            copy (built on first use with the system's C++ compiler, CPU); ``"torch"``, the same sums in
+            torch; ``"auto"``, compiled where it builds, else torch with one warning; ``"dense"``, dequantize
+            the history and run the model's own attention. Default ``'auto'``.
 
     Example:
         >>> cache = QuantizedKVCache(model, nbits=2)

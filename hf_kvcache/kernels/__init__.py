@@ -1,0 +1,167 @@
+"""Native kernels: attention over bit-packed codes (``packed_attention.cpp``), built once per machine.
+
+The C++ source ships with the package and is compiled on first use with the system's C++ compiler (``$CXX``,
+else ``g++`` or ``c++``; OpenMP, ``-O3 -march=native``) into ``$HF_KVCACHE_HOME/kernels/``, keyed by the
+source, the flags and the CPU, then loaded with :mod:`ctypes`. No torch headers are involved, so a build
+takes a few seconds. :func:`packed_kernels` returns ``None`` (and says why) where no compiler, OpenMP or a
+working build is available; the caller then runs the same computation in torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("packed_attention.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+
+class KernelUnavailable(RuntimeError):
+    """The native kernels could not be built or loaded on this machine; the message says why."""
+
+
+def _cpu_signature() -> str:
+    # -march=native code must not run on another CPU that shares the cache directory.
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next((line for line in info.splitlines() if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compiler() -> str:
+    for candidate in (os.environ.get("CXX"), "g++", "c++"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    raise KernelUnavailable("no C++ compiler found (set $CXX, or install g++)")
+
+
+def _build(target: Path) -> None:
+    compiler = _compiler()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build under a private name and rename: concurrent processes never load a half-written library.
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        command = [compiler, *FLAGS, str(SOURCE), "-o", str(built)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelUnavailable(f"{' '.join(command)} failed:\n{result.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+
+
+class PackedKernels:
+    """The loaded library: :meth:`scores` and :meth:`values` over grouped-layout codes (see the C++ file)."""
+
+    def __init__(self, library: ctypes.CDLL):
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        self._scores, self._values = library.hfkv_packed_scores, library.hfkv_packed_values
+        self._scores.argtypes = [pointer] * 5 + [size] * 5 + [ctypes.c_int] * 2
+        self._values.argtypes = [pointer] * 5 + [size] * 5 + [ctypes.c_int, pointer, ctypes.c_int]
+        for function in (self._scores, self._values):
+            function.restype = ctypes.c_int
+
+    @property
+    def functions(self):
+        """``(scores, values)``, with the signatures of the torch versions in :mod:`..packed_attention`."""
+        return self.scores, self.values
+
+    @staticmethod
+    def _flat(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``[B, H, ...]`` as a contiguous ``[B * H, ...]`` CPU tensor (in ``dtype``, if given)."""
+        if tensor.device.type != "cpu":
+            raise ValueError(f"the packed-attention kernel runs on CPU; {name} is on {tensor.device}")
+        tensor = tensor if dtype is None else tensor.to(dtype)
+        return tensor.reshape(-1, *tensor.shape[2:]).contiguous()
+
+    def scores(self, codes, query, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
+        """``q . k`` of queries ``[B, H, M, D]`` with the keys of grouped-layout ``codes`` (``[B, H, n * nbits
+        / 8, D]``, key scale/zero ``[B, H, n / G, D]``): ``[B, H, M, n]``, float32."""
+        batch, heads, queries, head_dim = query.shape
+        groups = scale.shape[2]
+        tensors = [
+            self._flat("codes", codes),
+            self._flat("query", query, torch.float32),
+            self._flat("scale", scale, torch.float32),
+            self._flat("zero", zero, torch.float32),
+        ]
+        out = tensors[1].new_empty(batch, heads, queries, groups * group_size)
+        status = self._scores(
+            *(t.data_ptr() for t in tensors),
+            out.data_ptr(),
+            batch * heads,
+            groups,
+            group_size,
+            head_dim,
+            queries,
+            nbits,
+            torch.get_num_threads(),
+        )
+        if status:
+            raise ValueError(f"the packed-attention kernel has no {nbits}-bit codes")
+        return out
+
+    def values(self, codes, weights, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
+        """``weights @ V`` for weights ``[B, H, M, n]`` over the values of grouped-layout ``codes`` (``[B, H,
+        n * nbits / 8, D]``, value scale/zero ``[B, H, n, D / G]``): ``[B, H, M, D]``, float32."""
+        batch, heads, queries, length = weights.shape
+        head_dim = codes.shape[-1]
+        tensors = [
+            self._flat("codes", codes),
+            self._flat("weights", weights, torch.float32),
+            self._flat("scale", scale, torch.float32),
+            self._flat("zero", zero, torch.float32),
+        ]
+        threads = torch.get_num_threads()
+        partial = tensors[1].new_empty(threads, batch * heads, queries, head_dim)
+        out = tensors[1].new_empty(batch, heads, queries, head_dim)
+        status = self._values(
+            *(t.data_ptr() for t in tensors),
+            out.data_ptr(),
+            batch * heads,
+            length // group_size,
+            group_size,
+            head_dim,
+            queries,
+            nbits,
+            partial.data_ptr(),
+            threads,
+        )
+        if status:
+            raise ValueError(f"the packed-attention kernel has no {nbits}-bit codes")
+        return out
+
+
+def load_packed_kernels() -> PackedKernels:
+    """Build (once per machine) and load the kernels; :class:`KernelUnavailable` says why not. A failure is
+    remembered for the life of the process, so that a missing compiler costs one attempt, not one per step."""
+    loaded = _load_once()
+    if isinstance(loaded, KernelUnavailable):
+        raise loaded
+    return loaded
+
+
+@functools.lru_cache(maxsize=1)
+def _load_once() -> PackedKernels | KernelUnavailable:
+    from hf_kvcache.evaluation.model import cache_home
+
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    target = cache_home() / "kernels" / f"packed_attention-{key}.so"
+    try:
+        if not target.exists():
+            _build(target)
+        return PackedKernels(ctypes.CDLL(str(target)))
+    except KernelUnavailable as error:
+        return error
+    except OSError as error:
+        return KernelUnavailable(f"cannot build or load {target}: {error}")

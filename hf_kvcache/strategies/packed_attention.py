@@ -1,0 +1,214 @@
+"""Attention that reads a quantized layer's own storage: no dequantized copy of the packed history.
+
+Paper: KIVI, "A Tuning-Free Asymmetric 2bit Quantization for KV Cache", https://arxiv.org/abs/2402.02750
+
+A quantized layer holds sinks, bit-packed tokens and a full-precision residual (:mod:`.packed_store`). One
+decode step attends over all three with one softmax:
+
+* keys are quantized per channel over groups of tokens, so a group's scale and zero fold into the query:
+  ``q . k_t = sum_c (q_c s_gc) code_tc + sum_c q_c z_gc``;
+* values are quantized per token over groups of channels, so their scales fold into the attention weights:
+  ``sum_t p_t v_tc = sum_t (p_t s_t,c/G) code_tc + sum_t p_t z_t,c/G``;
+* a rotated store (``rotation=hadamard``) is read with the query rotated the same way, and the packed part
+  of the output rotated back; sinks and residual are attended as they are.
+
+The logits of the three parts are concatenated, capped, masked and given the model's attention sinks like the
+model's own attention does, and normalized by one softmax, so the result equals "dequantize, then attend"
+up to float rounding. Two backends compute the packed part: ``compiled`` (the native kernel of
+:mod:`hf_kvcache.kernels`, which unpacks one key group at a time into a tile that stays in cache) and
+``torch`` (the same sums as batched matrix products over the unpacked codes).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from hf_kvcache.kernels import KernelUnavailable, load_packed_kernels
+from hf_kvcache.strategies.packing import unpack_token_groups
+from hf_kvcache.strategies.rotation import rotated_tensors
+
+ATTENTION_BACKENDS = ("auto", "compiled", "torch", "dense")
+# Longer query chunks (prefill) attend over a dequantized copy: there one matrix product per chunk is cheaper
+# than the per-group work of the packed path.
+MAX_STORED_QUERIES = 16
+_warned: set[str] = set()
+
+
+def torch_packed_scores(codes, query, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
+    """``q . k`` of queries ``[B, H, M, D]`` (float32) with grouped-layout key codes: ``[B, H, M, n]``."""
+    batch, heads, queries, _ = query.shape
+    keys = unpack_token_groups(codes, nbits, group_size).float()  # [B, H, g, G, D]
+    folded = query.unsqueeze(2) * scale.float().unsqueeze(3)  # [B, H, g, M, D]
+    logits = folded @ keys.transpose(-1, -2)  # [B, H, g, M, G]
+    logits += (query @ zero.float().transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
+    return logits.permute(0, 1, 3, 2, 4).reshape(batch, heads, queries, -1)
+
+
+def torch_packed_values(codes, weights, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
+    """``weights @ V`` for weights ``[B, H, M, n]`` (float32) over grouped-layout value codes: ``[B, H, M,
+    D]``."""
+    batch, heads, queries, length = weights.shape
+    values = unpack_token_groups(codes, nbits, group_size).float()  # [B, H, g, G, D]
+    values = values.view(batch, heads, length, -1, group_size)  # [B, H, n, D / G, G]
+    folded = weights.unsqueeze(-1) * scale.float().unsqueeze(2)  # [B, H, M, n, D / G]
+    out = torch.einsum("bhmnc,bhncj->bhmcj", folded, values)
+    out += (weights @ zero.float()).unsqueeze(-1)
+    return out.reshape(batch, heads, queries, -1)
+
+
+def _compiled_or_none(backend: str, device: torch.device):
+    """The native kernels when ``backend`` asks for them (``auto`` or ``compiled``) on this device."""
+    if backend == "torch":
+        return None
+    if device.type != "cpu":
+        if backend == "compiled":
+            raise ValueError(
+                f"attention='compiled' runs the native CPU kernel; this layer is on {device}. "
+                "Use attention='auto' or 'torch' there"
+            )
+        return None
+    try:
+        return load_packed_kernels()
+    except KernelUnavailable as error:
+        if backend == "compiled":
+            raise
+        if "compiled" not in _warned:
+            _warned.add("compiled")
+            warnings.warn(
+                f"hf-kvcache's packed-attention kernel is unavailable ({error}); attending with torch "
+                "instead. Set attention='compiled' to make this an error.",
+                stacklevel=2,
+            )
+        return None
+
+
+def _packed_part(packed, queries: torch.Tensor, backend: str):
+    """The packed tokens' logits (unscaled) ``[B, H, M, n]`` and a function of their weights giving their
+    share of the output."""
+    kernels = _compiled_or_none(backend, queries.device)
+    rotate_keys, rotate_values = rotated_tensors(packed.rotation_kind)
+    rotation = packed.rotation
+    if rotate_keys:
+        queries = queries @ rotation
+    size = packed.group_size
+    scores, values = (torch_packed_scores, torch_packed_values) if kernels is None else kernels.functions
+    logits = scores(
+        packed.key_codes, queries, packed.group_scale, packed.group_zero, size, packed.key_codec.nbits
+    )
+
+    def output(weights: torch.Tensor) -> torch.Tensor:
+        out = values(
+            packed.value_codes, weights, packed.value_scale, packed.value_zero, size, packed.value_codec.nbits
+        )
+        return out @ rotation.T if rotate_values else out
+
+    return logits, output
+
+
+def _dense_output(values: torch.Tensor):
+    """A part held in the model's dtype: its share of the output is a plain product."""
+    values = values.float()
+    return lambda weights: weights @ values
+
+
+def _masked(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Apply a boolean (keep) or additive mask ``[B, 1 or H, q, >= total]``; ``None`` with several queries
+    means causal, the queries being the last ones."""
+    queries, total = logits.shape[-2:]
+    if attention_mask is None:
+        if queries == 1:
+            return logits
+        rows = torch.arange(queries, device=logits.device)[:, None] + total - queries
+        return logits.masked_fill(torch.arange(total, device=logits.device) > rows, float("-inf"))
+    if attention_mask.shape[-1] < total:
+        raise ValueError(
+            f"attention mask covers {attention_mask.shape[-1]} keys, but the layer holds {total}; "
+            "the mask and the cache disagree on the sequence"
+        )
+    mask = attention_mask[..., :total]
+    if mask.dtype == torch.bool:
+        # A finite floor, as the models' eager masks use: a padding query that sees nothing gets a uniform row
+        # rather than NaN, which would reach the cache through the next layer's keys and values.
+        return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    return logits + mask.float()
+
+
+def attend_quantized(
+    layer,
+    query: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``query`` ``[B, H_q, q, D]`` over a :class:`~.packed_store.QuantizedTokens` layer.
+
+    Returns ``(output [B, q, H_q, D], weights [B, H_q, q, total])`` like transformers' attention functions.
+    ``softcap``: logits become ``softcap * tanh(logits / softcap)``; ``sinks`` ``[H_q]``: logits of a virtual
+    entry that takes its share of the softmax (gpt-oss).
+    """
+    batch, query_heads, length, head_dim = query.shape
+    kv_heads = layer.key_buffer.shape[1]
+    # Query heads that share a key head are consecutive; they read that head's storage together.
+    queries = query.float().reshape(batch, kv_heads, query_heads // kv_heads * length, head_dim)
+    parts = [(layer.sink_keys, layer.sink_values), None, (layer.key_buffer, layer.value_buffer)]
+    if not layer.packed_length:
+        parts.pop(1)
+    logits, outputs = [], []
+    for part in parts:
+        if part is None:
+            part_logits, output = _packed_part(layer.packed, queries, backend)
+        else:
+            keys, values = part
+            part_logits = queries @ keys.float().transpose(-1, -2)
+            output = _dense_output(values)
+        logits.append(part_logits)
+        outputs.append(output)
+    sizes = [part.shape[-1] for part in logits]
+    logits = torch.cat(logits, dim=-1).view(batch, query_heads, length, -1) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = _masked(logits, attention_mask)
+    if sinks is not None:
+        sink = sinks.float().view(1, -1, 1, 1).expand(batch, -1, length, 1)
+        weights = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        weights = torch.softmax(logits, dim=-1)
+    grouped = weights.reshape(batch, kv_heads, -1, weights.shape[-1])
+    out, start = None, 0
+    for output, size in zip(outputs, sizes, strict=True):
+        share = output(grouped[..., start : start + size].contiguous())
+        out = share if out is None else out + share
+        start += size
+    out = out.view(batch, query_heads, length, head_dim).transpose(1, 2).to(query.dtype)
+    return out, weights.to(query.dtype)
+
+
+class StoredAttention:
+    """Mixin for a quantized cache layer: serve short queries from its storage (:mod:`hf_kvcache.attention`).
+
+    The host layer defines ``reads_storage`` (whether it can be read this way at all), ``append_tokens(keys,
+    values)`` and ``quantization`` (its :class:`~.quantized.QuantizedOptions`).
+    """
+
+    def store_for_attention(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool | None:
+        """Store the new tokens if the coming attention call may read the storage, and say whether it does:
+        ``True`` (packed tokens to read), ``False`` (none yet: attend over :meth:`held` as the model would);
+        ``None``: nothing stored, the call goes through the layer's ``update`` instead."""
+        if not self.reads_storage or key_states.shape[-2] > MAX_STORED_QUERIES:
+            return None
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.append_tokens(key_states, value_states)
+        self.settle()
+        return self.packed_length > 0
+
+    def attend_stored(self, query: torch.Tensor, attention_mask, scaling: float, **math):
+        """The attention call the entry point hands over; ``math``: ``softcap`` and ``sinks``, as for
+        :func:`attend_quantized`."""
+        return attend_quantized(
+            self, query, attention_mask, scaling, backend=self.quantization.attention, **math
+        )

@@ -1,0 +1,219 @@
+"""Attention over packed codes: the kernels against float64 sums from the definition, the entry point against
+"dequantize, then attend" on every test architecture, and the fall-through to the model's own attention."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_kvcache import build_cache, prefill
+from hf_kvcache import kernels as kernel_module
+from hf_kvcache.strategies import packed_attention
+from hf_kvcache.strategies.packed_attention import torch_packed_scores, torch_packed_values
+from hf_kvcache.strategies.packing import TorchCodec, pack_token_groups, quantize_kivi
+from hf_kvcache.strategies.quantized import QuantizedLayer, QuantizedOptions
+from tests.conftest import ARCHITECTURES, MORE_ARCHITECTURES, left_padded_ids, make_tiny_model, random_ids
+from tests.helpers import MODES
+
+QUICK = "group_size=8,residual_length=4"
+GREEDY = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+
+
+def packed_history(nbits: int, head_dim: int, group_size: int, groups: int, seed: int = 0):
+    """Random keys and values quantized as the grouped store holds them, and the float64 dequantization."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(2, 3, groups * group_size, head_dim, generator=generator)
+    values = torch.randn(2, 3, groups * group_size, head_dim, generator=generator)
+    codec = TorchCodec(nbits)
+    kc, ks, kz, vc, vs, vz = quantize_kivi(codec, codec, keys, values, group_size, torch.float32)
+    length = groups * group_size
+    key_groups = kc.double().view(2, 3, groups, group_size, head_dim)
+    dense_keys = (key_groups * ks.double().unsqueeze(3) + kz.double().unsqueeze(3)).view(2, 3, length, -1)
+    value_groups = vc.double().view(2, 3, length, head_dim // group_size, group_size)
+    dense_values = value_groups * vs.double().unsqueeze(-1) + vz.double().unsqueeze(-1)
+    stored = dict(
+        key_codes=pack_token_groups(codec, kc, group_size),
+        value_codes=pack_token_groups(codec, vc, group_size),
+        key_scale=ks,
+        key_zero=kz,
+        value_scale=vs,
+        value_zero=vz,
+    )
+    return stored, dense_keys, dense_values.reshape(2, 3, length, head_dim)
+
+
+@pytest.mark.parametrize("nbits", [2, 3, 4, 8])
+@pytest.mark.parametrize(("head_dim", "group_size"), [(16, 8), (64, 32), (128, 64), (96, 32)])
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_packed_scores_and_outputs_equal_float64_sums_over_dequantized_codes(
+    nbits, head_dim, group_size, backend
+):
+    stored, keys, values = packed_history(nbits, head_dim, group_size, groups=3)
+    queries = torch.randn(2, 3, 5, head_dim)
+    weights = torch.softmax(torch.randn(2, 3, 5, keys.shape[2]), -1)
+    expected_scores = queries.double() @ keys.transpose(-1, -2)
+    expected_output = weights.double() @ values
+    if backend == "torch":
+        scores, values = torch_packed_scores, torch_packed_values
+    else:
+        scores, values = kernel_module.load_packed_kernels().functions
+    key_args = stored["key_codes"], queries, stored["key_scale"], stored["key_zero"]
+    value_args = stored["value_codes"], weights, stored["value_scale"], stored["value_zero"]
+    scores = scores(*key_args, group_size, nbits)
+    output = values(*value_args, group_size, nbits)
+    torch.testing.assert_close(scores.double(), expected_scores, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(output.double(), expected_output, rtol=1e-4, atol=1e-5)
+
+
+def decode(model, spec: str, ids, mask=None, mode: str = "greedy", new: int = 24):
+    cache = build_cache(spec, model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **MODES[mode],
+        )
+    return out.sequences, torch.stack(out.logits), cache
+
+
+@pytest.fixture
+def stored_calls(monkeypatch):
+    """How many attention calls read a layer's storage."""
+    calls = []
+    original = QuantizedLayer.attend_stored
+
+    def counting(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(QuantizedLayer, "attend_stored", counting)
+    return calls
+
+
+@pytest.mark.parametrize("arch", sorted({*ARCHITECTURES, *MORE_ARCHITECTURES}))
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_decoding_over_packed_codes_matches_dequantize_then_attend_on_every_architecture(
+    arch, backend, stored_calls
+):
+    tiny_model = make_tiny_model(arch)
+    ids = random_ids(40)
+    dense_tokens, dense_logits, _ = decode(tiny_model, f"quantized:nbits=2,{QUICK},attention=dense", ids)
+    assert not stored_calls
+    tokens, logits, cache = decode(tiny_model, f"quantized:nbits=2,{QUICK},attention={backend}", ids)
+    assert cache.storage_attention_off is None
+    global_layers = sum(layer.window is None for layer in cache.layers)
+    assert len(stored_calls) == global_layers * 23  # every decoding step after the prompt, every global layer
+    assert torch.equal(tokens, dense_tokens)
+    torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gpt-oss"])
+def test_soft_capping_and_attention_sinks_are_applied_like_the_models_eager_attention(arch, stored_calls):
+    model = make_tiny_model(arch)
+    ids = random_ids(40)
+    dense_tokens, dense_logits, _ = decode(model, f"quantized:nbits=2,{QUICK},attention=dense", ids)
+    tokens, logits, _ = decode(model, f"quantized:nbits=2,{QUICK}", ids)
+    assert stored_calls and model.config._attn_implementation == "hf_kvcache_eager"
+    assert torch.equal(tokens, dense_tokens)
+    torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        "nbits=3",
+        "nbits=2,nbits_keys=4",
+        "nbits=2,rotation=hadamard",
+        "nbits=3,nbits_values=2,rotation=hadamard-values",
+        "nbits=4,num_sink_tokens=0",
+    ],
+)
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_every_storage_option_decodes_left_padded_batches_like_the_dense_path(options, mode, stored_calls):
+    model = make_tiny_model("llama", num_key_value_heads=2)  # grouped-query attention
+    ids, mask = left_padded_ids(30, pads=(0, 5, 11), seed=3)
+    dense, dense_logits, _ = decode(model, f"quantized:{options},{QUICK},attention=dense", ids, mask, mode)
+    tokens, logits, _ = decode(model, f"quantized:{options},{QUICK}", ids, mask, mode)
+    assert stored_calls
+    assert torch.equal(tokens, dense)
+    torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_eight_bit_storage_attention_stays_within_tolerance_of_dynamic_cache(llama, stored_calls):
+    ids = random_ids(40)
+    with torch.no_grad():
+        full = llama.generate(ids, past_key_values=DynamicCache(), max_new_tokens=24, do_sample=False)
+    tokens, _, _ = decode(llama, f"quantized:nbits=8,{QUICK}", ids)
+    assert stored_calls and torch.equal(tokens, full)
+
+
+def test_other_caches_fall_through_to_the_attention_the_model_was_loaded_with(llama):
+    ids = random_ids(30)
+    reference = make_tiny_model("llama")
+    build_cache(f"quantized:{QUICK}", llama)  # switches llama to the entry point
+    assert llama.config._attn_implementation == "hf_kvcache_sdpa"
+    with torch.no_grad():
+        ours = llama(ids, past_key_values=DynamicCache()).logits
+        plain = reference(ids, past_key_values=DynamicCache()).logits
+    assert reference.config._attn_implementation == "sdpa"
+    assert torch.equal(ours, plain)
+
+
+def test_pre_rope_keys_and_local_layers_attend_over_a_dense_copy(stored_calls):
+    model = make_tiny_model("gemma3")  # alternating local and global layers
+    decode(model, f"quantized:{QUICK},keys=pre_rope", random_ids(30), new=4)
+    assert not stored_calls
+    _, _, cache = decode(model, f"quantized:{QUICK}", random_ids(30), new=4)
+    assert {layer.window for layer in stored_calls} == {None}
+    assert len(stored_calls) == 3 * sum(layer.window is None for layer in cache.layers)
+
+
+def test_unknown_attention_backend_is_refused_with_the_choices():
+    with pytest.raises(
+        ValueError, match=r"attention must be one of \['auto', 'compiled', 'torch', 'dense'\]"
+    ):
+        QuantizedOptions(attention="fused")
+
+
+def test_a_kernel_that_cannot_be_built_warns_once_under_auto_and_is_an_error_under_compiled(
+    llama, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("HF_KVCACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(kernel_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(packed_attention, "_warned", set())
+    kernel_module._load_once.cache_clear()
+    try:
+        ids = random_ids(30)
+        dense, _, _ = decode(llama, f"quantized:{QUICK},attention=dense", ids, new=6)
+        with pytest.warns(UserWarning, match="attention='compiled'") as caught:
+            tokens, _, _ = decode(llama, f"quantized:{QUICK},attention=auto", ids, new=6)
+        assert sum("packed-attention kernel" in str(w.message) for w in caught) == 1
+        assert torch.equal(tokens, dense)
+        with pytest.raises(kernel_module.KernelUnavailable, match="no C\\+\\+ compiler"):
+            decode(llama, f"quantized:{QUICK},attention=compiled", ids, new=6)
+    finally:
+        kernel_module._load_once.cache_clear()
+
+
+def test_short_prompt_chunks_with_left_padding_read_the_storage_like_the_dense_path(stored_calls):
+    # Chunks of at most MAX_STORED_QUERIES tokens take the storage path; a padding query that sees no key
+    # must not turn into NaN keys and values for the next layer.
+    model = make_tiny_model("llama-gqa")
+    ids, mask = left_padded_ids(40, pads=(0, 6, 17), seed=3)
+    results = []
+    for backend in ("dense", "auto"):
+        cache = build_cache(f"quantized:nbits=2,{QUICK},attention={backend}", model)
+        prefill(model, ids, cache, chunk_size=5, attention_mask=mask)
+        with torch.no_grad():
+            results.append(
+                model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **GREEDY)
+            )
+    assert stored_calls
+    assert torch.equal(results[1], results[0])
