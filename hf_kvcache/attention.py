@@ -118,5 +118,8 @@ def install_storage_attention(model: nn.Module, num_layers: int) -> str | None:
         modules = attention_modules(model)
         if len(modules) != num_layers:
             return f"found {len(modules)} attention modules for {num_layers} layers"
-        _PRE_HOOKS[model] = [m.register_forward_pre_hook(_announce_module, with_kwargs=True) for m in modules]
+        # First among the module's pre-hooks: the query capture asks the cache whether it needs queries.
+        _PRE_HOOKS[model] = [
+            m.register_forward_pre_hook(_announce_module, with_kwargs=True, prepend=True) for m in modules
+        ]
     return None

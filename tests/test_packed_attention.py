@@ -11,6 +11,7 @@ from hf_kvcache.strategies import packed_attention
 from hf_kvcache.strategies.packed_attention import torch_packed_scores, torch_packed_values
 from hf_kvcache.strategies.packing import TorchCodec, pack_token_groups, quantize_kivi
 from hf_kvcache.strategies.quantized import QuantizedLayer, QuantizedOptions
+from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 from tests.conftest import ARCHITECTURES, MORE_ARCHITECTURES, left_padded_ids, make_tiny_model, random_ids
 from tests.helpers import MODES
 
@@ -64,8 +65,9 @@ def test_packed_scores_and_outputs_equal_float64_sums_over_dequantized_codes(
     torch.testing.assert_close(output.double(), expected_output, rtol=1e-4, atol=1e-5)
 
 
-def decode(model, spec: str, ids, mask=None, mode: str = "greedy", new: int = 24):
-    cache = build_cache(spec, model)
+def decode(model, spec, ids, mask=None, mode: str = "greedy", new: int = 24):
+    """Generate ``new`` tokens through ``spec`` (a spec string or a built cache); tokens, logits, cache."""
+    cache = build_cache(spec, model) if isinstance(spec, str) else spec
     torch.manual_seed(0)
     with torch.no_grad():
         out = model.generate(
@@ -217,3 +219,50 @@ def test_short_prompt_chunks_with_left_padding_read_the_storage_like_the_dense_p
             )
     assert stored_calls
     assert torch.equal(results[1], results[0])
+
+
+SCORING = ["heavy-hitter:heavy_budget=6,recent_budget=6", "tova:budget=12"]
+
+
+@pytest.mark.parametrize("spec", SCORING)
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen3", "gemma2", "gpt-oss", "gemma3"])
+def test_scoring_caches_read_their_scores_from_the_attention_function(arch, spec, monkeypatch):
+    # The decoding steps that score run in the entry point, which scores the entries from its own weights and
+    # captures no queries; everything must equal the path that captures queries and scores them apart.
+    served, captured = [], []
+    attend, observe = ScoringLayer.attend_stored, ScoringCache.observe_queries
+    monkeypatch.setattr(ScoringLayer, "attend_stored", lambda *a, **k: served.append(1) or attend(*a, **k))
+    monkeypatch.setattr(ScoringCache, "observe_queries", lambda *a: captured.append(a[1]) or observe(*a))
+    model = make_tiny_model(arch)
+    ids, mask = left_padded_ids(30, pads=(0, 7), seed=2)
+    results = []
+    for entry_point in (True, False):
+        cache = build_cache(spec, model)
+        if not entry_point:  # back to the model's own attention: queries are captured for scoring
+            model.set_attn_implementation(model.config._attn_implementation.removeprefix("hf_kvcache_"))
+        served.clear(), captured.clear()
+        tokens, logits, _ = decode(model, cache, ids, mask)
+        layers = [layer for layer in cache.layers if isinstance(layer, ScoringLayer)]
+        results.append((tokens, logits, [layer.keys for layer in layers], len(served), len(captured)))
+    (tokens, logits, held, served_count, captured_count), reference = results
+    assert served_count == 23 * len(held) and reference[3] == 0
+    assert captured_count == len(held) and reference[4] == 24 * len(held)  # the prompt's only
+    assert torch.equal(tokens, reference[0])
+    torch.testing.assert_close(logits, reference[1], rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(held, reference[2], strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_unpadded_decoding_takes_the_fused_step_and_padded_decoding_the_composed_one(monkeypatch):
+    fused = []
+    decode_step = kernel_module.PackedKernels.decode
+    monkeypatch.setattr(
+        kernel_module.PackedKernels, "decode", lambda *a, **k: fused.append(1) or decode_step(*a, **k)
+    )
+    model = make_tiny_model("llama-gqa")
+    decode(model, f"quantized:nbits=2,{QUICK},attention=compiled", random_ids(40), new=10)
+    assert len(fused) == 9 * 2  # every decoding step, both layers
+    fused.clear()
+    ids, mask = left_padded_ids(40, pads=(0, 5), seed=1)
+    decode(model, f"quantized:nbits=2,{QUICK},attention=compiled", ids, mask, new=10)
+    assert not fused  # a padding mask: the kernel's packed part composed with torch's masking

@@ -66,7 +66,20 @@ class PackedKernels:
         self._scores, self._values = library.hfkv_packed_scores, library.hfkv_packed_values
         self._scores.argtypes = [pointer] * 5 + [size] * 5 + [ctypes.c_int] * 2
         self._values.argtypes = [pointer] * 5 + [size] * 5 + [ctypes.c_int, pointer, ctypes.c_int]
-        for function in (self._scores, self._values):
+        self._decode = library.hfkv_decode
+        self._decode.argtypes = (
+            [pointer] * 3
+            + [size]
+            + [pointer] * 6
+            + [size]
+            + [pointer] * 2
+            + [size]
+            + [pointer] * 3
+            + [size] * 4
+            + [ctypes.c_int] * 2
+            + [ctypes.c_float, ctypes.c_int]
+        )
+        for function in (self._scores, self._values, self._decode):
             function.restype = ctypes.c_int
 
     @property
@@ -80,7 +93,7 @@ class PackedKernels:
         if tensor.device.type != "cpu":
             raise ValueError(f"the packed-attention kernel runs on CPU; {name} is on {tensor.device}")
         tensor = tensor if dtype is None else tensor.to(dtype)
-        return tensor.reshape(-1, *tensor.shape[2:]).contiguous()
+        return tensor.reshape(tensor.shape[0] * tensor.shape[1], *tensor.shape[2:]).contiguous()
 
     def scores(self, codes, query, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
         """``q . k`` of queries ``[B, H, M, D]`` with the keys of grouped-layout ``codes`` (``[B, H, n * nbits
@@ -138,6 +151,52 @@ class PackedKernels:
         if status:
             raise ValueError(f"the packed-attention kernel has no {nbits}-bit codes")
         return out
+
+    def decode(self, query, sinks, packed, residual, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One unmasked step over sinks, packed tokens and residual, in one call: ``query`` ``[B, H, M, D]``
+        grouped by key head, ``sinks``/``residual`` ``(keys, values)`` ``[B, H, N, D]`` in float32, ``packed``
+        a :class:`~hf_kvcache.strategies.packed_store.PackedTokens` whose keys and values have one width.
+        Returns the output ``[B, H, M, D]`` and the weights ``[B, H, M, total]``, float32."""
+        batch, heads, queries, head_dim = query.shape
+        held = [sinks[0].shape[2], packed.length, residual[0].shape[2]]
+        tensors = [self._flat("query", query, torch.float32)]
+        tensors += [self._flat("sinks", part) for part in sinks]
+        tensors += [
+            self._flat("codes", packed.key_codes),
+            self._flat("scale", packed.group_scale, torch.float32),
+            self._flat("zero", packed.group_zero, torch.float32),
+            self._flat("codes", packed.value_codes),
+            self._flat("scale", packed.value_scale, torch.float32),
+            self._flat("zero", packed.value_zero, torch.float32),
+        ]
+        tensors += [self._flat("residual", part) for part in residual]
+        threads = torch.get_num_threads()
+        weights = tensors[0].new_empty(batch, heads, queries, sum(held))
+        out = tensors[0].new_zeros(batch, heads, queries, head_dim)
+        partial = tensors[0].new_empty(threads, batch * heads, queries, head_dim)
+        pointers = [t.data_ptr() for t in tensors]
+        status = self._decode(
+            *pointers[:3],
+            held[0],
+            *pointers[3:9],
+            held[1],
+            *pointers[9:],
+            held[2],
+            weights.data_ptr(),
+            out.data_ptr(),
+            partial.data_ptr(),
+            batch * heads,
+            packed.group_size,
+            head_dim,
+            queries,
+            packed.key_codec.nbits,
+            packed.value_codec.nbits,
+            scaling,
+            threads,
+        )
+        if status:
+            raise ValueError("the fused decoding kernel needs keys and values of one width")
+        return out, weights
 
 
 def load_packed_kernels() -> PackedKernels:

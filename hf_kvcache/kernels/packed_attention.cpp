@@ -10,6 +10,7 @@
 // stays in L1 and never exists for the whole history.
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #include <omp.h>
 
 namespace {
@@ -36,11 +37,14 @@ inline void unpack_run(const uint8_t* __restrict bytes, int64_t count, float* __
 }
 
 // DC > 0: the head size known at compile time (the common sizes); DC == 0: read from D.
+// out[bh, m, col0 + t] = scaling * q . k_t, rows of ld floats.
 template <int NB, int DC>
 void scores(const uint8_t* codes, const float* q, const float* ks, const float* kz, float* out, int64_t BH,
-            int64_t groups, int64_t G, int64_t Druntime, int64_t M, int threads) {
+            int64_t groups, int64_t G, int64_t Druntime, int64_t M, int threads, int64_t ld = -1,
+            int64_t col0 = 0, float scaling = 1.f) {
     const int64_t D = DC > 0 ? DC : Druntime;
-    const int64_t group_bytes = G * NB / 8 * D, n = groups * G;
+    const int64_t group_bytes = G * NB / 8 * D;
+    if (ld < 0) ld = groups * G;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t bh = 0; bh < BH; bh++)
         for (int64_t g = 0; g < groups; g++) {
@@ -65,17 +69,21 @@ void scores(const uint8_t* codes, const float* q, const float* ks, const float* 
                     float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
                     for (int64_t c = 0; c < D; c++) acc += qm[c] * k[c];
-                    out[(bh * M + m) * n + g * G + t] = acc + offset[m];
+                    out[(bh * M + m) * ld + col0 + g * G + t] = (acc + offset[m]) * scaling;
                 }
             }
         }
 }
 
+// partial[thread] += weights (rows of ld floats, packed tokens from column col0) @ V; out = their sum, plus
+// what out already holds when accumulate is set.
 template <int NB, int DC>
 void values(const uint8_t* codes, const float* p, const float* vs, const float* vz, float* out, int64_t BH,
-            int64_t groups, int64_t G, int64_t Druntime, int64_t M, float* partial, int threads) {
+            int64_t groups, int64_t G, int64_t Druntime, int64_t M, float* partial, int threads,
+            int64_t ld = -1, int64_t col0 = 0, bool accumulate = false) {
     const int64_t D = DC > 0 ? DC : Druntime;
     const int64_t group_bytes = G * NB / 8 * D, n = groups * G, channel_groups = D / G, width = BH * M * D;
+    if (ld < 0) ld = n;
     memset(partial, 0, sizeof(float) * threads * width);
 #pragma omp parallel num_threads(threads)
     {
@@ -98,7 +106,7 @@ void values(const uint8_t* codes, const float* p, const float* vs, const float* 
                     }
                     for (int64_t m = 0; m < M; m++) {
                         float* o = mine + (bh * M + m) * D;
-                        const float weight = p[(bh * M + m) * n + token];
+                        const float weight = p[(bh * M + m) * ld + col0 + token];
 #pragma omp simd
                         for (int64_t c = 0; c < D; c++) o[c] += weight * row[c];
                     }
@@ -106,10 +114,85 @@ void values(const uint8_t* codes, const float* p, const float* vs, const float* 
             }
     }
     for (int64_t i = 0; i < width; i++) {
-        float acc = 0.f;
+        float acc = accumulate ? out[i] : 0.f;
         for (int th = 0; th < threads; th++) acc += partial[th * width + i];
         out[i] = acc;
     }
+}
+
+// A part held in float32 ([BH, N, D], rows of the sinks or the residual): logits into columns col0.. of the
+// rows of ld floats, and (second function) its share of the output.
+void exact_scores(const float* q, const float* k, float* out, int64_t BH, int64_t N, int64_t D, int64_t M,
+                  int64_t ld, int64_t col0, float scaling) {
+    for (int64_t bh = 0; bh < BH; bh++)
+        for (int64_t t = 0; t < N; t++) {
+            const float* key = k + (bh * N + t) * D;
+            for (int64_t m = 0; m < M; m++) {
+                const float* qm = q + (bh * M + m) * D;
+                float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t c = 0; c < D; c++) acc += qm[c] * key[c];
+                out[(bh * M + m) * ld + col0 + t] = acc * scaling;
+            }
+        }
+}
+
+void exact_values(const float* p, const float* v, float* out, int64_t BH, int64_t N, int64_t D, int64_t M,
+                  int64_t ld, int64_t col0) {
+    for (int64_t bh = 0; bh < BH; bh++)
+        for (int64_t m = 0; m < M; m++) {
+            float* o = out + (bh * M + m) * D;
+            const float* w = p + (bh * M + m) * ld + col0;
+            for (int64_t t = 0; t < N; t++) {
+                const float* value = v + (bh * N + t) * D;
+#pragma omp simd
+                for (int64_t c = 0; c < D; c++) o[c] += w[t] * value[c];
+            }
+        }
+}
+
+void softmax_rows(float* x, int64_t rows, int64_t width, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        float* row = x + r * width;
+        float top = row[0];
+        for (int64_t i = 1; i < width; i++) top = row[i] > top ? row[i] : top;
+        float sum = 0.f;
+        for (int64_t i = 0; i < width; i++) {
+            row[i] = expf(row[i] - top);
+            sum += row[i];
+        }
+        const float inverse = 1.f / sum;
+        for (int64_t i = 0; i < width; i++) row[i] *= inverse;
+    }
+}
+
+// One decoding step over sinks (S), packed tokens (n) and residual (R), in that order, unmasked: weights
+// [BH, M, S + n + R] (softmax of the scaled logits; also scratch) and out [BH, M, D].
+template <int KB, int VB, int DC>
+void decode(const float* q, const float* sink_k, const float* sink_v, int64_t S, const uint8_t* key_codes,
+            const float* ks, const float* kz, const uint8_t* value_codes, const float* vs, const float* vz,
+            int64_t n, const float* res_k, const float* res_v, int64_t R, float* weights, float* out,
+            float* partial, int64_t BH, int64_t G, int64_t D, int64_t M, float scaling, int threads) {
+    const int64_t total = S + n + R;
+    exact_scores(q, sink_k, weights, BH, S, D, M, total, 0, scaling);
+    scores<KB, DC>(key_codes, q, ks, kz, weights, BH, n / G, G, D, M, threads, total, S, scaling);
+    exact_scores(q, res_k, weights, BH, R, D, M, total, S + n, scaling);
+    softmax_rows(weights, BH * M, total, threads);
+    values<VB, DC>(value_codes, weights, vs, vz, out, BH, n / G, G, D, M, partial, threads, total, S);
+    exact_values(weights, sink_v, out, BH, S, D, M, total, 0);
+    exact_values(weights, res_v, out, BH, R, D, M, total, S + n);
+}
+
+template <int KB, int VB>
+int dispatch_decode(const float* q, const float* sink_k, const float* sink_v, int64_t S, const uint8_t* kc,
+                    const float* ks, const float* kz, const uint8_t* vc, const float* vs, const float* vz,
+                    int64_t n, const float* rk, const float* rv, int64_t R, float* w, float* out, float* part,
+                    int64_t BH, int64_t G, int64_t D, int64_t M, float scaling, int threads) {
+    if (D == 64) decode<KB, VB, 64>(q, sink_k, sink_v, S, kc, ks, kz, vc, vs, vz, n, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+    else if (D == 128) decode<KB, VB, 128>(q, sink_k, sink_v, S, kc, ks, kz, vc, vs, vz, n, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+    else decode<KB, VB, 0>(q, sink_k, sink_v, S, kc, ks, kz, vc, vs, vz, n, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+    return 0;
 }
 
 template <int NB>
@@ -154,6 +237,21 @@ int hfkv_packed_values(const uint8_t* codes, const float* p, const float* vs, co
         case 3: return dispatch_values<3>(codes, p, vs, vz, out, BH, groups, G, D, M, partial, threads);
         case 4: return dispatch_values<4>(codes, p, vs, vz, out, BH, groups, G, D, M, partial, threads);
         case 8: return dispatch_values<8>(codes, p, vs, vz, out, BH, groups, G, D, M, partial, threads);
+        default: return -1;
+    }
+}
+
+// Key and value widths must be equal for the fused step (the common case); otherwise -1.
+int hfkv_decode(const float* q, const float* sink_k, const float* sink_v, int64_t S, const uint8_t* kc,
+                const float* ks, const float* kz, const uint8_t* vc, const float* vs, const float* vz, int64_t n,
+                const float* rk, const float* rv, int64_t R, float* w, float* out, float* part, int64_t BH,
+                int64_t G, int64_t D, int64_t M, int key_bits, int value_bits, float scaling, int threads) {
+    if (key_bits != value_bits) return -1;
+    switch (key_bits) {
+        case 2: return dispatch_decode<2, 2>(q, sink_k, sink_v, S, kc, ks, kz, vc, vs, vz, n, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+        case 3: return dispatch_decode<3, 3>(q, sink_k, sink_v, S, kc, ks, kz, vc, vs, vz, n, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+        case 4: return dispatch_decode<4, 4>(q, sink_k, sink_v, S, kc, ks, kz, vc, vs, vz, n, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+        case 8: return dispatch_decode<8, 8>(q, sink_k, sink_v, S, kc, ks, kz, vc, vs, vz, n, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
         default: return -1;
     }
 }

@@ -80,6 +80,9 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
     # Whether decoding steps may take the in-place path, which needs per-slot positions; a layer that stores
     # entries in another form (quantized storage) always takes the general path and keeps no positions.
     decodes_in_place: ClassVar[bool] = True
+    # Set while a decoding step's victim waits for the attention function's weights (scoring.py).
+    scores_from_attention = False
+    victim_choice = None
 
     key_buffer = SlotTensor("keys of the held entries [B, H, slots, D]")
     value_buffer = SlotTensor("values of the held entries [B, H, slots, D]")
@@ -192,10 +195,7 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
         total = self.stored + new
         kept, recent = min(total, self.capacity(new)), tokens(self.recent, self.seen + new)
         evicted = self.real_seen - self.cached_real
-        decoding = (
-            new == 1 and kept >= total - 1 and not self.holds_padding and self.seen >= self.state.max_pad
-        )
-        if self.decodes_in_place and decoding:
+        if self.will_decode_in_place(new):
             result = self._decode_in_place(
                 key_states, value_states, evicted, real_in_full, kept < total, recent
             )
@@ -205,8 +205,19 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
         self.real_seen = self.real_seen + new_real
         return result
 
+    def will_decode_in_place(self, new: int) -> bool:
+        """Whether adding ``new`` tokens in this forward takes the in-place decoding path: one new real token,
+        at most one entry evicted per row and head, no padding held."""
+        if not (self.decodes_in_place and self.is_initialized and new == 1 and not self.holds_padding):
+            return False
+        self.state.padding(self.real_seen.shape[0], self.seen + new, self.device)
+        total = self.stored + new
+        return min(total, self.capacity(new)) >= total - 1 and self.seen >= self.state.max_pad
+
     def _decode_in_place(self, key_states, value_states, evicted, real_in_full, evicting: bool, recent: int):
-        """One new real token, at most one entry evicted per row and head, no padding held: write in place."""
+        """Write the new token in place (:meth:`will_decode_in_place`). When the attention function hands
+        over its weights (``scores_from_attention``), the victim is chosen once they arrive
+        (:meth:`choose_victim`)."""
         total = self.stored + 1
         if self.pending_victim is None:  # append after the held slots
             if self.key_buffer.shape[2] < total:
@@ -219,7 +230,8 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
         write_slot(self, slot, key_states, value_states, self.seen)
         keys = self.attention_keys(self.key_buffer[:, :, :total], evicted, in_place=True)
         values = self.value_buffer[:, :, :total]
-        self.observe_attention(keys, None, real_in_full, evicting=evicting)
+        if not self.scores_from_attention:
+            self.observe_attention(keys, None, real_in_full, evicting=evicting)
         if evicting:
             positions = self.slot_positions[..., :total]
             # Protected: each row's first `sinks` real tokens and the newest `recent` (columns up to `seen`).
@@ -228,12 +240,19 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
                 first_real = (self.seen - self.real_seen)[:, None, None]
                 not_sink = positions >= first_real + self.sinks
                 candidate = not_sink if candidate is None else candidate & not_sink
-            priority = self.priority(keys, values, positions)
-            self.pending_victim = victim(priority, candidate, positions)
+            self.victim_choice = (keys, values, positions, candidate)
+            if not self.scores_from_attention:
+                self.choose_victim()
             self.stored, self.cached_real = total - 1, real_in_full - 1
         else:
             self.stored, self.cached_real = total, real_in_full
         return keys, values
+
+    def choose_victim(self) -> None:
+        """Mark the slot the next decoding step refills, from the priorities of this step's entries."""
+        keys, values, positions, candidate = self.victim_choice
+        self.victim_choice = None
+        self.pending_victim = victim(self.priority(keys, values, positions), candidate, positions)
 
     def _update_general(self, key_states, value_states, pads, evicted, real_in_full, kept, recent: int):
         batch, heads, new, _ = key_states.shape

@@ -107,6 +107,25 @@ def _packed_part(packed, queries: torch.Tensor, backend: str):
     return logits, output
 
 
+def _fused_kernels(layer, queries: torch.Tensor, length: int, attention_mask, softcap, sinks, backend: str):
+    """The native kernels when one call can do the whole step: the common case of one unmasked query per
+    head (decoding without padding), no soft-capping or sink logits, unrotated float32 storage with keys and
+    values of one width. Other steps compose the kernels' packed part with torch."""
+    packed = layer.packed
+    if (
+        attention_mask is not None
+        or softcap is not None
+        or sinks is not None
+        or length != 1
+        or packed.rotation_kind != "none"
+        or packed.key_codec.nbits != packed.value_codec.nbits
+        or layer.key_buffer.dtype != torch.float32
+        or not layer.packed_length
+    ):
+        return None
+    return _compiled_or_none(backend, queries.device)
+
+
 def _dense_output(values: torch.Tensor):
     """A part held in the model's dtype: its share of the output is a plain product."""
     values = values.float()
@@ -135,6 +154,42 @@ def _masked(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.
     return logits + mask.float()
 
 
+def attention_weights(
+    logits: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weights ``[B, H_q, q, total]`` (float32) from unscaled logits ``q . k``, as the models' eager attention
+    computes them: scaled, soft-capped, masked, normalized with each head's sink logit taking its share."""
+    batch, _, length, _ = logits.shape
+    logits = logits * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = _masked(logits, attention_mask)
+    if sinks is None:
+        return torch.softmax(logits, dim=-1)
+    sink = sinks.float().view(1, -1, 1, 1).expand(batch, -1, length, 1)
+    return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+
+
+def dense_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attention_mask, scaling: float, **math
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``query`` ``[B, H_q, q, D]`` over ``keys``/``values`` ``[B, H_kv, N, D]`` held in the
+    model's dtype, returning the weights with the output (``[B, q, H_q, D]``, ``[B, H_q, q, N]``), which
+    score-based caches read instead of computing them a second time."""
+    batch, query_heads, length, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    queries = query.float().reshape(batch, kv_heads, query_heads // kv_heads * length, head_dim)
+    logits = (queries @ keys.float().transpose(-1, -2)).view(batch, query_heads, length, -1)
+    weights = attention_weights(logits, attention_mask, scaling, **math)
+    out = weights.reshape(batch, kv_heads, -1, weights.shape[-1]) @ values.float()
+    out = out.view(batch, query_heads, length, head_dim).transpose(1, 2).to(query.dtype)
+    return out, weights
+
+
 def attend_quantized(
     layer,
     query: torch.Tensor,
@@ -154,6 +209,17 @@ def attend_quantized(
     kv_heads = layer.key_buffer.shape[1]
     # Query heads that share a key head are consecutive; they read that head's storage together.
     queries = query.float().reshape(batch, kv_heads, query_heads // kv_heads * length, head_dim)
+    fused = _fused_kernels(layer, queries, length, attention_mask, softcap, sinks, backend)
+    if fused is not None:
+        out, weights = fused.decode(
+            queries,
+            (layer.sink_keys, layer.sink_values),
+            layer.packed,
+            (layer.key_buffer, layer.value_buffer),
+            scaling,
+        )
+        out = out.view(batch, query_heads, length, head_dim).transpose(1, 2).to(query.dtype)
+        return out, weights.view(batch, query_heads, length, -1).to(query.dtype)
     parts = [(layer.sink_keys, layer.sink_values), None, (layer.key_buffer, layer.value_buffer)]
     if not layer.packed_length:
         parts.pop(1)
@@ -168,15 +234,8 @@ def attend_quantized(
         logits.append(part_logits)
         outputs.append(output)
     sizes = [part.shape[-1] for part in logits]
-    logits = torch.cat(logits, dim=-1).view(batch, query_heads, length, -1) * scaling
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = _masked(logits, attention_mask)
-    if sinks is not None:
-        sink = sinks.float().view(1, -1, 1, 1).expand(batch, -1, length, 1)
-        weights = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
-    else:
-        weights = torch.softmax(logits, dim=-1)
+    logits = torch.cat(logits, dim=-1).view(batch, query_heads, length, -1)
+    weights = attention_weights(logits, attention_mask, scaling, softcap, sinks)
     grouped = weights.reshape(batch, kv_heads, -1, weights.shape[-1])
     out, start = None, 0
     for output, size in zip(outputs, sizes, strict=True):

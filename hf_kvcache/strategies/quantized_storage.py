@@ -46,6 +46,7 @@ class QuantizedStorage(QuantizedTokens):
     store, scattered layout (see the module docstring); ``sinks`` tokens are kept exact and always."""
 
     decodes_in_place = False
+    reads_storage = False  # the entry point reads no scattered codes yet: attention gets a dense copy
 
     def __init__(self, *args: Any, quantization: QuantizedOptions, num_sink_tokens: int, **kwargs: Any):
         self.setup_quantized(quantization, num_sink_tokens, quantization.residual_length, scattered=True)

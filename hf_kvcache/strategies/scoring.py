@@ -19,6 +19,7 @@ import torch
 from hf_kvcache.layout import AttentionLayout
 from hf_kvcache.model_hooks import AttentionMath, install_query_capture
 from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache
+from hf_kvcache.strategies.packed_attention import dense_attention
 
 # Upper bound on the float32 elements of one block of attention logits (4 MiB): small enough to stay in cache,
 # which makes the softmax and sums over it faster than over larger blocks, and keeps the extra memory small.
@@ -116,10 +117,42 @@ class ScoringLayer(EvictingLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.step_scores = self.queries = self.math = None
+        self.step_scores = self.queries = self.math = self.attended = None
 
     def wants_queries(self, new: int) -> bool:
         return self.accumulates or self.stored + new > self.capacity(new)
+
+    # --- scores from the attention function (hf_kvcache.attention) ------------------------------------------
+    reads_storage: ClassVar[bool] = True
+
+    def serves_attention(self, new: int) -> bool:
+        """Whether this update's attention runs in :meth:`attend_stored`, which scores the entries from the
+        weights it computes anyway: decoding steps that score, in place."""
+        return self.reads_storage and self.will_decode_in_place(new) and self.wants_queries(new)
+
+    def store_for_attention(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool | None:
+        """Write the new token in place and keep the victim's choice for :meth:`attend_stored`; ``None``
+        (nothing done) where :meth:`serves_attention` says no."""
+        if not self.serves_attention(key_states.shape[-2]):
+            return None
+        self.scores_from_attention = True
+        try:
+            self.attended = self.update(key_states, value_states)
+        finally:
+            self.scores_from_attention = False
+        return True
+
+    def attend_stored(self, query: torch.Tensor, attention_mask, scaling: float, **math):
+        """Attend over this step's entries, score them from the same weights and choose the victim."""
+        (keys, values), self.attended = self.attended, None
+        out, weights = dense_attention(query, keys, values, attention_mask, scaling, **math)
+        # The attention each entry received, summed over the query heads of its KV head.
+        mass = weights.reshape(keys.shape[0], keys.shape[1], -1, keys.shape[2]).sum(2)
+        scores = self.score(mass, 1)
+        if self.victim_choice is not None:
+            self.step_scores = scores
+            self.choose_victim()
+        return out, weights.to(query.dtype)
 
     def score(self, mass: torch.Tensor, new: int) -> torch.Tensor:
         """Scores ``[B, H_kv, K]`` of the entries attention saw this step, from the attention ``mass`` ``[B,
@@ -181,7 +214,12 @@ class ScoringCache(EvictionCache):
 
     def wants_queries(self, layer_idx: int, query_length: int) -> bool:
         layer = self.layers[layer_idx]
-        return isinstance(layer, ScoringLayer) and layer.wants_queries(query_length)
+        if not isinstance(layer, ScoringLayer):
+            return False
+        # A step the attention function serves needs no queries captured: it hands over its weights.
+        if self.attending_module is not None and layer.serves_attention(query_length):
+            return False
+        return layer.wants_queries(query_length)
 
     def observe_queries(self, layer_idx: int, queries: torch.Tensor, math: AttentionMath) -> None:
         layer = self.layers[layer_idx]
