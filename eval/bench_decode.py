@@ -6,8 +6,9 @@ For each length, one process prefills a cache per strategy (``hf_kvcache.prefill
 first tokens of the corpus, then times ``--steps`` greedy decoding steps per cache per round, one cache after
 another, for ``--rounds`` rounds: every strategy meets the same machine load, and the medians and min-max of
 ms/token are reported. ``--profile`` also counts the aten operators one decoding step runs (torch profiler),
-next to the full cache's. Only the public API is used, so the same script times another checkout of the
-package (``PYTHONPATH=/path/to/checkout``), which is how before/after figures are taken.
+next to the full cache's; each cache's prefill time is printed too (one run each, so only indicative). Only
+the public API is used, so the same script times another checkout of the package
+(``PYTHONPATH=/path/to/checkout``), which is how before/after figures are taken.
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ def count_aten_ops(model, cache, token) -> tuple[int, torch.Tensor]:
 def measure(model, ids: torch.Tensor, specs: list[str], rounds: int, steps: int, profile: bool) -> dict:
     from hf_kvcache import build_cache, cache_nbytes, prefill
 
-    caches, tokens, results = {}, {}, {}
+    caches, tokens, results, prefill_s = {}, {}, {}, {}
     for spec in specs:
         cache = build_cache(spec, model)
+        start = time.perf_counter()
         prefill(model, ids, cache, chunk_size=512)
+        prefill_s[spec] = time.perf_counter() - start
         tokens[spec] = model(ids[:, -1:], past_key_values=cache).logits[:, -1:].argmax(-1)
         caches[spec] = cache
         print(f"  {ids.shape[1]}: prefilled {spec}", file=sys.stderr, flush=True)
@@ -62,6 +65,7 @@ def measure(model, ids: torch.Tensor, specs: list[str], rounds: int, steps: int,
             "max": max(values),
             "rounds": values,
             "held_bytes": cache_nbytes(caches[spec]),
+            "prefill_s": prefill_s[spec],  # one run each, not interleaved: indicative only
         }
         if profile:
             ops, tokens[spec] = count_aten_ops(model, caches[spec], tokens[spec])
@@ -95,7 +99,7 @@ def main() -> None:
             ops = f"  {row['aten_ops_per_step']} aten ops" if "aten_ops_per_step" in row else ""
             print(
                 f"{length:>6} {spec:<72} {row['ms_per_token']:7.1f} ms/token "
-                f"({row['min']:.1f}-{row['max']:.1f}){ops}",
+                f"({row['min']:.1f}-{row['max']:.1f}){ops}  prefill {row['prefill_s']:.1f} s",
                 flush=True,
             )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

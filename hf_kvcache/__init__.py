@@ -7,6 +7,7 @@ Tensor shape convention: keys and values are ``[B, H, S, D]`` (batch, KV heads, 
 """
 
 from hf_kvcache.ask import ask, register_pipeline
+from hf_kvcache.attention import use_storage_attention
 from hf_kvcache.base import KVCache, cache_nbytes
 from hf_kvcache.prefill import prefill
 from hf_kvcache.registry import build_cache, canonical_spec, list_strategies, parse_spec, register_strategy
@@ -29,5 +30,6 @@ __all__ = [
     "register_pipeline",
     "register_strategy",
     "save_cache",
+    "use_storage_attention",
     *_strategy_exports,
 ]

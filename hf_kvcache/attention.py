@@ -102,9 +102,43 @@ def _announce_module(module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache.attending_module = module
 
 
+def _cannot_serve(model: nn.Module) -> str | None:
+    """Why the entry point must not replace ``model``'s attention, or ``None``."""
+    from hf_kvcache.layout import text_config
+
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return f"{type(model).__name__} is an encoder-decoder, whose cross-attention reads no cache layer"
+    config = text_config(model)
+    if getattr(config, "alibi", False) or getattr(config, "model_type", None) in ("bloom", "mpt"):
+        return (
+            f"{type(model).__name__} biases attention by position (ALiBi), which its packed path does not add"
+        )
+    return None
+
+
+def use_storage_attention(model: nn.Module) -> None:
+    """Run ``model`` with the entry point now (caches that read their storage do this themselves).
+
+    Raises a ``ValueError`` naming what is supported for a model it cannot serve: an encoder-decoder, an
+    ALiBi model, or one loaded with an attention other than ``sdpa`` or ``eager``.
+    """
+    from hf_kvcache.layout import attention_layout
+
+    reason = _cannot_serve(model) or install_storage_attention(model, attention_layout(model).num_layers)
+    if reason is not None:
+        raise ValueError(
+            f"hf-kvcache's attention entry point cannot serve this model: {reason}. It serves decoder-only "
+            "models with rotary or no position embeddings, loaded with attn_implementation in "
+            f"{list(FALLBACKS)}"
+        )
+
+
 def install_storage_attention(model: nn.Module, num_layers: int) -> str | None:
     """Run ``model`` with the entry point (keeping its attention as the fallback) and announce each attention
     module to the cache. Returns why not, or ``None`` once installed. Idempotent."""
+    reason = _cannot_serve(model)
+    if reason is not None:
+        return reason
     config = getattr(model, "config", None)
     implementation = getattr(config, "_attn_implementation", None)
     if implementation is None or not implementation.startswith(PREFIX):

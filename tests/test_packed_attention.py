@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_kvcache import build_cache, prefill
+from hf_kvcache import build_cache, prefill, use_storage_attention
 from hf_kvcache import kernels as kernel_module
 from hf_kvcache.strategies import packed_attention
 from hf_kvcache.strategies.packed_attention import torch_packed_scores, torch_packed_values
@@ -266,3 +266,33 @@ def test_unpadded_decoding_takes_the_fused_step_and_padded_decoding_the_composed
     ids, mask = left_padded_ids(40, pads=(0, 5), seed=1)
     decode(model, f"quantized:nbits=2,{QUICK},attention=compiled", ids, mask, new=10)
     assert not fused  # a padding mask: the kernel's packed part composed with torch's masking
+
+
+def test_forcing_the_entry_point_on_a_model_it_cannot_serve_names_what_it_serves():
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BloomConfig, T5Config
+
+    t5 = AutoModelForSeq2SeqLM.from_config(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16))
+    bloom = AutoModelForCausalLM.from_config(BloomConfig(hidden_size=32, n_layer=1, n_head=2))
+    for model, reason in ((t5, "T5ForConditionalGeneration is an encoder-decoder"), (bloom, "ALiBi")):
+        with pytest.raises(ValueError, match=f"{reason}.*decoder-only.*\\['sdpa', 'eager'\\]"):
+            use_storage_attention(model)
+    flash = make_tiny_model("llama", attn="flex_attention")
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention'.*\\['sdpa', 'eager'\\]"):
+        use_storage_attention(flash)
+    llama = make_tiny_model("llama")
+    use_storage_attention(llama)
+    assert llama.config._attn_implementation == "hf_kvcache_sdpa"
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_the_dense_step_reads_the_first_slots_in_place_and_equals_float64_attention(head_dim):
+    generator = torch.Generator().manual_seed(4)
+    keys, values = (torch.randn(2, 3, 40, head_dim, generator=generator) for _ in range(2))  # 40 slots
+    query = torch.randn(2, 3, 2, head_dim, generator=generator)  # two query heads per key head
+    used = 29
+    out, weights = kernel_module.load_packed_kernels().dense_decode(
+        query, keys[:, :, :used], values[:, :, :used], 0.25
+    )
+    expected = torch.softmax(query.double() @ keys[:, :, :used].double().transpose(-1, -2) * 0.25, -1)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.double(), expected @ values[:, :, :used].double(), rtol=1e-5, atol=1e-5)

@@ -79,7 +79,11 @@ class PackedKernels:
             + [ctypes.c_int] * 2
             + [ctypes.c_float, ctypes.c_int]
         )
-        for function in (self._scores, self._values, self._decode):
+        self._dense = library.hfkv_dense_decode
+        self._dense.argtypes = (
+            [pointer] * 3 + [size] * 2 + [pointer] * 2 + [size] * 3 + [ctypes.c_float, ctypes.c_int]
+        )
+        for function in (self._scores, self._values, self._decode, self._dense):
             function.restype = ctypes.c_int
 
     @property
@@ -196,6 +200,31 @@ class PackedKernels:
         )
         if status:
             raise ValueError("the fused decoding kernel needs keys and values of one width")
+        return out, weights
+
+    def dense_decode(self, query, keys, values, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One unmasked step of ``query`` ``[B, H, M, D]`` (grouped by key head) over float32 ``keys`` and
+        ``values`` ``[B, H, N, D]``, which may be the first ``N`` slots of contiguous ``[B, H, slots, D]``
+        buffers (read in place). Returns the output ``[B, H, M, D]`` and the weights ``[B, H, M, N]``."""
+        batch, heads, queries, head_dim = query.shape
+        length = keys.shape[2]
+        flat_query = self._flat("query", query, torch.float32)
+        weights = flat_query.new_empty(batch, heads, queries, length)
+        out = flat_query.new_zeros(batch, heads, queries, head_dim)
+        self._dense(
+            flat_query.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            keys.stride(1),
+            length,
+            weights.data_ptr(),
+            out.data_ptr(),
+            batch * heads,
+            head_dim,
+            queries,
+            scaling,
+            torch.get_num_threads(),
+        )
         return out, weights
 
 

@@ -40,12 +40,12 @@ inline void unpack_run(const uint8_t* __restrict bytes, int64_t count, float* __
 // out[bh, m, col0 + t] = scaling * q . k_t, rows of ld floats.
 template <int NB, int DC>
 void scores(const uint8_t* codes, const float* q, const float* ks, const float* kz, float* out, int64_t BH,
-            int64_t groups, int64_t G, int64_t Druntime, int64_t M, int threads, int64_t ld = -1,
-            int64_t col0 = 0, float scaling = 1.f) {
+            int64_t groups, int64_t G, int64_t Druntime, int64_t M, int64_t ld = -1, int64_t col0 = 0,
+            float scaling = 1.f) {
     const int64_t D = DC > 0 ? DC : Druntime;
     const int64_t group_bytes = G * NB / 8 * D;
     if (ld < 0) ld = groups * G;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+#pragma omp for collapse(2) schedule(static)
     for (int64_t bh = 0; bh < BH; bh++)
         for (int64_t g = 0; g < groups; g++) {
             float tile[G * D], folded[M * D], offset[M];
@@ -75,60 +75,60 @@ void scores(const uint8_t* codes, const float* q, const float* ks, const float* 
         }
 }
 
-// partial[thread] += weights (rows of ld floats, packed tokens from column col0) @ V; out = their sum, plus
-// what out already holds when accumulate is set.
+// partial[thread] += weights (rows of ld floats, packed tokens from column col0) @ V; then out += the sum of
+// the partials (out must hold zeros, or what earlier parts added).
 template <int NB, int DC>
 void values(const uint8_t* codes, const float* p, const float* vs, const float* vz, float* out, int64_t BH,
-            int64_t groups, int64_t G, int64_t Druntime, int64_t M, float* partial, int threads,
-            int64_t ld = -1, int64_t col0 = 0, bool accumulate = false) {
+            int64_t groups, int64_t G, int64_t Druntime, int64_t M, float* partial, int64_t ld = -1,
+            int64_t col0 = 0) {
     const int64_t D = DC > 0 ? DC : Druntime;
     const int64_t group_bytes = G * NB / 8 * D, n = groups * G, channel_groups = D / G, width = BH * M * D;
     if (ld < 0) ld = n;
-    memset(partial, 0, sizeof(float) * threads * width);
-#pragma omp parallel num_threads(threads)
-    {
-        // Each thread sums its share of the tokens into its own output; the shares are added at the end.
-        float* mine = partial + (int64_t)omp_get_thread_num() * width;
+    const int threads = omp_get_num_threads();
+    // Each thread sums its share of the tokens into its own output; the shares are added at the end.
+    float* mine = partial + (int64_t)omp_get_thread_num() * width;
+    memset(mine, 0, sizeof(float) * width);
 #pragma omp for collapse(2) schedule(static)
-        for (int64_t bh = 0; bh < BH; bh++)
-            for (int64_t g = 0; g < groups; g++) {
-                float tile[G * D], row[D];
-                unpack_run<NB>(codes + (bh * groups + g) * group_bytes, G * D, tile);
-                for (int64_t t = 0; t < G; t++) {
-                    const int64_t token = g * G + t;
-                    const float* v = tile + t * D;
-                    const float* scale = vs + (bh * n + token) * channel_groups;
-                    const float* zero = vz + (bh * n + token) * channel_groups;
-                    for (int64_t cg = 0; cg < channel_groups; cg++) {
-                        const float s = scale[cg], z = zero[cg];
+    for (int64_t bh = 0; bh < BH; bh++)
+        for (int64_t g = 0; g < groups; g++) {
+            float tile[G * D], row[D];
+            unpack_run<NB>(codes + (bh * groups + g) * group_bytes, G * D, tile);
+            for (int64_t t = 0; t < G; t++) {
+                const int64_t token = g * G + t;
+                const float* v = tile + t * D;
+                const float* scale = vs + (bh * n + token) * channel_groups;
+                const float* zero = vz + (bh * n + token) * channel_groups;
+                for (int64_t cg = 0; cg < channel_groups; cg++) {
+                    const float s = scale[cg], z = zero[cg];
 #pragma omp simd
-                        for (int64_t j = 0; j < G; j++) row[cg * G + j] = v[cg * G + j] * s + z;
-                    }
-                    for (int64_t m = 0; m < M; m++) {
-                        float* o = mine + (bh * M + m) * D;
-                        const float weight = p[(bh * M + m) * ld + col0 + token];
+                    for (int64_t j = 0; j < G; j++) row[cg * G + j] = v[cg * G + j] * s + z;
+                }
+                for (int64_t m = 0; m < M; m++) {
+                    float* o = mine + (bh * M + m) * D;
+                    const float weight = p[(bh * M + m) * ld + col0 + token];
 #pragma omp simd
-                        for (int64_t c = 0; c < D; c++) o[c] += weight * row[c];
-                    }
+                    for (int64_t c = 0; c < D; c++) o[c] += weight * row[c];
                 }
             }
-    }
+        }
+#pragma omp for schedule(static)
     for (int64_t i = 0; i < width; i++) {
-        float acc = accumulate ? out[i] : 0.f;
+        float acc = out[i];
         for (int th = 0; th < threads; th++) acc += partial[th * width + i];
         out[i] = acc;
     }
 }
 
-// A part held in float32 ([BH, N, D], rows of the sinks or the residual): logits into columns col0.. of the
-// rows of ld floats, and (second function) its share of the output.
-void exact_scores(const float* q, const float* k, float* out, int64_t BH, int64_t N, int64_t D, int64_t M,
-                  int64_t ld, int64_t col0, float scaling) {
+// A part held in float32: keys/values of head bh start at bh * stride, one row of D per token. Logits go
+// into columns col0.. of rows of ld floats; the second function adds its share of the output.
+void exact_scores(const float* q, const float* k, int64_t stride, float* out, int64_t BH, int64_t N, int64_t D,
+                  int64_t M, int64_t ld, int64_t col0, float scaling) {
+#pragma omp for collapse(2) schedule(static)
     for (int64_t bh = 0; bh < BH; bh++)
-        for (int64_t t = 0; t < N; t++) {
-            const float* key = k + (bh * N + t) * D;
-            for (int64_t m = 0; m < M; m++) {
-                const float* qm = q + (bh * M + m) * D;
+        for (int64_t m = 0; m < M; m++) {
+            const float* qm = q + (bh * M + m) * D;
+            for (int64_t t = 0; t < N; t++) {
+                const float* key = k + bh * stride + t * D;
                 float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
                 for (int64_t c = 0; c < D; c++) acc += qm[c] * key[c];
@@ -137,22 +137,23 @@ void exact_scores(const float* q, const float* k, float* out, int64_t BH, int64_
         }
 }
 
-void exact_values(const float* p, const float* v, float* out, int64_t BH, int64_t N, int64_t D, int64_t M,
-                  int64_t ld, int64_t col0) {
+void exact_values(const float* p, const float* v, int64_t stride, float* out, int64_t BH, int64_t N, int64_t D,
+                  int64_t M, int64_t ld, int64_t col0) {
+#pragma omp for collapse(2) schedule(static)
     for (int64_t bh = 0; bh < BH; bh++)
         for (int64_t m = 0; m < M; m++) {
             float* o = out + (bh * M + m) * D;
             const float* w = p + (bh * M + m) * ld + col0;
             for (int64_t t = 0; t < N; t++) {
-                const float* value = v + (bh * N + t) * D;
+                const float* value = v + bh * stride + t * D;
 #pragma omp simd
                 for (int64_t c = 0; c < D; c++) o[c] += w[t] * value[c];
             }
         }
 }
 
-void softmax_rows(float* x, int64_t rows, int64_t width, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+void softmax_rows(float* x, int64_t rows, int64_t width) {
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         float* row = x + r * width;
         float top = row[0];
@@ -175,13 +176,17 @@ void decode(const float* q, const float* sink_k, const float* sink_v, int64_t S,
             int64_t n, const float* res_k, const float* res_v, int64_t R, float* weights, float* out,
             float* partial, int64_t BH, int64_t G, int64_t D, int64_t M, float scaling, int threads) {
     const int64_t total = S + n + R;
-    exact_scores(q, sink_k, weights, BH, S, D, M, total, 0, scaling);
-    scores<KB, DC>(key_codes, q, ks, kz, weights, BH, n / G, G, D, M, threads, total, S, scaling);
-    exact_scores(q, res_k, weights, BH, R, D, M, total, S + n, scaling);
-    softmax_rows(weights, BH * M, total, threads);
-    values<VB, DC>(value_codes, weights, vs, vz, out, BH, n / G, G, D, M, partial, threads, total, S);
-    exact_values(weights, sink_v, out, BH, S, D, M, total, 0);
-    exact_values(weights, res_v, out, BH, R, D, M, total, S + n);
+    // One parallel region for the whole step: waking the threads once, not once per phase.
+#pragma omp parallel num_threads(threads)
+    {
+        exact_scores(q, sink_k, S * D, weights, BH, S, D, M, total, 0, scaling);
+        scores<KB, DC>(key_codes, q, ks, kz, weights, BH, n / G, G, D, M, total, S, scaling);
+        exact_scores(q, res_k, R * D, weights, BH, R, D, M, total, S + n, scaling);
+        softmax_rows(weights, BH * M, total);
+        values<VB, DC>(value_codes, weights, vs, vz, out, BH, n / G, G, D, M, partial, total, S);
+        exact_values(weights, sink_v, S * D, out, BH, S, D, M, total, 0);
+        exact_values(weights, res_v, R * D, out, BH, R, D, M, total, S + n);
+    }
 }
 
 template <int KB, int VB>
@@ -198,18 +203,25 @@ int dispatch_decode(const float* q, const float* sink_k, const float* sink_v, in
 template <int NB>
 int dispatch_scores(const uint8_t* c, const float* q, const float* ks, const float* kz, float* o, int64_t BH,
                     int64_t groups, int64_t G, int64_t D, int64_t M, int threads) {
-    if (D == 64) scores<NB, 64>(c, q, ks, kz, o, BH, groups, G, D, M, threads);
-    else if (D == 128) scores<NB, 128>(c, q, ks, kz, o, BH, groups, G, D, M, threads);
-    else scores<NB, 0>(c, q, ks, kz, o, BH, groups, G, D, M, threads);
+#pragma omp parallel num_threads(threads)
+    {
+        if (D == 64) scores<NB, 64>(c, q, ks, kz, o, BH, groups, G, D, M);
+        else if (D == 128) scores<NB, 128>(c, q, ks, kz, o, BH, groups, G, D, M);
+        else scores<NB, 0>(c, q, ks, kz, o, BH, groups, G, D, M);
+    }
     return 0;
 }
 
 template <int NB>
 int dispatch_values(const uint8_t* c, const float* p, const float* vs, const float* vz, float* o, int64_t BH,
                     int64_t groups, int64_t G, int64_t D, int64_t M, float* partial, int threads) {
-    if (D == 64) values<NB, 64>(c, p, vs, vz, o, BH, groups, G, D, M, partial, threads);
-    else if (D == 128) values<NB, 128>(c, p, vs, vz, o, BH, groups, G, D, M, partial, threads);
-    else values<NB, 0>(c, p, vs, vz, o, BH, groups, G, D, M, partial, threads);
+    memset(o, 0, sizeof(float) * BH * M * D);
+#pragma omp parallel num_threads(threads)
+    {
+        if (D == 64) values<NB, 64>(c, p, vs, vz, o, BH, groups, G, D, M, partial);
+        else if (D == 128) values<NB, 128>(c, p, vs, vz, o, BH, groups, G, D, M, partial);
+        else values<NB, 0>(c, p, vs, vz, o, BH, groups, G, D, M, partial);
+    }
     return 0;
 }
 
@@ -239,6 +251,19 @@ int hfkv_packed_values(const uint8_t* codes, const float* p, const float* vs, co
         case 8: return dispatch_values<8>(codes, p, vs, vz, out, BH, groups, G, D, M, partial, threads);
         default: return -1;
     }
+}
+
+// One decoding step over float32 keys/values of N tokens (head bh at bh * stride, rows of D): weights
+// [BH, M, N] and out [BH, M, D] (zeros on entry), as the score-based caches need both.
+int hfkv_dense_decode(const float* q, const float* k, const float* v, int64_t stride, int64_t N, float* w,
+                      float* out, int64_t BH, int64_t D, int64_t M, float scaling, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        exact_scores(q, k, stride, w, BH, N, D, M, N, 0, scaling);
+        softmax_rows(w, BH * M, N);
+        exact_values(w, v, stride, out, BH, N, D, M, N, 0);
+    }
+    return 0;
 }
 
 // Key and value widths must be equal for the fused step (the common case); otherwise -1.

@@ -183,11 +183,25 @@ def dense_attention(
     batch, query_heads, length, head_dim = query.shape
     kv_heads = keys.shape[1]
     queries = query.float().reshape(batch, kv_heads, query_heads // kv_heads * length, head_dim)
-    logits = (queries @ keys.float().transpose(-1, -2)).view(batch, query_heads, length, -1)
-    weights = attention_weights(logits, attention_mask, scaling, **math)
-    out = weights.reshape(batch, kv_heads, -1, weights.shape[-1]) @ values.float()
+    unmasked = length == 1 and attention_mask is None and not any(v is not None for v in math.values())
+    kernels = _compiled_or_none("auto", query.device) if unmasked and _slot_rows(keys, values) else None
+    if kernels is not None:  # one native call: logits, softmax and output
+        out, weights = kernels.dense_decode(queries, keys, values, scaling)
+        weights = weights.view(batch, query_heads, length, -1)
+    else:
+        logits = (queries @ keys.float().transpose(-1, -2)).view(batch, query_heads, length, -1)
+        weights = attention_weights(logits, attention_mask, scaling, **math)
+        out = weights.reshape(batch, kv_heads, -1, weights.shape[-1]) @ values.float()
     out = out.view(batch, query_heads, length, head_dim).transpose(1, 2).to(query.dtype)
     return out, weights
+
+
+def _slot_rows(keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether float32 ``keys`` and ``values`` ``[B, H, N, D]`` are the first ``N`` rows of contiguous
+    ``[B, H, slots, D]`` buffers of one shape, which the native kernel reads in place."""
+    batch, heads, _, head_dim = keys.shape
+    layout = (heads * keys.stride(1), keys.stride(1), head_dim, 1)
+    return all(t.dtype == torch.float32 and t.stride() == layout for t in (keys, values))
 
 
 def attend_quantized(
