@@ -296,3 +296,12 @@ def test_the_dense_step_reads_the_first_slots_in_place_and_equals_float64_attent
     expected = torch.softmax(query.double() @ keys[:, :, :used].double().transpose(-1, -2) * 0.25, -1)
     torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.double(), expected @ values[:, :, :used].double(), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_attention_refuses_a_model_off_the_cpu_when_the_cache_is_built():
+    model = make_tiny_model("llama").to("meta")
+    with pytest.raises(
+        ValueError, match=r"attention='compiled' runs the native CPU kernel; the model is on \['meta'\]"
+    ):
+        build_cache(f"quantized:{QUICK},attention=compiled", model)
+    build_cache(f"quantized:{QUICK},attention=auto", model)  # auto uses the torch sums off the CPU

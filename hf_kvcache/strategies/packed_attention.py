@@ -267,6 +267,18 @@ class StoredAttention:
     values)`` and ``quantization`` (its :class:`~.quantized.QuantizedOptions`).
     """
 
+    @staticmethod
+    def require_compiled_kernels(model: torch.nn.Module) -> None:
+        """For ``attention='compiled'``: fail when the cache is built, not mid-generation, if the kernel
+        cannot serve ``model`` (not on CPU, or no kernel builds here)."""
+        devices = sorted({parameter.device.type for parameter in model.parameters()})
+        if devices != ["cpu"]:
+            raise ValueError(
+                f"attention='compiled' runs the native CPU kernel; the model is on {devices}. "
+                "Use attention='auto' or 'torch' there"
+            )
+        load_packed_kernels()
+
     def store_for_attention(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool | None:
         """Store the new tokens if the coming attention call may read the storage, and say whether it does:
         ``True`` (packed tokens to read), ``False`` (none yet: attend over :meth:`held` as the model would);

@@ -339,6 +339,8 @@ class QuantizedKVCache(KVCache):
     def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[QuantizedLayer]:
         require_layer_types(layout, (FULL_ATTENTION, *LOCAL_ATTENTION), type(self).__name__)
         self.options.check_head_dim(layout.head_dim)
+        if self.options.attention == "compiled":
+            StoredAttention.require_compiled_kernels(model)
         ropes = key_ropes(model, layout) if self.options.keys == "pre_rope" else [None] * layout.num_layers
         options = [self.options] * layout.num_layers
         if self.options.calibrated_bits is not None:
