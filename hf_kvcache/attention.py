@@ -1,8 +1,9 @@
 """One attention entry point for hf-kvcache layers, registered with transformers' ``AttentionInterface``.
 
 ``transformers`` hands a cache layer the new keys and values, takes back the tensors to attend over, and
-calls the model's attention function on them. A layer that can attend over its own storage (bit-packed codes
-today) would have to build a dense copy of its history for that, every step. Instead, models that run with
+calls the model's attention function on them. A layer that can attend over its own storage (bit-packed codes)
+would have to build a dense copy of its history for that, every step, and a score-based layer would have to
+compute the attention weights a second time to score its entries. Instead, models that run with
 such a cache call :func:`storage_attention`, registered as ``hf_kvcache_sdpa`` / ``hf_kvcache_eager``:
 
 * a pre-hook on each attention module tells the cache which module is about to update it;

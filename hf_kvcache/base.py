@@ -130,7 +130,8 @@ class KVCache(Cache):
         # A layer that serves the announced module's attention from its storage stores the new tokens and
         # hands itself to the module (hf_kvcache.attention); any other call takes the usual path.
         module, self.attending_module = self.attending_module, None
-        if module is not None and layer_idx < len(self.layers):
+        # A module announced but never updating (a layer that reuses another's cache) must not be served.
+        if module is not None and getattr(module, "layer_idx", None) == layer_idx < len(self.layers):
             layer = self.layers[layer_idx]
             store = getattr(layer, "store_for_attention", None)
             stored = None if store is None else store(key_states, value_states)

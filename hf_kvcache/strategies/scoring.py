@@ -6,6 +6,10 @@ attention probabilities over the entries it holds plus the new ones, masked exac
 :meth:`ScoringLayer.score`, whose result is the layer's eviction priority. A strategy then declares only which
 queries count and how it scores; what it protects (sinks, recent entries) is the eviction contract's.
 
+Decoding steps that score take another route when the model runs hf-kvcache's attention entry point
+(:mod:`hf_kvcache.attention`): the entry point attends over the layer's slots and hands back the weights it
+computed, so no query is captured and no second pass over the keys runs (:meth:`ScoringLayer.attend_stored`).
+
 Memory: probabilities are computed in blocks of queries, so the extra memory is O(block x held entries), never
 O(queries x keys), whatever the prompt length.
 """
