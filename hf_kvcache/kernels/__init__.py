@@ -174,7 +174,7 @@ class PackedKernels:
             self._flat("zero", packed.value_zero, torch.float32),
         ]
         tensors += [self._flat("residual", part) for part in residual]
-        threads = torch.get_num_threads()
+        threads = _threads_for(batch * heads * queries * sum(held) * head_dim)
         weights = tensors[0].new_empty(batch, heads, queries, sum(held))
         out = tensors[0].new_zeros(batch, heads, queries, head_dim)
         partial = tensors[0].new_empty(threads, batch * heads, queries, head_dim)
@@ -223,9 +223,18 @@ class PackedKernels:
             head_dim,
             queries,
             scaling,
-            torch.get_num_threads(),
+            _threads_for(batch * heads * queries * length * head_dim),
         )
         return out, weights
+
+
+# Below this many multiply-adds a step runs on one thread: waking the others (with passive waiting, a futex
+# per phase) costs more than they save. A decoding step over a few hundred held tokens is that small.
+SERIAL_WORK = 2**20
+
+
+def _threads_for(work: int) -> int:
+    return 1 if work < SERIAL_WORK else torch.get_num_threads()
 
 
 def load_packed_kernels() -> PackedKernels:
