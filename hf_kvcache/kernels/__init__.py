@@ -3,8 +3,8 @@
 The C++ source ships with the package and is compiled on first use with the system's C++ compiler (``$CXX``,
 else ``g++`` or ``c++``; OpenMP, ``-O3 -march=native``) into ``$HF_KVCACHE_HOME/kernels/``, keyed by the
 source, the flags and the CPU, then loaded with :mod:`ctypes`. No torch headers are involved, so a build
-takes a few seconds. :func:`packed_kernels` returns ``None`` (and says why) where no compiler, OpenMP or a
-working build is available; the caller then runs the same computation in torch.
+takes a few seconds. :func:`load_packed_kernels` raises :class:`KernelUnavailable` (saying why) where no
+compiler, OpenMP or working build is available; the caller then runs the same computation in torch.
 """
 
 from __future__ import annotations
@@ -58,8 +58,19 @@ def _build(target: Path) -> None:
         os.replace(built, target)
 
 
+# Below this many multiply-adds a step runs on one thread: waking the others (with passive waiting, a futex
+# per phase) costs more than they save. A decoding step over a few hundred held tokens is that small.
+SERIAL_WORK = 2**20
+
+
+def _threads_for(work: int) -> int:
+    return 1 if work < SERIAL_WORK else torch.get_num_threads()
+
+
 class PackedKernels:
-    """The loaded library: :meth:`scores` and :meth:`values` over grouped-layout codes (see the C++ file)."""
+    """The loaded library (see the C++ file): :meth:`scores` and :meth:`values` over grouped-layout codes, a
+    whole unmasked step over a quantized layer (:meth:`decode`) and over float32 slots (:meth:`dense_decode`).
+    Each call runs on :func:`_threads_for` its work."""
 
     def __init__(self, library: ctypes.CDLL):
         pointer, size = ctypes.c_void_p, ctypes.c_int64
@@ -120,7 +131,7 @@ class PackedKernels:
             head_dim,
             queries,
             nbits,
-            torch.get_num_threads(),
+            _threads_for(batch * heads * queries * groups * group_size * head_dim),
         )
         if status:
             raise ValueError(f"the packed-attention kernel has no {nbits}-bit codes")
@@ -137,7 +148,7 @@ class PackedKernels:
             self._flat("scale", scale, torch.float32),
             self._flat("zero", zero, torch.float32),
         ]
-        threads = torch.get_num_threads()
+        threads = _threads_for(batch * heads * queries * length * head_dim)
         partial = tensors[1].new_empty(threads, batch * heads, queries, head_dim)
         out = tensors[1].new_empty(batch, heads, queries, head_dim)
         status = self._values(
@@ -226,15 +237,6 @@ class PackedKernels:
             _threads_for(batch * heads * queries * length * head_dim),
         )
         return out, weights
-
-
-# Below this many multiply-adds a step runs on one thread: waking the others (with passive waiting, a futex
-# per phase) costs more than they save. A decoding step over a few hundred held tokens is that small.
-SERIAL_WORK = 2**20
-
-
-def _threads_for(work: int) -> int:
-    return 1 if work < SERIAL_WORK else torch.get_num_threads()
 
 
 def load_packed_kernels() -> PackedKernels:
