@@ -94,7 +94,22 @@ class PackedKernels:
         self._dense.argtypes = (
             [pointer] * 3 + [size] * 2 + [pointer] * 2 + [size] * 3 + [ctypes.c_float, ctypes.c_int]
         )
-        for function in (self._scores, self._values, self._decode, self._dense):
+        self._slots = library.hfkv_slots_decode
+        self._slots.argtypes = (
+            [pointer] * 3
+            + [size]
+            + [pointer] * 4
+            + [size]
+            + [pointer] * 4
+            + [size]
+            + [pointer] * 2
+            + [size]
+            + [pointer] * 3
+            + [size] * 4
+            + [ctypes.c_int] * 3
+            + [ctypes.c_float, ctypes.c_int]
+        )
+        for function in (self._scores, self._values, self._decode, self._dense, self._slots):
             function.restype = ctypes.c_int
 
     @property
@@ -211,6 +226,61 @@ class PackedKernels:
         )
         if status:
             raise ValueError("the fused decoding kernel needs keys and values of one width")
+        return out, weights
+
+    def slots_decode(
+        self, query, sinks, packed, stamps, residual, scaling: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One unmasked step over sinks, the slots of a scattered-layout
+        :class:`~hf_kvcache.strategies.packed_store.PackedTokens` (keys and values of one width; a slot whose
+        ``stamps`` ``[B, H, P]`` entry is negative is empty) and residual, in one call. ``query`` ``[B, H, M,
+        D]`` grouped by key head; ``sinks``/``residual`` ``(keys, values)`` in float32. Returns the output
+        ``[B, H, M, D]`` and the weights ``[B, H, M, S + P + R]`` in slot order, float32."""
+        batch, heads, queries, head_dim = query.shape
+        held = [sinks[0].shape[2], stamps.shape[2], residual[0].shape[2]]
+        group = self._flat("key groups", packed.key_group)
+        tensors = [self._flat("query", query, torch.float32)]
+        tensors += [self._flat("sinks", part) for part in sinks]
+        tensors += [
+            self._flat("codes", packed.key_codes),
+            group,
+            self._flat("scale", packed.group_scale, torch.float32),
+            self._flat("zero", packed.group_zero, torch.float32),
+            self._flat("codes", packed.value_codes),
+            self._flat("scale", packed.value_scale, torch.float32),
+            self._flat("zero", packed.value_zero, torch.float32),
+            self._flat("stamps", stamps),
+        ]
+        tensors += [self._flat("residual", part) for part in residual]
+        threads = _threads_for(batch * heads * queries * sum(held) * head_dim)
+        weights = tensors[0].new_empty(batch, heads, queries, sum(held))
+        out = tensors[0].new_zeros(batch, heads, queries, head_dim)
+        partial = tensors[0].new_empty(threads, batch * heads, queries, head_dim)
+        pointers = [t.data_ptr() for t in tensors]
+        status = self._slots(
+            *pointers[:3],
+            held[0],
+            *pointers[3:7],
+            packed.group_scale.shape[2],
+            *pointers[7:11],
+            held[1],
+            *pointers[11:],
+            held[2],
+            weights.data_ptr(),
+            out.data_ptr(),
+            partial.data_ptr(),
+            batch * heads,
+            packed.group_size,
+            head_dim,
+            queries,
+            packed.key_codec.nbits,
+            packed.value_codec.nbits,
+            group.element_size(),
+            scaling,
+            threads,
+        )
+        if status:
+            raise ValueError("the slot decoding kernel needs keys and values of one known width")
         return out, weights
 
     def dense_decode(self, query, keys, values, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

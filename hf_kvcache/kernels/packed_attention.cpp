@@ -225,6 +225,110 @@ int dispatch_values(const uint8_t* c, const float* p, const float* vs, const flo
     return 0;
 }
 
+// One decoding step over sinks (S), P packed *slots* and residual (R), unmasked, for the compositions of
+// eviction with packed storage (hf_kvcache/strategies/packed_slots.py). A slot holds one token packed along
+// its channels (D * NB / 8 bytes, planar), the index of its key group (int16 or int32), whose per-channel
+// key scale/zero is row `group` of a table of `rows` rows, and a value scale/zero per group of G channels.
+// A slot whose stamp is negative is empty (its token was evicted): it gets weight 0. Weights [BH, M, S + P
+// + R] in slot order, out [BH, M, D] (zeros on entry).
+template <int NB, int DC, typename Index>
+void slots_decode(const float* q, const float* sink_k, const float* sink_v, int64_t S, const uint8_t* kc,
+                  const Index* group, const float* ks, const float* kz, int64_t rows, const uint8_t* vc,
+                  const float* vs, const float* vz, const int32_t* stamps, int64_t P, const float* rk,
+                  const float* rv, int64_t R, float* w, float* out, float* partial, int64_t BH, int64_t G,
+                  int64_t Druntime, int64_t M, float scaling, int threads) {
+    const int64_t D = DC > 0 ? DC : Druntime;
+    const int64_t total = S + P + R, token_bytes = D * NB / 8, channel_groups = D / G, width = BH * M * D;
+#pragma omp parallel num_threads(threads)
+    {
+        exact_scores(q, sink_k, S * D, w, BH, S, D, M, total, 0, scaling);
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t bh = 0; bh < BH; bh++)
+            for (int64_t t = 0; t < P; t++) {
+                const int64_t slot = bh * P + t;
+                if (stamps[slot] < 0) {
+                    for (int64_t m = 0; m < M; m++) w[(bh * M + m) * total + S + t] = -INFINITY;
+                    continue;
+                }
+                float key[D];
+                unpack_run<NB>(kc + slot * token_bytes, D, key);
+                const float* scale = ks + (bh * rows + group[slot]) * D;
+                const float* zero = kz + (bh * rows + group[slot]) * D;
+#pragma omp simd
+                for (int64_t c = 0; c < D; c++) key[c] = key[c] * scale[c] + zero[c];
+                for (int64_t m = 0; m < M; m++) {
+                    const float* qm = q + (bh * M + m) * D;
+                    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                    for (int64_t c = 0; c < D; c++) acc += qm[c] * key[c];
+                    w[(bh * M + m) * total + S + t] = acc * scaling;
+                }
+            }
+        exact_scores(q, rk, R * D, w, BH, R, D, M, total, S + P, scaling);
+        softmax_rows(w, BH * M, total);
+        const int team = omp_get_num_threads();
+        float* mine = partial + (int64_t)omp_get_thread_num() * width;
+        memset(mine, 0, sizeof(float) * width);
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t bh = 0; bh < BH; bh++)
+            for (int64_t t = 0; t < P; t++) {
+                const int64_t slot = bh * P + t;
+                if (stamps[slot] < 0) continue;
+                float value[D];
+                unpack_run<NB>(vc + slot * token_bytes, D, value);
+                const float* scale = vs + slot * channel_groups;
+                const float* zero = vz + slot * channel_groups;
+                for (int64_t cg = 0; cg < channel_groups; cg++) {
+                    const float s = scale[cg], z = zero[cg];
+#pragma omp simd
+                    for (int64_t j = 0; j < G; j++) value[cg * G + j] = value[cg * G + j] * s + z;
+                }
+                for (int64_t m = 0; m < M; m++) {
+                    float* o = mine + (bh * M + m) * D;
+                    const float weight = w[(bh * M + m) * total + S + t];
+#pragma omp simd
+                    for (int64_t c = 0; c < D; c++) o[c] += weight * value[c];
+                }
+            }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < width; i++) {
+            float acc = out[i];
+            for (int th = 0; th < team; th++) acc += partial[th * width + i];
+            out[i] = acc;
+        }
+        exact_values(w, sink_v, S * D, out, BH, S, D, M, total, 0);
+        exact_values(w, rv, R * D, out, BH, R, D, M, total, S + P);
+    }
+}
+
+template <int NB, typename Index>
+int dispatch_slots(const float* q, const float* sk, const float* sv, int64_t S, const uint8_t* kc, const void* grp,
+                   const float* ks, const float* kz, int64_t rows, const uint8_t* vc, const float* vs,
+                   const float* vz, const int32_t* st, int64_t P, const float* rk, const float* rv, int64_t R,
+                   float* w, float* out, float* part, int64_t BH, int64_t G, int64_t D, int64_t M, float scaling,
+                   int threads) {
+    const Index* g = static_cast<const Index*>(grp);
+    if (D == 64) slots_decode<NB, 64, Index>(q, sk, sv, S, kc, g, ks, kz, rows, vc, vs, vz, st, P, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+    else if (D == 128) slots_decode<NB, 128, Index>(q, sk, sv, S, kc, g, ks, kz, rows, vc, vs, vz, st, P, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+    else slots_decode<NB, 0, Index>(q, sk, sv, S, kc, g, ks, kz, rows, vc, vs, vz, st, P, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+    return 0;
+}
+
+template <typename Index>
+int dispatch_slots_bits(int nbits, const float* q, const float* sk, const float* sv, int64_t S, const uint8_t* kc,
+                        const void* grp, const float* ks, const float* kz, int64_t rows, const uint8_t* vc,
+                        const float* vs, const float* vz, const int32_t* st, int64_t P, const float* rk,
+                        const float* rv, int64_t R, float* w, float* out, float* part, int64_t BH, int64_t G,
+                        int64_t D, int64_t M, float scaling, int threads) {
+    switch (nbits) {
+        case 2: return dispatch_slots<2, Index>(q, sk, sv, S, kc, grp, ks, kz, rows, vc, vs, vz, st, P, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+        case 3: return dispatch_slots<3, Index>(q, sk, sv, S, kc, grp, ks, kz, rows, vc, vs, vz, st, P, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+        case 4: return dispatch_slots<4, Index>(q, sk, sv, S, kc, grp, ks, kz, rows, vc, vs, vz, st, P, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+        case 8: return dispatch_slots<8, Index>(q, sk, sv, S, kc, grp, ks, kz, rows, vc, vs, vz, st, P, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+        default: return -1;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -279,5 +383,21 @@ int hfkv_decode(const float* q, const float* sink_k, const float* sink_v, int64_
         case 8: return dispatch_decode<8, 8>(q, sink_k, sink_v, S, kc, ks, kz, vc, vs, vz, n, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
         default: return -1;
     }
+}
+
+// Slots of eviction+quantized compositions (see slots_decode). index_bytes: 2 (int16) or 4 (int32) key-group
+// indices. Returns -1 for widths this file does not know or keys and values of different widths.
+int hfkv_slots_decode(const float* q, const float* sk, const float* sv, int64_t S, const uint8_t* kc,
+                      const void* grp, const float* ks, const float* kz, int64_t rows, const uint8_t* vc,
+                      const float* vs, const float* vz, const int32_t* st, int64_t P, const float* rk,
+                      const float* rv, int64_t R, float* w, float* out, float* part, int64_t BH, int64_t G,
+                      int64_t D, int64_t M, int key_bits, int value_bits, int index_bytes, float scaling,
+                      int threads) {
+    if (key_bits != value_bits) return -1;
+    if (index_bytes == 2)
+        return dispatch_slots_bits<int16_t>(key_bits, q, sk, sv, S, kc, grp, ks, kz, rows, vc, vs, vz, st, P, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+    if (index_bytes == 4)
+        return dispatch_slots_bits<int32_t>(key_bits, q, sk, sv, S, kc, grp, ks, kz, rows, vc, vs, vz, st, P, rk, rv, R, w, out, part, BH, G, D, M, scaling, threads);
+    return -1;
 }
 }

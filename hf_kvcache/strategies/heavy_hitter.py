@@ -86,6 +86,8 @@ class QuantizedHeavyHitterLayer(QuantizedStorage, HeavyHitterLayer):
     """A heavy-hitter layer that holds its entries in quantized storage (``heavy-hitter+quantized``); its
     sinks are always kept, out of the heavy budget."""
 
+    victims_from = "scores"
+
 
 @register_strategy(
     "heavy-hitter", "H2O: recent tokens plus those with the most accumulated attention, per KV head"

@@ -58,7 +58,7 @@ def torch_packed_values(codes, weights, scale, zero, group_size: int, nbits: int
     return out.reshape(batch, heads, queries, -1)
 
 
-def _compiled_or_none(backend: str, device: torch.device):
+def compiled_kernels(backend: str, device: torch.device):
     """The native kernels when ``backend`` asks for them (``auto`` or ``compiled``) on this device."""
     if backend == "torch":
         return None
@@ -87,7 +87,7 @@ def _compiled_or_none(backend: str, device: torch.device):
 def _packed_part(packed, queries: torch.Tensor, backend: str):
     """The packed tokens' logits (unscaled) ``[B, H, M, n]`` and a function of their weights giving their
     share of the output."""
-    kernels = _compiled_or_none(backend, queries.device)
+    kernels = compiled_kernels(backend, queries.device)
     rotate_keys, rotate_values = rotated_tensors(packed.rotation_kind)
     rotation = packed.rotation
     if rotate_keys:
@@ -123,7 +123,7 @@ def _fused_kernels(layer, queries: torch.Tensor, length: int, attention_mask, so
         or not layer.packed_length
     ):
         return None
-    return _compiled_or_none(backend, queries.device)
+    return compiled_kernels(backend, queries.device)
 
 
 def _dense_output(values: torch.Tensor):
@@ -184,7 +184,7 @@ def dense_attention(
     kv_heads = keys.shape[1]
     queries = query.float().reshape(batch, kv_heads, query_heads // kv_heads * length, head_dim)
     unmasked = length == 1 and attention_mask is None and not any(v is not None for v in math.values())
-    kernels = _compiled_or_none("auto", query.device) if unmasked and _slot_rows(keys, values) else None
+    kernels = compiled_kernels("auto", query.device) if unmasked and _slot_rows(keys, values) else None
     if kernels is not None:  # one native call: logits, softmax and output
         out, weights = kernels.dense_decode(queries, keys, values, scaling)
         weights = weights.view(batch, query_heads, length, -1)

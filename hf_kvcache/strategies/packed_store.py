@@ -49,6 +49,9 @@ from hf_kvcache.strategies.packing import (
 )
 from hf_kvcache.strategies.rotation import rotated_tensors, rotation_matrix
 
+# The tensors :meth:`PackedTokens.quantize` returns, by name.
+PACKED_PARTS = ("key_codes", "value_codes", "value_scale", "value_zero", "group_scale", "group_zero")
+
 
 class PackedTokens(HeldTensors):
     """Bit-packed tokens of one layer in the grouped or scattered layout (see the module docstring).
@@ -56,8 +59,7 @@ class PackedTokens(HeldTensors):
     Shapes (``n`` tokens, ``g`` key groups, ``D`` head size, ``G`` group size, ``b = nbits``):
     ``key_codes``/``value_codes`` ``[B, H, n * b / 8, D]`` (grouped) or ``[B, H, n, D * b / 8]`` (scattered),
     uint8; ``value_scale``/``value_zero`` ``[B, H, n, D / G]``; ``group_scale``/``group_zero`` ``[B, H, g,
-    D]``; scattered
-    only: ``key_group`` ``[B, H, n]`` and ``group_members`` ``[B, H, g]``, int16.
+    D]``; scattered only: ``key_group`` ``[B, H, n]`` and ``group_members`` ``[B, H, g]``, int16.
     """
 
     key_codes = RowTensor("packed key codes")
@@ -143,40 +145,44 @@ class PackedTokens(HeldTensors):
             positions = self._positions(self.first_position, keys.shape[2], keys.device)
             keys.copy_(self.key_rope.at_positions(keys, positions))
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, position: int = 0) -> None:
-        """Quantize ``[B, H, k * G, D]`` tokens once, as ``k`` new key groups, and append them; ``position``:
-        the cache position of the first of them (read with ``keys=pre_rope``)."""
+    def quantize(self, keys: torch.Tensor, values: torch.Tensor, position: int = 0) -> tuple:
+        """``[B, H, k * G, D]`` tokens quantized as ``k`` key groups and packed for this layout: the tensors
+        of ``PACKED_PARTS``; ``position``: the cache position of the first (read with ``keys=pre_rope``)."""
         size = self.group_size
-        if self.length == 0:
-            self.first_position = position
         keys, values = self._to_stored(keys, values, position)
         key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = quantize_kivi(
             self.key_codec, self.value_codec, keys, values, size, self.group_scale.dtype
         )
         if self.scattered:
-            self._add_group_rows(keys.shape[2] // size)
             key_codes, value_codes = self.key_codec.pack(key_codes), self.value_codec.pack(value_codes)
         else:
             key_codes = pack_token_groups(self.key_codec, key_codes, size)
             value_codes = pack_token_groups(self.value_codec, value_codes, size)
-        self.key_codes = torch.cat([self.key_codes, key_codes], dim=2)
-        self.value_codes = torch.cat([self.value_codes, value_codes], dim=2)
-        self.value_scale = torch.cat([self.value_scale, value_scale], dim=2)
-        self.value_zero = torch.cat([self.value_zero, value_zero], dim=2)
-        self.group_scale = torch.cat([self.group_scale, key_scale], dim=2)
-        self.group_zero = torch.cat([self.group_zero, key_zero], dim=2)
+        return key_codes, value_codes, value_scale, value_zero, key_scale, key_zero
 
-    def _add_group_rows(self, groups: int) -> None:
-        """Scattered layout: number ``groups`` new key groups of ``G`` tokens, after compacting the table."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor, position: int = 0) -> None:
+        """Quantize ``[B, H, k * G, D]`` tokens once, as ``k`` new key groups, and append them; ``position``:
+        the cache position of the first of them (read with ``keys=pre_rope``)."""
+        if self.length == 0:
+            self.first_position = position
+        parts = self.quantize(keys, values, position)
+        if self.scattered:
+            new_ids = self.add_group_rows(keys.shape[2] // self.group_size)  # renumbers key_group first
+            self.key_group = torch.cat([self.key_group, new_ids], dim=2)
+        for name, part in zip(PACKED_PARTS, parts, strict=True):
+            setattr(self, name, torch.cat([getattr(self, name), part], dim=2))
+
+    def add_group_rows(self, groups: int) -> torch.Tensor:
+        """Scattered layout: number ``groups`` new key groups of ``G`` tokens, after compacting the table, and
+        return the key group of each of their tokens, ``[B, H, groups * G]``."""
         self._compact_groups()
         batch, heads, first = self.group_members.shape
         if first + groups > torch.iinfo(self.key_group.dtype).max:
             self.key_group = self.key_group.int()  # more than 32767 live key groups
         ids = torch.arange(first, first + groups, device=self.key_group.device, dtype=self.key_group.dtype)
-        new_ids = ids.repeat_interleave(self.group_size).expand(batch, heads, -1)
-        self.key_group = torch.cat([self.key_group, new_ids], dim=2)
         members = self.group_members.new_full((batch, heads, groups), self.group_size)
         self.group_members = torch.cat([self.group_members, members], dim=2)
+        return ids.repeat_interleave(self.group_size).expand(batch, heads, -1)
 
     def _compact_groups(self) -> None:
         """Let go of key-group rows that no token uses any more: live rows move to the front, in order."""
@@ -192,7 +198,9 @@ class PackedTokens(HeldTensors):
         self.group_members = self.group_members.gather(2, keep)
         renumber = torch.empty_like(order)
         renumber.scatter_(2, order, torch.arange(order.shape[2], device=order.device).expand_as(order))
-        self.key_group = renumber.gather(2, self.key_group.long()).to(self.key_group.dtype)
+        # An empty slot (packed_slots.py) may name a group that went: any row in range does for it.
+        renumbered = renumber.gather(2, self.key_group.long()).clamp_(max=max(rows - 1, 0))
+        self.key_group = renumbered.to(self.key_group.dtype)
 
     def keep(self, indices: torch.Tensor) -> None:
         """Scattered layout: keep tokens ``indices`` ``[B, H, kept]`` (ascending); recount each key group."""

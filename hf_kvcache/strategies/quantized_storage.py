@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from hf_kvcache.base import gather_entries
+from hf_kvcache.strategies.packed_slots import PackedSlots, dequantize_slots
 from hf_kvcache.strategies.packed_store import QuantizedTokens
 from hf_kvcache.strategies.quantized import QuantizedOptions
 
@@ -41,12 +42,12 @@ def check_composed_quantization(quantization: object) -> None:
         )
 
 
-class QuantizedStorage(QuantizedTokens):
+class QuantizedStorage(PackedSlots, QuantizedTokens):
     """Mixin for an :class:`~hf_kvcache.strategies.eviction.EvictingLayer`: holds its entries in the quantized
-    store, scattered layout (see the module docstring); ``sinks`` tokens are kept exact and always."""
+    store, scattered layout (see the module docstring); ``sinks`` tokens are kept exact and always. Decoding
+    steps run in place over packed slots where the strategy allows (:mod:`.packed_slots`)."""
 
-    decodes_in_place = False
-    reads_storage = False  # the entry point reads no scattered codes yet: attention gets a dense copy
+    decodes_in_place = False  # EvictingLayer's own in-place path writes full-precision slots
 
     def __init__(self, *args: Any, quantization: QuantizedOptions, num_sink_tokens: int, **kwargs: Any):
         self.setup_quantized(quantization, num_sink_tokens, quantization.residual_length, scattered=True)
@@ -89,7 +90,25 @@ class QuantizedStorage(QuantizedTokens):
         residual = indices[..., sinks + kept_packed :]
         self.key_buffer, self.value_buffer = gather_entries(keys, residual), gather_entries(values, residual)
 
+    def assemble(self, key_states: torch.Tensor | None = None, value_states: torch.Tensor | None = None):
+        if self.packed_stamps is None:
+            return super().assemble(key_states, value_states)
+        order = self.age_order_of_slots()  # slots in use: read them in age order, changing nothing
+        packed = [gather_entries(t, order) for t in dequantize_slots(self.packed, self.key_buffer)]
+        fresh = ([], []) if key_states is None else ([key_states], [value_states])
+        return tuple(
+            torch.cat([sink, part, residual, *new], dim=2)
+            for sink, part, residual, new in zip(
+                (self.sink_keys, self.sink_values),
+                packed,
+                (self.key_buffer, self.value_buffer),
+                fresh,
+                strict=True,
+            )
+        )
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        self.leave_slots()
         result = super().update(key_states, value_states, *args, **kwargs)
         if not self.holds_padding:
             self.settle()

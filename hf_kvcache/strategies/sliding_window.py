@@ -94,6 +94,8 @@ class SlidingWindowLayer(EvictingLayer):
 class QuantizedSlidingWindowLayer(QuantizedStorage, SlidingWindowLayer):
     """A sliding-window layer that holds its entries in quantized storage (``sliding-window+quantized``)."""
 
+    victims_from = "age"
+
 
 @register_strategy(
     "sliding-window",
