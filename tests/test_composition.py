@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_kvcache import HeavyHitterKVCache, SlidingWindowKVCache, build_cache, canonical_spec, parse_spec
+from hf_kvcache.strategies.packed_slots import EMPTY_SLOT
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from tests.conftest import make_tiny_model, random_ids
 
@@ -119,7 +120,7 @@ def test_heavy_hitter_keeps_each_packed_token_decodable_with_its_own_group():
     # place leaves the slots of evicted tokens empty until a key group refills them).
     store = layer.packed
     assert layer.packed_stamps is not None  # these decoding steps ran in place
-    in_use = (layer.packed_stamps >= 0).long()
+    in_use = (layer.packed_stamps != EMPTY_SLOT).long()
     assert bool((in_use.sum(-1) == packed).all())
     counts = torch.zeros_like(store.group_members, dtype=torch.int64)
     counts.scatter_add_(2, store.key_group.long(), in_use)

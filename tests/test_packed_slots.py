@@ -9,7 +9,7 @@ import torch
 
 from hf_kvcache import build_cache, load_cache
 from hf_kvcache import kernels as kernel_module
-from hf_kvcache.strategies.packed_slots import PackedSlots
+from hf_kvcache.strategies.packed_slots import EMPTY_SLOT, PackedSlots
 from hf_kvcache.strategies.packed_store import PackedTokens
 from hf_kvcache.strategies.packing import TorchCodec
 from tests.conftest import ARCHITECTURES, MORE_ARCHITECTURES, left_padded_ids, make_tiny_model, random_ids
@@ -127,7 +127,7 @@ def slot_store(nbits: int, head_dim: int, slots: int, seed: int = 0):
     store.dequantize_into(dense_keys, dense_values)
     stamps = torch.arange(slots, dtype=torch.int32).expand(2, 3, slots).contiguous()
     empty = torch.rand(2, 3, slots, generator=generator) < 0.3
-    return store, stamps.masked_fill(empty, -1), dense_keys.double(), dense_values.double()
+    return store, stamps.masked_fill(empty, EMPTY_SLOT), dense_keys.double(), dense_values.double()
 
 
 @pytest.mark.parametrize("nbits", [2, 3, 4, 8])
@@ -144,7 +144,7 @@ def test_the_slot_kernel_equals_float64_attention_without_the_empty_slots(nbits,
     keys = torch.cat([sinks[0].double(), packed_keys, residual[0].double()], 2)
     values = torch.cat([sinks[1].double(), packed_values, residual[1].double()], 2)
     logits = 0.3 * query.double() @ keys.transpose(-1, -2)
-    filled = torch.nn.functional.pad(stamps >= 0, (4, 9), value=True).unsqueeze(2)
+    filled = torch.nn.functional.pad(stamps != EMPTY_SLOT, (4, 9), value=True).unsqueeze(2)
     expected = torch.softmax(logits.masked_fill(~filled, float("-inf")), -1)
     torch.testing.assert_close(weights.double(), expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.double(), expected @ values, rtol=1e-4, atol=1e-5)

@@ -119,11 +119,13 @@ class PackedKernels:
 
     @staticmethod
     def _flat(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``[B, H, ...]`` as a contiguous ``[B * H, ...]`` CPU tensor (in ``dtype``, if given)."""
+        """``tensor`` as a contiguous CPU tensor (in ``dtype``, if given) whose data the kernels read as rows
+        ``[B * H, ...]``."""
         if tensor.device.type != "cpu":
             raise ValueError(f"the packed-attention kernel runs on CPU; {name} is on {tensor.device}")
-        tensor = tensor if dtype is None else tensor.to(dtype)
-        return tensor.reshape(tensor.shape[0] * tensor.shape[1], *tensor.shape[2:]).contiguous()
+        if dtype is not None and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        return tensor if tensor.is_contiguous() else tensor.contiguous()
 
     def scores(self, codes, query, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
         """``q . k`` of queries ``[B, H, M, D]`` with the keys of grouped-layout ``codes`` (``[B, H, n * nbits
@@ -233,9 +235,9 @@ class PackedKernels:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One unmasked step over sinks, the slots of a scattered-layout
         :class:`~hf_kvcache.strategies.packed_store.PackedTokens` (keys and values of one width; a slot whose
-        ``stamps`` ``[B, H, P]`` entry is negative is empty) and residual, in one call. ``query`` ``[B, H, M,
-        D]`` grouped by key head; ``sinks``/``residual`` ``(keys, values)`` in float32. Returns the output
-        ``[B, H, M, D]`` and the weights ``[B, H, M, S + P + R]`` in slot order, float32."""
+        int32 ``stamps`` ``[B, H, P]`` entry is ``EMPTY_SLOT`` holds nothing) and residual, in one call.
+        ``query`` ``[B, H, M, D]`` grouped by key head; ``sinks``/``residual`` ``(keys, values)`` in float32.
+        Returns the output ``[B, H, M, D]`` and the weights ``[B, H, M, S + P + R]`` (slot order), float32."""
         batch, heads, queries, head_dim = query.shape
         held = [sinks[0].shape[2], stamps.shape[2], residual[0].shape[2]]
         group = self._flat("key groups", packed.key_group)

@@ -15,6 +15,8 @@
 
 namespace {
 
+constexpr int32_t EMPTY = 2147483647;  // packed_slots.EMPTY_SLOT
+
 template <int NB>
 inline void unpack_run(const uint8_t* __restrict bytes, int64_t count, float* __restrict out) {
     if constexpr (NB == 8) {
@@ -229,7 +231,7 @@ int dispatch_values(const uint8_t* c, const float* p, const float* vs, const flo
 // eviction with packed storage (hf_kvcache/strategies/packed_slots.py). A slot holds one token packed along
 // its channels (D * NB / 8 bytes, planar), the index of its key group (int16 or int32), whose per-channel
 // key scale/zero is row `group` of a table of `rows` rows, and a value scale/zero per group of G channels.
-// A slot whose stamp is negative is empty (its token was evicted): it gets weight 0. Weights [BH, M, S + P
+// A slot whose stamp is EMPTY (INT32_MAX) holds no token (it was evicted): it gets weight 0. Weights [BH, M, S + P
 // + R] in slot order, out [BH, M, D] (zeros on entry).
 template <int NB, int DC, typename Index>
 void slots_decode(const float* q, const float* sink_k, const float* sink_v, int64_t S, const uint8_t* kc,
@@ -246,7 +248,7 @@ void slots_decode(const float* q, const float* sink_k, const float* sink_v, int6
         for (int64_t bh = 0; bh < BH; bh++)
             for (int64_t t = 0; t < P; t++) {
                 const int64_t slot = bh * P + t;
-                if (stamps[slot] < 0) {
+                if (stamps[slot] == EMPTY) {
                     for (int64_t m = 0; m < M; m++) w[(bh * M + m) * total + S + t] = -INFINITY;
                     continue;
                 }
@@ -273,7 +275,7 @@ void slots_decode(const float* q, const float* sink_k, const float* sink_v, int6
         for (int64_t bh = 0; bh < BH; bh++)
             for (int64_t t = 0; t < P; t++) {
                 const int64_t slot = bh * P + t;
-                if (stamps[slot] < 0) continue;
+                if (stamps[slot] == EMPTY) continue;
                 float value[D];
                 unpack_run<NB>(vc + slot * token_bytes, D, value);
                 const float* scale = vs + slot * channel_groups;

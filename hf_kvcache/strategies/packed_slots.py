@@ -31,8 +31,9 @@ from hf_kvcache.budget import tokens
 from hf_kvcache.held import RowTensor
 from hf_kvcache.strategies.packed_attention import attention_weights, compiled_kernels
 from hf_kvcache.strategies.packed_store import PACKED_PARTS, PackedTokens
-from hf_kvcache.strategies.slots import victim
 
+# The stamp of an empty slot: above every token's, so that the oldest token is the smallest stamp.
+EMPTY_SLOT = torch.iinfo(torch.int32).max
 # Slot-aligned tensors of a scattered PackedTokens (one row per token), which grow together.
 SLOT_PARTS = ("key_codes", "value_codes", "value_scale", "value_zero", "key_group")
 
@@ -89,7 +90,7 @@ def attend_slots(
         keys = torch.cat([sink_keys, packed_keys, residual[0]], dim=2).float()
         values = torch.cat([layer.sink_values, packed_values, residual[1]], dim=2).float()
         logits = (queries @ keys.transpose(-1, -2)).view(batch, query_heads, length, -1)
-        filled = F.pad(stamps >= 0, (sink_keys.shape[2], residual[0].shape[2]), value=True)
+        filled = F.pad(stamps != EMPTY_SLOT, (sink_keys.shape[2], residual[0].shape[2]), value=True)
         keep = filled.repeat_interleave(query_heads // kv_heads, dim=1).unsqueeze(2)  # [B, H_q, 1, K]
         weights = attention_weights(logits, keep, scaling, **math)
         out = weights.reshape(batch, kv_heads, -1, weights.shape[-1]) @ values
@@ -104,7 +105,7 @@ class PackedSlots:
 
     victims_from: ClassVar[str | None] = None
     packed_stamps = RowTensor(
-        "age stamp of each packed slot while decoding in place [B, H, P], int32; -1: empty"
+        "age stamp of each packed slot while decoding in place [B, H, P], int32; EMPTY_SLOT: empty"
     )
 
     @property
@@ -165,8 +166,9 @@ class PackedSlots:
         for declared, tensor in self.slot_state():
             widths = [0, 0] * (tensor.dim() - 3) + [0, 1]
             setattr(self, declared.name, F.pad(tensor, widths, value=declared.fill))
-        self.seen, self.stored = self.seen + 1, total
-        self.real_seen, self.cached_real = self.real_seen + 1, self.cached_real + 1
+        self.seen, self.real_seen = self.seen + 1, self.real_seen + 1
+        if not evicting:  # an evicting step holds as many real tokens after it as before
+            self.stored, self.cached_real = total, self.cached_real + 1
         return True
 
     def attend_stored(self, query: torch.Tensor, attention_mask, scaling: float, **math):
@@ -205,7 +207,7 @@ class PackedSlots:
         batch, heads, slots = stamps.shape
         sinks, reused = self.sink_keys.shape[2], min(slots - self.packed_live, count)
         device = stamps.device
-        targets = [stamps.argsort(dim=-1, stable=True)[..., :reused]]  # empty slots (-1) sort first
+        targets = [stamps.topk(reused, dim=-1).indices]  # empty slots have the largest stamp
         if count > reused:
             grown = count - reused
             for name in SLOT_PARTS:
@@ -215,7 +217,7 @@ class PackedSlots:
                     name,
                     torch.cat([tensor, tensor.new_zeros(batch, heads, grown, *tensor.shape[3:])], 2),
                 )
-            self.packed_stamps = stamps = F.pad(stamps, (0, grown), value=-1)
+            self.packed_stamps = stamps = F.pad(stamps, (0, grown), value=EMPTY_SLOT)
             targets.append(torch.arange(slots, slots + grown, device=device).expand(batch, heads, grown))
         target = torch.cat(targets, dim=-1)
         residual = self.key_buffer.shape[2]
@@ -261,24 +263,24 @@ class PackedSlots:
     def _evict_packed(self, scores: torch.Tensor | None, recent: int) -> None:
         """Empty the slot of the packed token of lowest priority (ties: the oldest) in each row and head."""
         packed, stamps = self.packed, self.packed_stamps
-        candidate = stamps >= 0
-        protected = recent - self.key_buffer.shape[2]  # the newest entries past the residual are packed
-        if protected > 0:
-            newest = stamps.topk(protected, dim=-1).values[..., -1:]
-            candidate &= stamps < newest
-        if scores is None:
-            chosen = victim(stamps, candidate, stamps)
+        if scores is None:  # age: the oldest token, whose stamp is the smallest
+            chosen = stamps.argmin(dim=-1)
         else:
+            # No entry among the newest `recent` was ever evicted, so the packed ones among them hold the
+            # newest stamps, without gaps: below `threshold` are the candidates.
+            threshold = self.next_stamp - max(recent - self.key_buffer.shape[2], 0)
             sinks = self.sink_keys.shape[2]
-            chosen = victim(scores[..., sinks : sinks + stamps.shape[2]], candidate, stamps)
+            protected = stamps >= threshold
+            priority = scores[..., sinks : sinks + stamps.shape[2]].masked_fill(protected, float("inf"))
+            tied = priority == priority.amin(dim=-1, keepdim=True)  # never protected: a candidate exists
+            chosen = torch.where(tied, stamps, EMPTY_SLOT).argmin(dim=-1)  # the oldest of those tied
         index = chosen.unsqueeze(-1)
         group = packed.key_group.gather(2, index).long()
         packed.group_members.scatter_add_(
             2, group, torch.full_like(group, -1, dtype=packed.group_members.dtype)
         )
-        stamps.scatter_(2, index, -1)
+        stamps.scatter_(2, index, EMPTY_SLOT)
         self.packed_live -= 1
-        self.stored, self.cached_real = self.stored - 1, self.cached_real - 1
 
     def leave_slots(self) -> None:
         """Put the packed tokens (and per-entry state) back in age order, dropping empty slots: before a step
@@ -305,6 +307,4 @@ class PackedSlots:
 
     def age_order_of_slots(self) -> torch.Tensor:
         """Slots ``[B, H, live]`` of the packed tokens, oldest first."""
-        stamps = self.packed_stamps
-        last = torch.iinfo(stamps.dtype).max
-        return stamps.masked_fill(stamps < 0, last).argsort(dim=-1, stable=True)[..., : self.packed_live]
+        return self.packed_stamps.argsort(dim=-1, stable=True)[..., : self.packed_live]
