@@ -11,7 +11,8 @@ and every step assembles a dense copy of all of them. A decoding step served by 
   it into the slots that evicted tokens left empty (more slots only while nothing has been evicted);
 * evicts one packed token per row and KV head, by the strategy's priority: age (``victims_from="age"``, the
   sliding window) or this step's scores from the same attention weights (``"scores"``, H2O). The slot is
-  marked empty and its key group counts one member fewer.
+  marked empty; its key group's member count (which frees the group's row once it reaches 0) is recounted
+  when the next key group is packed, and when the layer leaves the slots, rather than at every eviction.
 
 ``packed_stamps`` ``[B, H, P]`` (int32) orders the slots by age (``-1``: empty); it exists only while
 decoding in place. Reading the layer (``keys``, ``values``) and the general path see the tokens in age order.
@@ -147,11 +148,20 @@ class PackedSlots:
         return recent >= residual and live > recent - residual
 
     def serves_attention(self, new: int) -> bool:
-        return self.packs_in_place(new)
+        # Asked by the query capture just before this layer's update, which then reuses the answer.
+        served = self.packs_in_place(new)
+        self.slot_step = ("decided", self.seen, self.stored, new, served)
+        return served
 
     def store_for_attention(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool | None:
         """Begin a step in place (the entry point then calls :meth:`attend_stored`); ``None`` otherwise."""
-        if not self.packs_in_place(key_states.shape[-2]):
+        new, decided = key_states.shape[-2], self.slot_step
+        if decided is not None and decided[:4] == ("decided", self.seen, self.stored, new):
+            served = decided[4]
+        else:
+            served = self.packs_in_place(new)
+        self.slot_step = None
+        if not served:
             return None
         if self.packed_stamps is None:  # the packed tokens are in age order: slot i is the i-th oldest
             count = self.packed.length
@@ -220,6 +230,9 @@ class PackedSlots:
             self.packed_stamps = stamps = F.pad(stamps, (0, grown), value=EMPTY_SLOT)
             targets.append(torch.arange(slots, slots + grown, device=device).expand(batch, heads, grown))
         target = torch.cat(targets, dim=-1)
+        members = torch.zeros_like(packed.group_members, dtype=torch.int32)
+        members.scatter_add_(2, packed.key_group.long(), (stamps != EMPTY_SLOT).int())
+        packed.group_members = members.to(packed.group_members.dtype)  # before a table compaction reads it
         residual = self.key_buffer.shape[2]
         parts = dict(
             zip(
@@ -262,7 +275,7 @@ class PackedSlots:
 
     def _evict_packed(self, scores: torch.Tensor | None, recent: int) -> None:
         """Empty the slot of the packed token of lowest priority (ties: the oldest) in each row and head."""
-        packed, stamps = self.packed, self.packed_stamps
+        stamps = self.packed_stamps
         if scores is None:  # age: the oldest token, whose stamp is the smallest
             chosen = stamps.argmin(dim=-1)
         else:
@@ -274,12 +287,8 @@ class PackedSlots:
             priority = scores[..., sinks : sinks + stamps.shape[2]].masked_fill(protected, float("inf"))
             tied = priority == priority.amin(dim=-1, keepdim=True)  # never protected: a candidate exists
             chosen = torch.where(tied, stamps, EMPTY_SLOT).argmin(dim=-1)  # the oldest of those tied
-        index = chosen.unsqueeze(-1)
-        group = packed.key_group.gather(2, index).long()
-        packed.group_members.scatter_add_(
-            2, group, torch.full_like(group, -1, dtype=packed.group_members.dtype)
-        )
-        stamps.scatter_(2, index, EMPTY_SLOT)
+        # The key group's member count is updated when the next group is packed, not here (module docstring).
+        stamps.scatter_(2, chosen.unsqueeze(-1), EMPTY_SLOT)
         self.packed_live -= 1
 
     def leave_slots(self) -> None:
