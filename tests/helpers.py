@@ -122,6 +122,39 @@ def generate(model, cache, mode: str, ids: torch.Tensor, mask: torch.Tensor) -> 
     return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **options)
 
 
+def decode(model, spec, ids, mask=None, mode: str = "greedy", new: int = 24):
+    """Generate ``new`` tokens through ``spec`` (a spec string or a built cache) in ``mode`` (seeded), with
+    their logits: tokens, logits, cache."""
+    cache = build_cache(spec, model) if isinstance(spec, str) else spec
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **MODES[mode],
+        )
+    return out.sequences, torch.stack(out.logits), cache
+
+
+def record_calls(monkeypatch, owner: type, name: str) -> list:
+    """Patch method ``name`` of ``owner`` to append its instance to the returned list on every call."""
+    calls = []
+    original = getattr(owner, name)
+
+    def recording(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
+
+
 def stream(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
     """Feed ``ids`` through ``cache`` ``chunk`` tokens at a time; every position's logits."""
     with torch.no_grad():

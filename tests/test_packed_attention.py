@@ -13,7 +13,7 @@ from hf_kvcache.strategies.packing import TorchCodec, pack_token_groups, quantiz
 from hf_kvcache.strategies.quantized import QuantizedLayer, QuantizedOptions
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 from tests.conftest import ARCHITECTURES, MORE_ARCHITECTURES, left_padded_ids, make_tiny_model, random_ids
-from tests.helpers import MODES
+from tests.helpers import decode, record_calls
 
 QUICK = "group_size=8,residual_length=4"
 GREEDY = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
@@ -65,37 +65,10 @@ def test_packed_scores_and_outputs_equal_float64_sums_over_dequantized_codes(
     torch.testing.assert_close(output.double(), expected_output, rtol=1e-4, atol=1e-5)
 
 
-def decode(model, spec, ids, mask=None, mode: str = "greedy", new: int = 24):
-    """Generate ``new`` tokens through ``spec`` (a spec string or a built cache); tokens, logits, cache."""
-    cache = build_cache(spec, model) if isinstance(spec, str) else spec
-    torch.manual_seed(0)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            past_key_values=cache,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **MODES[mode],
-        )
-    return out.sequences, torch.stack(out.logits), cache
-
-
 @pytest.fixture
 def stored_calls(monkeypatch):
     """How many attention calls read a layer's storage."""
-    calls = []
-    original = QuantizedLayer.attend_stored
-
-    def counting(self, *args, **kwargs):
-        calls.append(self)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(QuantizedLayer, "attend_stored", counting)
-    return calls
+    return record_calls(monkeypatch, QuantizedLayer, "attend_stored")
 
 
 @pytest.mark.parametrize("arch", sorted({*ARCHITECTURES, *MORE_ARCHITECTURES}))

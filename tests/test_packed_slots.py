@@ -12,8 +12,9 @@ from hf_kvcache import kernels as kernel_module
 from hf_kvcache.strategies.packed_slots import EMPTY_SLOT, PackedSlots
 from hf_kvcache.strategies.packed_store import PackedTokens
 from hf_kvcache.strategies.packing import TorchCodec
+from tests import helpers
 from tests.conftest import ARCHITECTURES, MORE_ARCHITECTURES, left_padded_ids, make_tiny_model, random_ids
-from tests.helpers import MODES, stream
+from tests.helpers import record_calls, stream
 
 QUANTIZED = "quantized:nbits={nbits},group_size=8,residual_length=8"
 WINDOW = "sliding-window:window_length=36,num_sink_tokens=4+" + QUANTIZED
@@ -22,36 +23,14 @@ SPECS = {"window": WINDOW, "h2o": H2O}
 
 
 def decode(model, spec, ids, mask=None, mode: str = "greedy", new: int = 30):
-    """Generate ``new`` tokens through ``spec`` (a spec string or a built cache); tokens, logits, cache."""
-    cache = build_cache(spec, model) if isinstance(spec, str) else spec
-    torch.manual_seed(0)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            past_key_values=cache,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **MODES[mode],
-        )
-    return out.sequences, torch.stack(out.logits), cache
+    """:func:`tests.helpers.decode`, 30 new tokens by default: several key groups packed and evicted."""
+    return helpers.decode(model, spec, ids, mask, mode, new)
 
 
 @pytest.fixture
 def slot_steps(monkeypatch):
     """The layers whose attention ran over packed slots, one entry per call."""
-    calls = []
-    original = PackedSlots.attend_stored
-
-    def counting(self, *args, **kwargs):
-        calls.append(self)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(PackedSlots, "attend_stored", counting)
-    return calls
+    return record_calls(monkeypatch, PackedSlots, "attend_stored")
 
 
 def assert_same_run(run, dense_run) -> None:

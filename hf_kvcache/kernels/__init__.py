@@ -127,6 +127,16 @@ class PackedKernels:
             tensor = tensor.to(dtype)
         return tensor if tensor.is_contiguous() else tensor.contiguous()
 
+    @staticmethod
+    def _step_outputs(query: torch.Tensor, total: int):
+        """For a fused step of ``query`` ``[B, H, M, D]`` over ``total`` tokens: its threads, the weights
+        ``[B, H, M, total]``, the output ``[B, H, M, D]`` (zeros) and each thread's partial output."""
+        batch, heads, queries, head_dim = query.shape
+        threads = _threads_for(batch * heads * queries * total * head_dim)
+        weights = query.new_empty(batch, heads, queries, total)
+        out = query.new_zeros(batch, heads, queries, head_dim)
+        return threads, weights, out, query.new_empty(threads, batch * heads, queries, head_dim)
+
     def scores(self, codes, query, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
         """``q . k`` of queries ``[B, H, M, D]`` with the keys of grouped-layout ``codes`` (``[B, H, n * nbits
         / 8, D]``, key scale/zero ``[B, H, n / G, D]``): ``[B, H, M, n]``, float32."""
@@ -202,10 +212,7 @@ class PackedKernels:
             self._flat("zero", packed.value_zero, torch.float32),
         ]
         tensors += [self._flat("residual", part) for part in residual]
-        threads = _threads_for(batch * heads * queries * sum(held) * head_dim)
-        weights = tensors[0].new_empty(batch, heads, queries, sum(held))
-        out = tensors[0].new_zeros(batch, heads, queries, head_dim)
-        partial = tensors[0].new_empty(threads, batch * heads, queries, head_dim)
+        threads, weights, out, partial = self._step_outputs(tensors[0], sum(held))
         pointers = [t.data_ptr() for t in tensors]
         status = self._decode(
             *pointers[:3],
@@ -254,10 +261,7 @@ class PackedKernels:
             self._flat("stamps", stamps),
         ]
         tensors += [self._flat("residual", part) for part in residual]
-        threads = _threads_for(batch * heads * queries * sum(held) * head_dim)
-        weights = tensors[0].new_empty(batch, heads, queries, sum(held))
-        out = tensors[0].new_zeros(batch, heads, queries, head_dim)
-        partial = tensors[0].new_empty(threads, batch * heads, queries, head_dim)
+        threads, weights, out, partial = self._step_outputs(tensors[0], sum(held))
         pointers = [t.data_ptr() for t in tensors]
         status = self._slots(
             *pointers[:3],

@@ -77,6 +77,38 @@ void scores(const uint8_t* codes, const float* q, const float* ks, const float* 
         }
 }
 
+// One packed value row (codes of D channels, unpacked into `v`) with its per-channel-group scale and zero
+// (D / G of each): o_m += weight_m * value for each of the M queries (weights at p[m * ld]).
+// DC: the head size known at compile time, or 0 (then Druntime).
+template <int DC>
+inline void add_value_row(const float* v, const float* scale, const float* zero, int64_t Druntime, int64_t G,
+                          int64_t M, const float* p, int64_t ld, float* o) {
+    const int64_t D = DC > 0 ? DC : Druntime;
+    float row[D];
+    for (int64_t cg = 0; cg < D / G; cg++) {
+        const float s = scale[cg], z = zero[cg];
+#pragma omp simd
+        for (int64_t j = 0; j < G; j++) row[cg * G + j] = v[cg * G + j] * s + z;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        const float weight = p[m * ld];
+        float* om = o + m * D;
+#pragma omp simd
+        for (int64_t c = 0; c < D; c++) om[c] += weight * row[c];
+    }
+}
+
+// out += the sum over the team's threads of their partial outputs (width floats each).
+inline void add_partials(const float* partial, int64_t width, float* out) {
+    const int team = omp_get_num_threads();
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < width; i++) {
+        float acc = out[i];
+        for (int th = 0; th < team; th++) acc += partial[th * width + i];
+        out[i] = acc;
+    }
+}
+
 // partial[thread] += weights (rows of ld floats, packed tokens from column col0) @ V; then out += the sum of
 // the partials (out must hold zeros, or what earlier parts added).
 template <int NB, int DC>
@@ -86,39 +118,21 @@ void values(const uint8_t* codes, const float* p, const float* vs, const float* 
     const int64_t D = DC > 0 ? DC : Druntime;
     const int64_t group_bytes = G * NB / 8 * D, n = groups * G, channel_groups = D / G, width = BH * M * D;
     if (ld < 0) ld = n;
-    const int threads = omp_get_num_threads();
     // Each thread sums its share of the tokens into its own output; the shares are added at the end.
     float* mine = partial + (int64_t)omp_get_thread_num() * width;
     memset(mine, 0, sizeof(float) * width);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t bh = 0; bh < BH; bh++)
         for (int64_t g = 0; g < groups; g++) {
-            float tile[G * D], row[D];
+            float tile[G * D];
             unpack_run<NB>(codes + (bh * groups + g) * group_bytes, G * D, tile);
             for (int64_t t = 0; t < G; t++) {
-                const int64_t token = g * G + t;
-                const float* v = tile + t * D;
-                const float* scale = vs + (bh * n + token) * channel_groups;
-                const float* zero = vz + (bh * n + token) * channel_groups;
-                for (int64_t cg = 0; cg < channel_groups; cg++) {
-                    const float s = scale[cg], z = zero[cg];
-#pragma omp simd
-                    for (int64_t j = 0; j < G; j++) row[cg * G + j] = v[cg * G + j] * s + z;
-                }
-                for (int64_t m = 0; m < M; m++) {
-                    float* o = mine + (bh * M + m) * D;
-                    const float weight = p[(bh * M + m) * ld + col0 + token];
-#pragma omp simd
-                    for (int64_t c = 0; c < D; c++) o[c] += weight * row[c];
-                }
+                const int64_t token = (bh * n + g * G + t) * channel_groups;
+                add_value_row<DC>(tile + t * D, vs + token, vz + token, D, G, M,
+                              p + bh * M * ld + col0 + g * G + t, ld, mine + bh * M * D);
             }
         }
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < width; i++) {
-        float acc = out[i];
-        for (int th = 0; th < threads; th++) acc += partial[th * width + i];
-        out[i] = acc;
-    }
+    add_partials(partial, width, out);
 }
 
 // A part held in float32: keys/values of head bh start at bh * stride, one row of D per token. Logits go
@@ -268,7 +282,6 @@ void slots_decode(const float* q, const float* sink_k, const float* sink_v, int6
             }
         exact_scores(q, rk, R * D, w, BH, R, D, M, total, S + P, scaling);
         softmax_rows(w, BH * M, total);
-        const int team = omp_get_num_threads();
         float* mine = partial + (int64_t)omp_get_thread_num() * width;
         memset(mine, 0, sizeof(float) * width);
 #pragma omp for collapse(2) schedule(static)
@@ -278,26 +291,10 @@ void slots_decode(const float* q, const float* sink_k, const float* sink_v, int6
                 if (stamps[slot] == EMPTY) continue;
                 float value[D];
                 unpack_run<NB>(vc + slot * token_bytes, D, value);
-                const float* scale = vs + slot * channel_groups;
-                const float* zero = vz + slot * channel_groups;
-                for (int64_t cg = 0; cg < channel_groups; cg++) {
-                    const float s = scale[cg], z = zero[cg];
-#pragma omp simd
-                    for (int64_t j = 0; j < G; j++) value[cg * G + j] = value[cg * G + j] * s + z;
-                }
-                for (int64_t m = 0; m < M; m++) {
-                    float* o = mine + (bh * M + m) * D;
-                    const float weight = w[(bh * M + m) * total + S + t];
-#pragma omp simd
-                    for (int64_t c = 0; c < D; c++) o[c] += weight * value[c];
-                }
+                add_value_row<DC>(value, vs + slot * channel_groups, vz + slot * channel_groups, D, G, M,
+                              w + bh * M * total + S + t, total, mine + bh * M * D);
             }
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < width; i++) {
-            float acc = out[i];
-            for (int th = 0; th < team; th++) acc += partial[th * width + i];
-            out[i] = acc;
-        }
+        add_partials(partial, width, out);
         exact_values(w, sink_v, S * D, out, BH, S, D, M, total, 0);
         exact_values(w, rv, R * D, out, BH, R, D, M, total, S + P);
     }
