@@ -329,3 +329,10 @@ class KeyRotator:
     def shift(self, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         angles = self._angles(offsets, keys.device)[:, None, None, :]  # [B, 1, 1, rotary_dim]
         return rotate_half_rope(keys.float(), angles.cos(), angles.sin()).to(keys.dtype)
+
+    def mean_rotation(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos`` and ``sin`` ``[rotary_dim]`` of the average of the rotations by 1, 2, ..., ``count``
+        positions: ``rotate_half_rope(x, cos, sin)`` is their mean applied to ``x`` (each channel pair's mean
+        rotation is a rotation scaled down, which ``cos`` and ``sin`` carry)."""
+        angles = self._angles(torch.arange(1, count + 1), device)
+        return angles.cos().mean(0), angles.sin().mean(0)

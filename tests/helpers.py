@@ -26,6 +26,7 @@ LOSSLESS = {
     "heavy-hitter": "heavy-hitter:heavy_budget=32,recent_budget=32",
     "knorm": "knorm:budget=64,num_sink_tokens=4,recent=8",
     "tova": "tova:budget=64",
+    "expected-attention": "expected-attention:budget=64,num_sink_tokens=4,recent=8",
     "snapkv": "snapkv:budget=64,window_size=8",
     "sliding-window+quantized": (
         "sliding-window:window_length=64+quantized:nbits=2,group_size=8,residual_length=64"
@@ -34,6 +35,9 @@ LOSSLESS = {
         "heavy-hitter:heavy_budget=8,recent_budget=64+quantized:group_size=8,residual_length=64"
     ),
     "knorm+quantized": "knorm:budget=80,recent=72+quantized:nbits=2,group_size=8,residual_length=64",
+    "expected-attention+quantized": (
+        "expected-attention:budget=80,recent=72+quantized:nbits=2,group_size=8,residual_length=64"
+    ),
 }
 LOSSY = {
     "full": "full",
@@ -42,6 +46,7 @@ LOSSY = {
     "heavy-hitter": "heavy-hitter:heavy_budget=6,recent_budget=6",
     "knorm": "knorm:budget=12,num_sink_tokens=2,recent=4",
     "tova": "tova:budget=12",
+    "expected-attention": "expected-attention:budget=12,num_sink_tokens=2,recent=4",
     "snapkv": "snapkv:budget=12,window_size=4,kernel_size=3",
     "sliding-window+quantized": (
         "sliding-window:window_length=16+quantized:nbits=2,group_size=8,residual_length=4"
@@ -50,6 +55,9 @@ LOSSY = {
         "heavy-hitter:heavy_budget=8,recent_budget=8+quantized:group_size=8,residual_length=4"
     ),
     "knorm+quantized": "knorm:budget=20,recent=11+quantized:nbits=2,group_size=8,residual_length=4",
+    "expected-attention+quantized": (
+        "expected-attention:budget=20,recent=11+quantized:nbits=2,group_size=8,residual_length=4"
+    ),
 }
 # Options of the quantized store below 4 bits, alone and under eviction (not strategies of their own).
 QUANTIZATION_VARIANTS = [
@@ -172,14 +180,19 @@ def eager_weights(arch: str, ids: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 def bookkeeping_bytes(cache) -> int:
-    """What eviction layers hold beyond the tokens: two int64 counters per row (real tokens seen and held)
-    and, for H2O, a float32 accumulated score per held entry."""
+    """What eviction layers hold beyond the tokens: two int64 counters per row (real tokens seen and held);
+    for H2O, a float32 accumulated score per held entry; for expected attention, float32 query statistics
+    (a mean query per query head, a ``D x D`` moment per KV head, a count per row)."""
     total = 0
     for layer in cache.layers:
         if isinstance(layer, EvictingLayer):
             total += 8 * (layer.real_seen.numel() + layer.cached_real.numel())
-            if getattr(layer, "accumulates", False):
+            if getattr(layer, "accumulated", None) is not None:
                 total += 4 * layer.scores.numel()
+            if getattr(layer, "query_moment", None) is not None:
+                batch, heads, dim, _ = layer.query_moment.shape
+                query_heads = layer.mean_query.shape[1]
+                total += 4 * batch * (query_heads * dim + heads * dim * dim + 1)
     return total
 
 

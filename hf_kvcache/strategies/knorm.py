@@ -14,7 +14,11 @@ from hf_kvcache.budget import Budget, check_budget
 from hf_kvcache.registry import register_strategy
 from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache
 from hf_kvcache.strategies.quantized import QuantizedOptions
-from hf_kvcache.strategies.quantized_storage import QuantizedStorage, check_composed_quantization
+from hf_kvcache.strategies.quantized_storage import (
+    QuantizedStorage,
+    check_composed_quantization,
+    check_recent_covers_residual,
+)
 
 
 @dataclass(frozen=True)
@@ -29,17 +33,7 @@ class KeyNormOptions:
     def __post_init__(self):
         check_budget(self, sinks="num_sink_tokens", recent="recent")
         check_composed_quantization(self.quantization)
-        quantization = self.quantization
-        if quantization is None:
-            return
-        # The residual packs whole key groups only, so it holds up to residual_length + group_size - 1 tokens.
-        most = quantization.residual_length + quantization.group_size - 1
-        if not isinstance(self.recent, int) or self.recent < most:
-            raise ValueError(
-                f"recent={self.recent} must be at least residual_length + group_size - 1 = {most} tokens of "
-                "the quantized half: the full-precision residual (up to that many newest tokens) is never "
-                "evicted"
-            )
+        check_recent_covers_residual(self.recent, self.quantization)
 
 
 class KeyNormLayer(EvictingLayer):

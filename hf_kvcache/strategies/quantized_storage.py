@@ -42,6 +42,20 @@ def check_composed_quantization(quantization: object) -> None:
         )
 
 
+def check_recent_covers_residual(recent: object, quantization: QuantizedOptions | None) -> None:
+    """For a strategy that protects its ``recent`` newest entries and may hold them quantized: ``recent``
+    (in tokens) must cover the full-precision residual, which is never evicted."""
+    if quantization is None:
+        return
+    # The residual packs whole key groups only, so it holds up to residual_length + group_size - 1 tokens.
+    most = quantization.residual_length + quantization.group_size - 1
+    if not isinstance(recent, int) or recent < most:
+        raise ValueError(
+            f"recent={recent} must be at least residual_length + group_size - 1 = {most} tokens of the "
+            "quantized half: the full-precision residual (up to that many newest tokens) is never evicted"
+        )
+
+
 class QuantizedStorage(PackedSlots, QuantizedTokens):
     """Mixin for an :class:`~hf_kvcache.strategies.eviction.EvictingLayer`: holds its entries in the quantized
     store, scattered layout (see the module docstring); ``sinks`` tokens are kept exact and always. Decoding

@@ -169,18 +169,23 @@ class ScoringLayer(EvictingLayer):
         scores, self.step_scores = self.step_scores, None
         return scores
 
-    def observe_attention(
-        self, keys: torch.Tensor, new_valid: torch.Tensor | None, real_in_full: torch.Tensor, evicting: bool
-    ) -> None:
-        queries, self.queries = self.queries, None
-        math, self.math = self.math, None  # it holds a model parameter (sinks): no cache keeps it past a step
-        if not (evicting or self.accumulates):
-            return
-        if queries is None:
+    def take_queries(self, required: bool) -> tuple[torch.Tensor | None, AttentionMath | None]:
+        """This forward's captured queries and attention math, forgotten here (the math holds a model
+        parameter, sinks, which no cache keeps past a step); ``required``: an error if none came."""
+        queries, math, self.queries, self.math = self.queries, self.math, None, None
+        if required and queries is None:
             raise RuntimeError(
                 f"the {type(self).__name__} got no queries for this layer: call the model it was built for "
                 "(its attention hooks feed the scores), not a copy or another model"
             )
+        return queries, math
+
+    def observe_attention(
+        self, keys: torch.Tensor, new_valid: torch.Tensor | None, real_in_full: torch.Tensor, evicting: bool
+    ) -> None:
+        queries, math = self.take_queries(required=evicting or self.accumulates)
+        if not (evicting or self.accumulates):
+            return
         total = keys.shape[-2]
         new = 1 if new_valid is None else new_valid.shape[-1]
         count = new if self.scored_queries is None else min(new, self.scored_queries)
