@@ -124,6 +124,13 @@ class KVCache(Cache):
         if any(getattr(layer, "reads_storage", False) for layer in self.layers):
             self.storage_attention_off = install_storage_attention(model, len(self.layers))
 
+    @property
+    def is_compileable(self) -> bool:
+        # False for every strategy, though eviction caches decode in one graph under torch.compile: generate
+        # reads this flag as "build 4D masks up front and compile with CUDA graphs", which hides the 2D
+        # padding mask that eviction reads. Compile the forward instead (README, torch.compile section).
+        return False
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:

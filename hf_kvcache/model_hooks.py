@@ -108,11 +108,14 @@ def left_padding_counts(attention_mask: torch.Tensor | None, batch: int, total: 
         )
     pads = total - mask.sum(-1)
     starts_real = torch.arange(total, device=device) >= pads[:, None]
-    if not torch.equal(mask.bool(), starts_real):
-        raise ValueError(
-            "eviction caches support left padding only (each row: zeros, then ones); got a mask with padding "
-            "after a real token. Use tokenizer.padding_side = 'left'."
-        )
+    message = (
+        "eviction caches support left padding only (each row: zeros, then ones); got a mask with padding "
+        "after a real token. Use tokenizer.padding_side = 'left'."
+    )
+    if torch.compiler.is_compiling():  # a traced graph cannot branch on the mask: it asserts when it runs
+        torch._assert_async((mask.bool() == starts_real).all(), message)
+    elif not torch.equal(mask.bool(), starts_real):
+        raise ValueError(message)
     return pads
 
 
@@ -134,7 +137,11 @@ class ForwardState:
                 pads = next(iter(self._pads.values())).to(device)
             else:
                 pads = left_padding_counts(self.attention_mask, batch, total, device)
-                self.max_pad = int(pads.max()) if batch else 0
+                # Under torch.compile the largest padding is not read back (a graph break per layer): it stays
+                # 0. Layers compare it with the tokens seen only on steps that hold no padding, where every
+                # row's newest token is real, so it cannot exceed them there.
+                if batch and not torch.compiler.is_compiling():
+                    self.max_pad = int(pads.max())
             self._pads[device] = pads
         return self._pads[device]
 

@@ -59,8 +59,11 @@ def torch_packed_values(codes, weights, scale, zero, group_size: int, nbits: int
 
 
 def compiled_kernels(backend: str, device: torch.device):
-    """The native kernels when ``backend`` asks for them (``auto`` or ``compiled``) on this device."""
-    if backend == "torch":
+    """The native kernels when ``backend`` asks for them (``auto`` or ``compiled``) on this device.
+
+    Under ``torch.compile`` the answer is ``None``: dynamo cannot trace a foreign call, and the torch
+    computation it traces instead is fused by Inductor into generated code of its own."""
+    if backend == "torch" or torch.compiler.is_compiling():
         return None
     if device.type != "cpu":
         if backend == "compiled":

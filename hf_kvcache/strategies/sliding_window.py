@@ -64,7 +64,10 @@ class SlidingWindowLayer(EvictingLayer):
         # Shifted positions: the kept tokens sit at consecutive positions ending just before the new ones.
         # The recent tokens already do; the sinks are moved up by the number of real tokens evicted so far,
         # always from their original rotation, so the shift is never applied twice.
-        if self.rotator is None or self.sinks == 0 or not bool((evicted > 0).any()):
+        if self.rotator is None or self.sinks == 0:
+            return keys
+        # A shift by 0 is exact, so a compiled step shifts unconditionally rather than read the count back.
+        if not torch.compiler.is_compiling() and not bool((evicted > 0).any()):
             return keys
         sinks = self.sinks
         if not in_place:

@@ -44,7 +44,12 @@ def write_slot(
 
 def _write(tensor: torch.Tensor, slot: int | torch.Tensor, value: torch.Tensor | float) -> None:
     if isinstance(slot, int):
-        tensor[:, :, slot] = value
+        # A view and a copy rather than item assignment, which torch.compile specializes on the slot number
+        # (a recompilation per decoding step while the slots grow).
+        if isinstance(value, torch.Tensor):
+            tensor.select(2, slot).copy_(value)
+        else:
+            tensor.select(2, slot).fill_(value)
         return
     trailing = tensor.shape[3:]
     index = slot.view(*slot.shape, 1, *([1] * len(trailing))).expand(*slot.shape, 1, *trailing)
