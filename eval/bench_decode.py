@@ -6,7 +6,10 @@ For each length, one process prefills a cache per strategy (``hf_kvcache.prefill
 first tokens of the corpus, then times ``--steps`` greedy decoding steps per cache per round, one cache after
 another, for ``--rounds`` rounds: every strategy meets the same machine load, and the medians and min-max of
 ms/token are reported. ``--profile`` also counts the aten operators one decoding step runs (torch profiler),
-next to the full cache's; each cache's prefill time is printed too (one run each, so only indicative). Only
+next to the full cache's; each cache's prefill time is printed too (one run each, so only indicative).
+``--compile`` adds, for every strategy, a second cache decoded through ``torch.compile(model.forward)`` (rows
+named ``<spec> [compiled]``), timed in the same rounds; compilation and the one recompilation that makes the
+token count dynamic happen in untimed warm-up steps, and the compiled tokens are checked against eager. Only
 the public API is used, so the same script times another checkout of the package
 (``PYTHONPATH=/path/to/checkout``), which is how before/after figures are taken.
 """
@@ -34,30 +37,53 @@ def count_aten_ops(model, cache, token) -> tuple[int, torch.Tensor]:
     return sum(1 for event in prof.events() if event.name.startswith("aten::")), token
 
 
+COMPILED = " [compiled]"
+WARMUP_STEPS = 3  # untimed: first calls, and under --compile the compilation and its one recompilation
+
+
 @torch.no_grad()
-def measure(model, ids: torch.Tensor, specs: list[str], rounds: int, steps: int, profile: bool) -> dict:
+def measure(
+    model, ids: torch.Tensor, specs: list[str], rounds: int, steps: int, profile: bool, compile: bool = False
+) -> dict:
     from hf_kvcache import build_cache, cache_nbytes, prefill
 
-    caches, tokens, results, prefill_s = {}, {}, {}, {}
-    for spec in specs:
-        cache = build_cache(spec, model)
+    forwards = {spec: model.forward for spec in specs}
+    if compile:
+        # One compiled forward serves every strategy, each with its own guards: allow them all.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(specs))
+        compiled_forward = torch.compile(model.forward)
+        forwards.update({spec + COMPILED: compiled_forward for spec in specs})
+    caches, tokens, results, prefill_s, produced = {}, {}, {}, {}, {}
+    for name in forwards:
+        cache = build_cache(name.removesuffix(COMPILED), model)
         start = time.perf_counter()
         prefill(model, ids, cache, chunk_size=512)
-        prefill_s[spec] = time.perf_counter() - start
-        tokens[spec] = model(ids[:, -1:], past_key_values=cache).logits[:, -1:].argmax(-1)
-        caches[spec] = cache
-        print(f"  {ids.shape[1]}: prefilled {spec}", file=sys.stderr, flush=True)
-    for spec in specs:  # one untimed step each: first-call costs are not charged to round one
-        tokens[spec] = model(tokens[spec], past_key_values=caches[spec]).logits[:, -1:].argmax(-1)
-    timings = {spec: [] for spec in specs}
+        prefill_s[name] = time.perf_counter() - start
+        tokens[name] = model(ids[:, -1:], past_key_values=cache).logits[:, -1:].argmax(-1)
+        caches[name], produced[name] = cache, []
+        print(f"  {ids.shape[1]}: prefilled {name}", file=sys.stderr, flush=True)
+
+    def step(name: str) -> None:
+        model.forward = forwards[name]  # replaced, not called directly: the model's hooks still run around it
+        logits = model(tokens[name], past_key_values=caches[name]).logits
+        tokens[name] = logits[:, -1:].argmax(-1)
+        produced[name].append(int(tokens[name][0, 0]))
+
+    for name in forwards:
+        start = time.perf_counter()
+        for _ in range(WARMUP_STEPS):
+            step(name)
+        if name.endswith(COMPILED):
+            print(f"  compiled {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    timings = {name: [] for name in forwards}
     for _ in range(rounds):
-        for spec in specs:
+        for name in forwards:
             start = time.perf_counter()
             for _ in range(steps):
-                logits = model(tokens[spec], past_key_values=caches[spec]).logits
-                tokens[spec] = logits[:, -1:].argmax(-1)
-            timings[spec].append(1000 * (time.perf_counter() - start) / steps)
-    for spec in specs:
+                step(name)
+            timings[name].append(1000 * (time.perf_counter() - start) / steps)
+    model.__dict__.pop("forward", None)  # the class's own forward again
+    for spec in forwards:
         values = timings[spec]
         results[spec] = {
             "ms_per_token": statistics.median(values),
@@ -67,7 +93,11 @@ def measure(model, ids: torch.Tensor, specs: list[str], rounds: int, steps: int,
             "held_bytes": cache_nbytes(caches[spec]),
             "prefill_s": prefill_s[spec],  # one run each, not interleaved: indicative only
         }
-        if profile:
+        if spec.endswith(COMPILED):
+            eager = produced[spec.removesuffix(COMPILED)]
+            same = sum(a == b for a, b in zip(eager, produced[spec], strict=True))
+            results[spec]["tokens_as_eager"] = f"{same}/{len(eager)}"
+        elif profile:
             ops, tokens[spec] = count_aten_ops(model, caches[spec], tokens[spec])
             results[spec]["aten_ops_per_step"] = ops
     return results
@@ -81,6 +111,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8, help="decoding steps per cache per round")
     parser.add_argument("--profile", action="store_true", help="count aten operators per decoding step")
+    parser.add_argument("--compile", action="store_true", help="also decode through torch.compile")
     parser.add_argument("--label", default="", help="a name for this run in the JSON (e.g. 'before')")
     parser.add_argument("--out", default="eval/results/decode.json")
     args = parser.parse_args()
@@ -93,10 +124,14 @@ def main() -> None:
     ids = corpus_token_ids(tokenizer, load_corpus(), max(args.lengths))
     report = {"label": args.label, "package": hf_kvcache.__file__, "settings": vars(args), "lengths": {}}
     for length in args.lengths:
-        rows = measure(model, ids[:, :length], args.strategies, args.rounds, args.steps, args.profile)
+        rows = measure(
+            model, ids[:, :length], args.strategies, args.rounds, args.steps, args.profile, args.compile
+        )
         report["lengths"][str(length)] = rows
         for spec, row in rows.items():
             ops = f"  {row['aten_ops_per_step']} aten ops" if "aten_ops_per_step" in row else ""
+            if "tokens_as_eager" in row:
+                ops = f"  {row['tokens_as_eager']} tokens as eager"
             print(
                 f"{length:>6} {spec:<72} {row['ms_per_token']:7.1f} ms/token "
                 f"({row['min']:.1f}-{row['max']:.1f}){ops}  prefill {row['prefill_s']:.1f} s",
