@@ -14,13 +14,7 @@ import torch
 from hf_kvcache.budget import Budget, check_budget
 from hf_kvcache.held import RowTensor
 from hf_kvcache.layout import AttentionLayout
-from hf_kvcache.model_hooks import (
-    KeyRotator,
-    applies_rope,
-    attention_modules,
-    find_rotary_module,
-    rotate_half_rope,
-)
+from hf_kvcache.model_hooks import KeyRotator, attention_modules, find_rotary_module, rotate_half_rope
 from hf_kvcache.registry import check_int, register_strategy
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from hf_kvcache.strategies.quantized_storage import (
@@ -28,6 +22,7 @@ from hf_kvcache.strategies.quantized_storage import (
     check_composed_quantization,
     check_recent_covers_residual,
 )
+from hf_kvcache.strategies.rotation import layer_rotators
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 
 
@@ -201,14 +196,14 @@ class ExpectedAttentionKVCache(ScoringCache):
 
     def build_layers(self, model, layout: AttentionLayout) -> list[ScoringLayer]:
         layers = super().build_layers(model, layout)
-        rotators = layer_rotators(model, layout)
+        rotators = rotators_of(model, layout)
         for layer, rotator in zip(layers, rotators, strict=True):
             if isinstance(layer, ExpectedAttentionLayer):
                 layer.rotator = rotator
         return layers
 
 
-def layer_rotators(model, layout: AttentionLayout) -> list[KeyRotator | None]:
+def rotators_of(model, layout: AttentionLayout) -> list[KeyRotator | None]:
     """Each layer's RoPE (``None`` where the layer applies none), which moves query statistics along."""
     try:
         rotary = find_rotary_module(model)
@@ -219,7 +214,4 @@ def layer_rotators(model, layout: AttentionLayout) -> list[KeyRotator | None]:
         ) from None
     if rotary is None:
         return [None] * layout.num_layers
-    return [
-        KeyRotator(rotary, kind) if applies_rope(module) else None
-        for kind, module in zip(layout.layer_types, attention_modules(model), strict=True)
-    ]
+    return layer_rotators(rotary, attention_modules(model), layout.layer_types)

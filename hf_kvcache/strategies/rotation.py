@@ -78,7 +78,14 @@ def key_ropes(model: nn.Module, layout: AttentionLayout) -> list[KeyRotator | No
             f"{type(model).__name__} has {'none' if rotary is None else 'attention modules we cannot find'}; "
             "use keys='post_rope'"
         )
+    return layer_rotators(rotary, modules, layout.layer_types)
+
+
+def layer_rotators(
+    rotary_module: nn.Module, modules: list[nn.Module], layer_types: tuple[str, ...]
+) -> list[KeyRotator | None]:
+    """Each attention module's RoPE (the table of its kind of layer), ``None`` for modules that apply none."""
     return [
-        KeyRotator(rotary, kind) if applies_rope(module) else None
-        for kind, module in zip(layout.layer_types, modules, strict=True)
+        KeyRotator(rotary_module, kind) if applies_rope(module) else None
+        for kind, module in zip(layer_types, modules, strict=True)
     ]
