@@ -76,6 +76,9 @@ def ask(
         )
     context_ids = tokenizer(context, return_tensors="pt").input_ids.to(model.device)
     prefill(model, context_ids, held, chunk_size=chunk_size, leave_last=False)
+    # A cache that compresses a whole context at once (kvzip) does it now, before any question exists.
+    if hasattr(held, "compress_context"):
+        held.compress_context()
     options = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     options.setdefault("pad_token_id", pad)

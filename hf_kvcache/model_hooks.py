@@ -29,6 +29,9 @@ class CacheObserver(Protocol):
     def observe_forward(self, attention_mask: torch.Tensor | None, query_length: int) -> None:
         """Before each model forward: its 2D padding mask ``[B, seen + new]`` (or ``None``) and new length."""
 
+    def observe_input_ids(self, input_ids: torch.Tensor | None) -> None:
+        """After ``observe_forward``: the forward's token ids ``[B, new]`` (``None`` for embeddings)."""
+
     def wants_queries(self, layer_idx: int, query_length: int) -> bool:
         """Before each attention layer: whether the cache needs this forward's queries of that layer."""
 
@@ -84,6 +87,8 @@ def _observe_model_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
     embeds = _find_argument(module, "inputs_embeds", args, kwargs)
     query_length = (input_ids if input_ids is not None else embeds).shape[1]
     observe(_find_argument(module, "attention_mask", args, kwargs), query_length)
+    if hasattr(cache, "observe_input_ids"):
+        cache.observe_input_ids(input_ids)
 
 
 def install_forward_observer(model: nn.Module) -> None:

@@ -28,6 +28,7 @@ LOSSLESS = {
     "tova": "tova:budget=64",
     "expected-attention": "expected-attention:budget=64,num_sink_tokens=4,recent=8",
     "snapkv": "snapkv:budget=64,window_size=8",
+    "kvzip": "kvzip:budget=64,chunk_size=8,prompt=none",
     "sliding-window+quantized": (
         "sliding-window:window_length=64+quantized:nbits=2,group_size=8,residual_length=64"
     ),
@@ -48,6 +49,7 @@ LOSSY = {
     "tova": "tova:budget=12",
     "expected-attention": "expected-attention:budget=12,num_sink_tokens=2,recent=4",
     "snapkv": "snapkv:budget=12,window_size=4,kernel_size=3",
+    "kvzip": "kvzip:budget=8,chunk_size=8,prompt=none",
     "sliding-window+quantized": (
         "sliding-window:window_length=16+quantized:nbits=2,group_size=8,residual_length=4"
     ),
@@ -182,9 +184,15 @@ def eager_weights(arch: str, ids: torch.Tensor, layer: int) -> torch.Tensor:
 def bookkeeping_bytes(cache) -> int:
     """What eviction layers hold beyond the tokens: two int64 counters per row (real tokens seen and held);
     for H2O, a float32 accumulated score per held entry; for expected attention, float32 query statistics
-    (a mean query per query head, a ``D x D`` moment per KV head, a count per row)."""
-    total = 0
+    (a mean query per query head, a ``D x D`` moment per KV head, a count per row); for kvzip, the int64 ids
+    of the prompt until it is compressed (one tensor, shared by the layers) and its int64 count per row and
+    head."""
+    total, ids = 0, {}
     for layer in cache.layers:
+        if getattr(layer, "context_ids", None) is not None:
+            ids[layer.context_ids.data_ptr()] = layer.context_ids.nbytes
+        if getattr(getattr(layer, "ragged", None), "counts", None) is not None:
+            total += layer.ragged.counts.nbytes
         if isinstance(layer, EvictingLayer):
             total += 8 * (layer.real_seen.numel() + layer.cached_real.numel())
             if getattr(layer, "accumulated", None) is not None:
@@ -193,7 +201,7 @@ def bookkeeping_bytes(cache) -> int:
                 batch, heads, dim, _ = layer.query_moment.shape
                 query_heads = layer.mean_query.shape[1]
                 total += 4 * batch * (query_heads * dim + heads * dim * dim + 1)
-    return total
+    return total + sum(ids.values())
 
 
 # --- the generic checks every strategy passes (the CONTRIBUTING walk-through runs them on its own example) --
@@ -243,7 +251,7 @@ def check_decoding_path_agrees_with_general_path(
         for t in range(prompt, length):
             logits.append(stream(model, ids[:, t : t + 1], cache, 1))
             evicted_in_place |= any(layer.pending_victim is not None for layer in layers)
-        runs.append((torch.cat(logits, 1), [layer.held() for layer in layers]))
+        runs.append((torch.cat(logits, 1), [held_entries(layer) for layer in layers]))
     (logits, held), (general_logits, general_held) = runs
     torch.testing.assert_close(logits, general_logits, rtol=1e-4, atol=1e-5)
     # The same entries, in age order; past layer 0 a key is computed from attention over slots in another
@@ -252,6 +260,16 @@ def check_decoding_path_agrees_with_general_path(
         torch.testing.assert_close(keys, general_keys, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(values, general_values, rtol=1e-4, atol=1e-5)
     return evicted_in_place
+
+
+def held_entries(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values an eviction layer holds: ``held()``, or for a ragged store (different counts per
+    head) its flat entries followed by the tail's, flattened the same way."""
+    ragged = getattr(layer, "ragged", None)
+    if ragged is None or not ragged.filled:
+        return layer.held()
+    tail = [t[:, :, : layer.stored].flatten(0, 2) for t in (layer.key_buffer, layer.value_buffer)]
+    return torch.cat([ragged.keys, tail[0]]), torch.cat([ragged.values, tail[1]])
 
 
 def check_options_are_declared_once_and_documented(name: str) -> None:

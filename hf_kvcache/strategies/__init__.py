@@ -11,6 +11,7 @@ from hf_kvcache.strategies.expected_attention import ExpectedAttentionKVCache
 from hf_kvcache.strategies.full import build_full_cache
 from hf_kvcache.strategies.heavy_hitter import HeavyHitterKVCache
 from hf_kvcache.strategies.knorm import KeyNormKVCache
+from hf_kvcache.strategies.kvzip import KVzipCache
 from hf_kvcache.strategies.quantized import QuantizedKVCache
 from hf_kvcache.strategies.sliding_window import SlidingWindowKVCache
 from hf_kvcache.strategies.snapkv import SnapKVCache
@@ -20,6 +21,7 @@ __all__ = [
     "ExpectedAttentionKVCache",
     "HeavyHitterKVCache",
     "KeyNormKVCache",
+    "KVzipCache",
     "QuantizedKVCache",
     "SlidingWindowKVCache",
     "SnapKVCache",

@@ -37,8 +37,10 @@ def attention_mass(
     key_valid: torch.Tensor | None,
     first_query_position: int,
     math: AttentionMath,
+    peak: bool = False,
 ) -> torch.Tensor:
-    """Attention probability each key receives, summed over the queries and over the query heads of its group.
+    """Attention probability each key receives, summed over the queries and over the query heads of its group
+    (or, with ``peak``, the largest any of them gives it).
 
     Args:
         queries: ``[B, H_q, q, D]`` rotated queries; query ``i`` sits at entry position ``first_query_position
@@ -49,6 +51,7 @@ def attention_mass(
         key_valid: ``[B, K]``, False for padding entries; ``None``: all real.
         first_query_position: entry index of the first query.
         math: the module's scaling, logit soft-capping and sinks, applied as its eager attention does.
+        peak: the maximum over queries and query heads instead of the sum. Default False.
 
     Returns:
         ``[B, H_kv, K]`` float32.
@@ -66,7 +69,8 @@ def attention_mass(
         # A decoding step with nothing masked: the one query sees every entry.
         logits = _capped(torch.einsum("bhgqd,bhkd->bhgqk", grouped, keys), math.softcap)
         probs = _softmax(logits, sinks)
-        return probs.sum(dim=(2, 3)) if query_valid is None else probs.sum(dim=(2, 3)) * query_valid
+        mass = probs.amax(dim=(2, 3)) if peak else probs.sum(dim=(2, 3))
+        return mass if query_valid is None else mass * query_valid
     mass = keys.new_zeros(batch, kv_heads, total)
     block = max(1, SCORE_BLOCK_ELEMENTS // (batch * kv_heads * groups * total))
     for start in range(0, length, block):
@@ -90,7 +94,10 @@ def attention_mass(
             probs.nan_to_num_(0.0)
         if query_valid is not None:
             probs.mul_(query_valid[:, None, None, start:stop, None])
-        mass[..., :visible_keys] += probs.sum(dim=(2, 3))
+        if peak:
+            mass[..., :visible_keys] = torch.maximum(mass[..., :visible_keys], probs.amax(dim=(2, 3)))
+        else:
+            mass[..., :visible_keys] += probs.sum(dim=(2, 3))
     return mass
 
 

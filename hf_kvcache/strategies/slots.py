@@ -9,6 +9,7 @@ head) or a ``[B, H]`` tensor.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -128,11 +129,16 @@ def growth_size(layer: Any, total: int) -> int:
     """Slots for an eviction layer that keeps growing (nothing to evict): about 1/8 more than ``total``, but
     never more bytes, positions and per-slot state included, than ``DynamicCache`` holds for the tokens seen
     by then."""
-    token_bytes = layer.key_buffer[0, 0, 0].nbytes + layer.value_buffer[0, 0, 0].nbytes
+    token_bytes = _slot_nbytes(layer.key_buffer) + _slot_nbytes(layer.value_buffer)
     held = [getattr(layer, d.name) for d in layer.declared("slot")]
-    slot_bytes = sum(tensor[0, 0, :1].nbytes for tensor in held if tensor is not None)
+    slot_bytes = sum(_slot_nbytes(tensor) for tensor in held if tensor is not None)
     affordable = (layer.seen + 1) * token_bytes // slot_bytes
     return max(total, min(affordable, total + total // 8))
+
+
+def _slot_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes of one slot of one row and head of ``tensor`` ``[B, H, slots, ...]``, even with no slot yet."""
+    return math.prod(tensor.shape[3:]) * tensor.element_size()
 
 
 def victim(priority: torch.Tensor, candidate: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
