@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hf_kvcache.cli_arguments import (
+    add_frontier_arguments,
     add_harness_arguments,
     add_model_arguments,
     add_parallel_argument,
@@ -23,6 +24,7 @@ EXAMPLES = """examples:
   hf-kvcache speed --strategies full sliding-window --max-tokens 4096
   hf-kvcache passkey --strategies heavy-hitter --passkey-lengths 2048 4096
   hf-kvcache compare --metrics perplexity memory --strategies full tova snapkv
+  hf-kvcache frontier --ratios 0.25 0.125 --families kvzip expected-attention snapkv
   hf-kvcache ppl                                    # embedded SmolLM2 + Wikipedia, full cache
   hf-kvcache ppl --strategies full quantized:nbits=2 --max-tokens 2048
   hf-kvcache ppl --model HuggingFaceTB/SmolLM2-360M --dataset wikitext:wikitext-2-raw-v1
@@ -168,6 +170,28 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_frontier_command(args: argparse.Namespace) -> int:
+    from hf_kvcache.evaluation.frontier import run_frontier
+
+    _check_text_file(args)
+    source = {
+        name: getattr(args, name)
+        for name in ("model", "dataset", "text_file", "split", "dtype", "device", "max_tokens")
+    }
+    ruler = {"tasks": tuple(args.tasks), "lengths": tuple(args.lengths), "trials": args.trials}
+    try:
+        paths = run_frontier(
+            args.families, args.ratios, args.protocol, ruler, source, args.out, args.force, args.device_map
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    for path in paths[:1]:
+        print(path.read_text())
+    if paths:
+        print("wrote " + ", ".join(str(p) for p in [Path(args.out) / "results.json", *paths]))
+    return 0
+
+
 def add_measuring_command(commands, name: str, summary: str) -> argparse.ArgumentParser:
     """A subcommand that loads a model and text: the shared model arguments and the examples."""
     command = commands.add_parser(
@@ -222,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--force", action="store_true", help="recompute records already in results.json")
     add_parallel_argument(scale)
     scale.set_defaults(run=run_scale_command)
+    add_frontier_arguments(
+        add_measuring_command(commands, "frontier", "RULER score against bytes held, per strategy family")
+    ).set_defaults(run=run_frontier_command)
     calibrate = add_measuring_command(
         commands,
         "calibrate",

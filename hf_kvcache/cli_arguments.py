@@ -110,3 +110,35 @@ def add_parallel_argument(parser: argparse.ArgumentParser) -> None:
         help="split the work between this many processes through accelerate (one device each); the same as "
         "'accelerate launch --num_processes N -m hf_kvcache.cli ...'",
     )
+
+
+def add_frontier_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``hf-kvcache frontier``: families, ratios, protocols, the RULER cells, output."""
+    from hf_kvcache.evaluation.frontier import DEFAULT_FAMILIES, DEFAULT_RATIOS
+    from hf_kvcache.evaluation.ruler import PROTOCOLS
+    from hf_kvcache.evaluation.ruler_tasks import RULER_TASKS
+
+    parser.add_argument(
+        "--families", nargs="+", default=list(DEFAULT_FAMILIES), help="strategies (or specs) to sweep"
+    )
+    parser.add_argument(
+        "--ratios",
+        nargs="+",
+        type=float,
+        default=list(DEFAULT_RATIOS),
+        help="budgets, fractions of the context",
+    )
+    parser.add_argument(
+        "--protocol", nargs="+", choices=PROTOCOLS, default=["compress-first"], help="one table per protocol"
+    )
+    parser.add_argument(
+        "--tasks", nargs="+", choices=RULER_TASKS, default=list(RULER_TASKS), help="RULER tasks"
+    )
+    parser.add_argument(
+        "--lengths", nargs="+", type=int, default=[1024, 4096], help="prompt lengths in tokens"
+    )
+    parser.add_argument("--trials", type=_positive_int, default=5, help="seeded prompts per task and length")
+    parser.add_argument("--out", default="results/frontier", help="folder for results.json, frontier.md/.png")
+    parser.add_argument("--force", action="store_true", help="recompute records already in results.json")
+    add_parallel_argument(parser)
+    return parser

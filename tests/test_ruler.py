@@ -3,6 +3,7 @@
 import collections
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -113,6 +114,10 @@ def test_scoring_is_whole_word_exact_match():
         ),
         (dict(lengths=(32,)), "ruler lengths must be integers of at least 64 tokens, got [32]"),
         (dict(trials=0), "ruler trials must be a positive integer, got 0"),
+        (
+            dict(protocol="question-first"),
+            "ruler protocol must be one of ['question-inside', 'compress-first'], got 'question-first'",
+        ),
     ],
 )
 def test_bad_ruler_options_are_refused(kwargs, message):
@@ -186,3 +191,35 @@ def test_compare_does_not_run_ruler_unless_asked():
     from hf_kvcache.evaluation.harness import default_metrics
 
     assert "ruler" not in default_metrics() and "speed" in default_metrics()
+
+
+def test_compress_first_feeds_the_question_after_the_compressed_context(tiny_model_dir, filler_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_kvcache import build_cache
+    from hf_kvcache.evaluation.ruler import answer_trial
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    corpus = Path(filler_file).read_text(encoding="utf-8")
+    trial = make_ruler_trial(tokenizer, corpus, "niah_single", 256, seed=1)
+    question = tokenizer.decode(trial.input_ids[0, -trial.question_tokens :])
+    assert question.replace(" ", "").startswith("Whatisthespecialmagicnumber")
+    # A full cache answers the same whatever the protocol: only the chunks change.
+    answers = {
+        protocol: answer_trial(model, tokenizer, trial, build_cache("full", model), 64, protocol)[2]
+        for protocol in ("question-inside", "compress-first")
+    }
+    assert answers["question-inside"] == answers["compress-first"]
+    # kvzip compresses the context before the question arrives: the question's tokens are all held after it.
+    cache, held = build_cache("kvzip:budget=0.25,prompt=none", model), []
+    answer_trial(
+        model,
+        tokenizer,
+        trial,
+        cache,
+        64,
+        "compress-first",
+        on_context=lambda c: held.append(c.layers[0].stored),
+    )
+    assert held == [0] and cache.layers[0].stored >= trial.question_tokens

@@ -76,7 +76,15 @@ class CompareSettings(DataSource):
         """The settings a record of metric ``name`` depends on: the shared ones and that metric's options."""
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         shared.pop("metrics"), shared.pop("metric_options")
-        return {**shared, "options": dataclasses.asdict(self.metric(name).options)}
+        options = self.metric(name).options
+        # Options added later and left at their default stay out, so that earlier records keep their key.
+        unset = {
+            f.name
+            for f in dataclasses.fields(options)
+            if f.metadata.get("spelled") == "when set" and getattr(options, f.name) == f.default
+        }
+        values = {k: v for k, v in dataclasses.asdict(options).items() if k not in unset}
+        return {**shared, "options": values}
 
     def fingerprint(self, name: str) -> str:
         """Hash of :meth:`record_settings`: a record is reused only under the same one."""

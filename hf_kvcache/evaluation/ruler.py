@@ -1,26 +1,12 @@
-"""A RULER-style long-context suite (https://arxiv.org/abs/2404.06654), generated offline from the corpus.
+"""A RULER-style long-context suite (https://arxiv.org/abs/2404.06654): answering its trials, and the metric.
 
-Six synthetic tasks at any prompt length, each trial seeded so that every strategy answers the same prompts:
-
-* ``niah_single``: one needle, "One of the special magic numbers for <key> is: <number>.", hidden in corpus
-  text; asked for the key's number.
-* ``niah_multikey``: the same with three distractor needles for other keys.
-* ``niah_multivalue``: four needles give one key four numbers; all four must come back.
-* ``niah_multiquery``: four needles for four keys; two of them are asked for.
-* ``variable_tracking``: a chain "VAR A = <number>. VAR B = VAR A. ..." spread through the text; every
-  variable holding the number must be named.
-* ``common_words``: a numbered list of words where ten appear far more often than the rest; the ten must be
-  named.
-
-A trial scores the fraction of expected items its greedy answer contains (exact whole-word match,
-case-insensitive for words). Prompts go through the cache in chunks, so a compressing cache never sees more
-than one chunk beyond its budget.
+The six tasks (:mod:`.ruler_tasks`) are generated offline from the corpus. A trial scores the fraction of
+expected items its greedy answer contains (exact whole-word match, case-insensitive for words). Prompts go
+through the cache in chunks, so a compressing cache never sees more than one chunk beyond its budget.
 """
 
 from __future__ import annotations
 
-import itertools
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,171 +15,41 @@ import torch
 
 from hf_kvcache.evaluation.metric import Column, Metric, register_metric
 from hf_kvcache.evaluation.report import save_figure, spec_label
+from hf_kvcache.evaluation.ruler_tasks import ANSWER_TOKENS, RULER_TASKS, RulerTrial, make_ruler_trial
 
-RULER_TASKS = (
-    "niah_single",
-    "niah_multikey",
-    "niah_multivalue",
-    "niah_multiquery",
-    "variable_tracking",
-    "common_words",
-)
-NEEDLE = "One of the special magic numbers for {key} is: {value}."
-ANSWER_TOKENS = {
-    "niah_single": 12,
-    "niah_multikey": 12,
-    "niah_multivalue": 48,
-    "niah_multiquery": 32,
-    "variable_tracking": 32,
-    "common_words": 64,
-}
-
-
-@dataclass(frozen=True)
-class RulerTrial:
-    """One prompt: token ids ``[1, T]``, the items the answer must contain, and its task."""
-
-    task: str
-    input_ids: torch.Tensor
-    expected: tuple[str, ...]
-
-
-class _Builder:
-    """Seeded material for one trial: corpus words for keys, numbers for values, filler text in tokens."""
-
-    def __init__(self, tokenizer, corpus: str, seed: str):
-        self.tokenizer, self.corpus, self.rng = tokenizer, corpus, random.Random(seed)
-        self.words = sorted({w.lower() for w in re.findall(r"\b[A-Za-z]{5,10}\b", corpus[:200_000])})
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
-    def distinct_words(self, count: int) -> list[str]:
-        return self.rng.sample(self.words, count)
-
-    def number(self) -> str:
-        return str(self.rng.randint(1_000_000, 9_999_999))
-
-    def filler(self, tokens: int) -> list[int]:
-        start = self.rng.randrange(0, max(1, len(self.corpus) - tokens * 8))
-        ids = self.encode(self.corpus[start : start + tokens * 8])
-        if len(ids) < tokens:
-            raise ValueError(f"the corpus is too short for {tokens} tokens of filler")
-        return ids[:tokens]
-
-    def word_start(self, ids: list[int], cut: int) -> int:
-        """The first position at or after ``cut`` (within a few tokens) where a new word begins, so that a
-        needle never splits a word of the filler."""
-        for position in range(cut, min(cut + 24, len(ids))):
-            if self.tokenizer.decode(ids[position : position + 1])[:1].isspace():
-                return position
-        return cut
-
-    def haystack(self, length: int, needles: list[str], question: str, task: str) -> torch.Tensor:
-        """``length`` tokens: filler with ``needles`` at seeded depths (in order), then ``question``."""
-        pieces = [self.encode(" " + needle + " ") for needle in needles]
-        tail = self.encode(question)
-        budget = length - sum(map(len, pieces)) - len(tail)
-        if budget < 16:
-            raise ValueError(
-                f"ruler length {length} is too short for task {task!r}: its needles and question alone take "
-                f"{length - budget} tokens"
-            )
-        filler = self.filler(budget)
-        cuts = sorted(self.word_start(filler, self.rng.randrange(0, budget + 1)) for _ in pieces)
-        ids, last = [], 0
-        for cut, piece in zip(cuts, pieces, strict=True):
-            ids += filler[last:cut] + piece
-            last = cut
-        return torch.tensor([ids + filler[last:] + tail])
-
-
-def make_ruler_trial(tokenizer, corpus: str, task: str, length: int, seed: int = 0) -> RulerTrial:
-    """The prompt of ``task`` at about ``length`` tokens, generated from ``corpus`` with ``seed``."""
-    if task not in RULER_TASKS:
-        raise ValueError(f"unknown ruler task {task!r}; allowed: {list(RULER_TASKS)}")
-    b = _Builder(tokenizer, corpus, f"{task}:{seed}")
-    ask = (
-        "\n\nWhat is the special magic number for {key} mentioned in the provided text? "
-        "The special magic number for {key} mentioned in the provided text is"
-    )
-    if task in ("niah_single", "niah_multikey"):
-        keys = b.distinct_words(1 if task == "niah_single" else 4)
-        values = [b.number() for _ in keys]
-        needles = [NEEDLE.format(key=k, value=v) for k, v in zip(keys, values, strict=True)]
-        b.rng.shuffle(needles)
-        return RulerTrial(task, b.haystack(length, needles, ask.format(key=keys[0]), task), (values[0],))
-    if task == "niah_multivalue":
-        key, values = b.distinct_words(1)[0], [b.number() for _ in range(4)]
-        needles = [NEEDLE.format(key=key, value=v) for v in values]
-        question = (
-            f"\n\nWhat are all the special magic numbers for {key} mentioned in the provided text? "
-            f"The special magic numbers for {key} mentioned in the provided text are"
-        )
-        return RulerTrial(task, b.haystack(length, needles, question, task), tuple(values))
-    if task == "niah_multiquery":
-        keys, values = b.distinct_words(4), [b.number() for _ in range(4)]
-        needles = [NEEDLE.format(key=k, value=v) for k, v in zip(keys, values, strict=True)]
-        b.rng.shuffle(needles)
-        question = (
-            f"\n\nWhat are the special magic numbers for {keys[0]} and {keys[1]} mentioned in the provided "
-            f"text? The special magic numbers for {keys[0]} and {keys[1]} mentioned in the provided text are"
-        )
-        return RulerTrial(task, b.haystack(length, needles, question, task), tuple(values[:2]))
-    if task == "variable_tracking":
-        names = [name.upper() for name in b.distinct_words(5)]
-        value = b.number()
-        chain = [f"VAR {names[0]} = {value}."] + [f"VAR {n} = VAR {p}." for p, n in itertools.pairwise(names)]
-        question = (
-            f"\n\nFind all variables that are assigned the value {value} in the text above. Answer: "
-            f"According to the chain of variable assignments in the text above, {len(names)} variables are "
-            f"assigned the value {value}, they are:"
-        )
-        return RulerTrial(task, b.haystack(length, chain, question, task), tuple(names))
-    return _common_words_trial(b, length)
-
-
-def _common_words_trial(b: _Builder, length: int) -> RulerTrial:
-    question = (
-        "\n\nWhat are the 10 most common words in the above list? "
-        "Answer: The top 10 words that appear most often in the list are:"
-    )
-    tail = b.encode(question)
-    budget, vocabulary = length - len(tail), len(b.words)
-    if vocabulary < 20:
-        raise ValueError(
-            f"task 'common_words' needs at least 20 distinct words in the corpus, got {vocabulary}"
-        )
-    # Items take about four tokens ("12. word"); the ten common words fill 40 % of the list, each at least
-    # three times as often as any other word. Shrink the list until it fits.
-    items = max(40, budget // 4)
-    for _ in range(6):
-        per_common = max(3, items * 2 // 50)
-        rare_each = max(1, per_common // 3)
-        words = b.distinct_words(10 + min(vocabulary - 10, max(0, items - 10 * per_common) // rare_each))
-        listed = [w for w in words[:10] for _ in range(per_common)] + [
-            w for w in words[10:] for _ in range(rare_each)
-        ]
-        b.rng.shuffle(listed)
-        ids = b.encode(
-            "Below is a numbered list of words.\n" + "\n".join(f"{i + 1}. {w}" for i, w in enumerate(listed))
-        )
-        if len(ids) <= budget:
-            return RulerTrial("common_words", torch.tensor([ids + tail]), tuple(words[:10]))
-        items = items * budget // len(ids) - 1
-    raise ValueError(
-        f"ruler length {length} is too short for task 'common_words': ten words three times each do not fit"
-    )
+__all__ = ["RULER_TASKS", "RulerMetric", "RulerOptions", "RulerTrial", "answer_trial", "make_ruler_trial"]
+PROTOCOLS = ("question-inside", "compress-first")
 
 
 @torch.no_grad()
 def answer_trial(
-    model, tokenizer, trial: RulerTrial, cache, chunk_size: int = 512
+    model,
+    tokenizer,
+    trial: RulerTrial,
+    cache,
+    chunk_size: int = 512,
+    protocol: str = "question-inside",
+    on_context=None,
 ) -> tuple[bool, float, str]:
-    """Feed the prompt through ``cache`` in chunks, decode greedily: (all found, fraction found, answer)."""
+    """Feed the prompt through ``cache`` in chunks, decode greedily: (all found, fraction found, answer).
+
+    ``protocol``: ``question-inside`` feeds the whole prompt in chunks; ``compress-first`` feeds the context
+    in chunks, lets a cache that compresses a whole context at once do it (``compress_context``), then feeds
+    the question in one forward. ``on_context(cache)`` is called once the prompt (compress-first: the
+    context) is in, before anything is generated."""
     ids = trial.input_ids.to(model.device)
-    for start in range(0, ids.shape[1], chunk_size):
-        logits = model(ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True).logits
+    end = ids.shape[1] - (trial.question_tokens if protocol == "compress-first" else 0)
+    for start in range(0, end, chunk_size):
+        stop = min(start + chunk_size, end)
+        logits = model(ids[:, start:stop], past_key_values=cache, use_cache=True).logits
+    # A cache that compresses a whole prompt at once (kvzip) does it here: the context, or the prompt with
+    # its question (what it would do at the first decoding step anyway).
+    if hasattr(cache, "compress_context"):
+        cache.compress_context()
+    if on_context is not None:
+        on_context(cache)
+    if end < ids.shape[1]:
+        logits = model(ids[:, end:], past_key_values=cache, use_cache=True).logits
     token, generated = logits[:, -1:].argmax(-1), []
     for _ in range(ANSWER_TOKENS[trial.task]):
         generated.append(int(token))
@@ -217,6 +73,14 @@ class RulerOptions:
     tasks: tuple[str, ...] = field(default=RULER_TASKS, metadata={"help": f"tasks, of {list(RULER_TASKS)}"})
     lengths: tuple[int, ...] = field(default=(1024, 4096), metadata={"help": "prompt lengths in tokens"})
     trials: int = field(default=2, metadata={"help": "seeded prompts per (task, length)"})
+    protocol: str = field(
+        default="question-inside",
+        metadata={
+            "help": "question-inside (the question ends the prompt the cache compresses) or compress-first "
+            "(the context is compressed, then the question is appended)",
+            "spelled": "when set",
+        },
+    )
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in RULER_TASKS]
@@ -228,6 +92,8 @@ class RulerOptions:
             )
         if not isinstance(self.trials, int) or self.trials < 1:
             raise ValueError(f"ruler trials must be a positive integer, got {self.trials!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"ruler protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
 
 
 @register_metric
@@ -252,16 +118,24 @@ class RulerMetric(Metric):
         return len(self.options.tasks) * sum(self.options.lengths) * self.options.trials
 
     def measure(self, run, spec: str, tick) -> dict:
+        from hf_kvcache.base import cache_nbytes
         from hf_kvcache.registry import build_cache
 
         cells = []
         for task in self.options.tasks:
             for length in self.options.lengths:
-                correct, partial = 0, 0.0
+                correct, partial, held = 0, 0.0, []
                 for trial_index in range(self.options.trials):
                     trial = make_ruler_trial(run.tokenizer, run.text, task, length, seed=trial_index)
+                    cache = build_cache(spec, run.model)
+                    protocol = self.options.protocol
                     ok, fraction, _ = answer_trial(
-                        run.model, run.tokenizer, trial, build_cache(spec, run.model)
+                        run.model,
+                        run.tokenizer,
+                        trial,
+                        cache,
+                        protocol=protocol,
+                        on_context=lambda c, into=held: into.append(cache_nbytes(c)),
                     )
                     correct, partial = correct + ok, partial + fraction
                     tick(length)
@@ -272,6 +146,7 @@ class RulerMetric(Metric):
                         "correct": correct,
                         "trials": self.options.trials,
                         "partial": partial / self.options.trials,
+                        "held_bytes": sum(held) / len(held),
                     }
                 )
         return {"cells": cells, **self.headline({"cells": cells})}
