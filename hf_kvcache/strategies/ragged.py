@@ -80,10 +80,14 @@ class RaggedEntries(HeldTensors):
         for row in range(batch):
             for head in range(heads):
                 start, stop = spans[row * heads + head]
-                keys = torch.cat([self.keys[start:stop], tail_keys[row, head]]).float()
-                values = torch.cat([self.values[start:stop], tail_values[row, head]]).float()
                 heads_of = slice(head * group, (head + 1) * group)
-                logits = (query[row, heads_of].float() @ keys.T)[None]  # [1, G, q, n + t]
+                queries = query[row, heads_of].float()  # [G, q, D]
+                # Logits of the store and of the tail side by side: no copy of the store's entries per step.
+                store_keys, store_values = self.keys[start:stop].float(), self.values[start:stop].float()
+                tail = tail_keys[row, head].float()
+                logits = torch.cat([queries @ store_keys.T, queries @ tail.T], dim=-1)[
+                    None
+                ]  # [1, G, q, n + t]
                 mask = None
                 if attention_mask is not None:
                     tail_mask = attention_mask[row : row + 1, :1, :, : tail_keys.shape[-2]]
@@ -92,8 +96,11 @@ class RaggedEntries(HeldTensors):
                         visible = torch.zeros_like(visible)
                     mask = torch.cat([visible, tail_mask], dim=-1)
                 own_sinks = None if sinks is None else sinks[heads_of]
-                weights = attention_weights(logits, mask, scaling, softcap, own_sinks)
-                out[row, heads_of] = weights[0] @ values
+                weights = attention_weights(logits, mask, scaling, softcap, own_sinks)[0]
+                held = stop - start
+                out[row, heads_of] = (
+                    weights[..., :held] @ store_values + weights[..., held:] @ tail_values[row, head].float()
+                )
         return out.transpose(1, 2).to(query.dtype)
 
 
