@@ -93,8 +93,62 @@ def test_left_padded_rows_match_their_unpadded_runs():
         ),
         ({"window_size": 0}, "window_size must be an integer >= 1, got 0"),
         ({"kernel_size": 4}, "kernel_size must be an odd integer >= 1, got 4"),
+        (
+            {"budget": 64, "max_prefill": 63},
+            "max_prefill must be an integer >= 64 \\(the budget and the window",
+        ),
     ],
 )
 def test_bad_options_are_named(llama, options, message):
     with pytest.raises(ValueError, match=message):
         SnapKVCache(llama, **options)
+
+
+@pytest.mark.parametrize("pads", [(0,), (0, 6)])
+def test_a_deferred_prompt_keeps_what_one_forward_over_the_whole_prompt_keeps(pads):
+    """With max_prefill, a prompt fed in chunks is compressed by its own last queries at the first one-token
+    forward: the prompt entries held then equal those SnapKV keeps from one forward over the whole prompt,
+    and differ from chunk-by-chunk compression. (That step's own token attended over the whole prompt, so
+    past layer 0 its entry differs.)"""
+    from hf_kvcache import build_cache, prefill
+    from tests.conftest import left_padded_ids
+    from tests.helpers import held_entries
+
+    model = make_tiny_model("llama-gqa")
+    ids, mask = left_padded_ids(60, pads=pads, seed=11)
+    spec = "snapkv:budget=16,window_size=4,kernel_size=3"
+    runs = {}
+    for name, chunk, options in [
+        ("one forward", 64, ""),
+        ("deferred", 16, ",max_prefill=100"),
+        ("per chunk", 16, ""),
+    ]:
+        cache = build_cache(spec + options, model)
+        prefill(model, ids, cache, chunk_size=chunk, attention_mask=mask)
+        with torch.no_grad():
+            model(ids[:, -1:], attention_mask=mask, past_key_values=cache)
+        assert all(layer.stored == 17 and layer.window_queries is None for layer in cache.layers)
+        runs[name] = torch.cat([held_entries(layer)[0][:, :, :-1] for layer in cache.layers])
+    torch.testing.assert_close(runs["deferred"], runs["one forward"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(runs["per chunk"], runs["one forward"], atol=1e-3)
+
+
+def test_a_deferred_prompt_past_max_prefill_is_compressed_and_its_window_still_votes():
+    from hf_kvcache import build_cache
+
+    model = make_tiny_model("llama-gqa")
+    ids = random_ids(80, seed=12)
+    cache = build_cache("snapkv:budget=16,window_size=4,kernel_size=3,max_prefill=40", model)
+    held = []
+    with torch.no_grad():
+        for start in range(0, 64, 16):
+            model(ids[:, start : start + 16], past_key_values=cache)
+            held.append(cache.layers[0].stored)
+        assert held == [16, 32, 16, 32]  # the third chunk would have made 48 > 40
+        assert cache.layers[0].window_queries.shape[-2] == 4
+        model(ids[:, 64:65], past_key_values=cache)
+    assert cache.layers[0].stored == 17 and cache.layers[0].window_queries is None
+    for _ in range(3):  # generated tokens are appended
+        with torch.no_grad():
+            model(ids[:, 65:66], past_key_values=cache)
+    assert cache.layers[0].stored == 20
