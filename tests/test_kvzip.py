@@ -214,3 +214,13 @@ def test_a_model_without_a_tokenizer_or_without_ids_gets_a_clear_error():
         model(inputs_embeds=model.get_input_embeddings()(random_ids(12)), past_key_values=cache)
     with pytest.raises(ValueError, match="fed embeddings \\(inputs_embeds\\); feed it input_ids"):
         cache.compress_context()
+
+
+def test_adaptive_budgets_need_the_attention_entry_point(monkeypatch):
+    model = make_tiny_model("llama")
+    monkeypatch.setattr("hf_kvcache.base.install_storage_attention", lambda *args: "it runs flash attention")
+    with pytest.raises(
+        ValueError, match="cannot serve this model: it runs flash attention; use kvzip:head_budgets=uniform"
+    ):
+        build_cache("kvzip", model)
+    assert build_cache("kvzip:head_budgets=uniform,layer_budgets=uniform", model).layers

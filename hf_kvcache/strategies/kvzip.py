@@ -216,14 +216,6 @@ class KVzipCache(ScoringCache):
 
     options_class = KVzipOptions
 
-    def build_layers(self, model, layout):
-        self.model_ref = weakref.ref(model)
-        self.reconstructing = self.missing_ids = False
-        return super().build_layers(model, layout)
-
-    def make_layer(self, layout) -> KVzipLayer:
-        return KVzipLayer(self.options, self.forward_state)
-
     def __init__(self, model, *option_args, **option_kwargs):
         super().__init__(model, *option_args, **option_kwargs)
         if self.options.head_budgets == "adaptive" and self.storage_attention_off is not None:
@@ -232,6 +224,14 @@ class KVzipCache(ScoringCache):
                 f"hf-kvcache's attention entry point reads, and it cannot serve this model: "
                 f"{self.storage_attention_off}; use kvzip:head_budgets=uniform"
             )
+
+    def build_layers(self, model, layout):
+        self.model_ref = weakref.ref(model)
+        self.reconstructing = self.missing_ids = False
+        return super().build_layers(model, layout)
+
+    def make_layer(self, layout) -> KVzipLayer:
+        return KVzipLayer(self.options, self.forward_state)
 
     def reset(self) -> None:
         super().reset()
