@@ -4,10 +4,11 @@
 
 On the embedded model and corpus: a context of each length goes through ``full`` (``DynamicCache``) and
 each ``--specs`` cache in chunks of 512 tokens (``prefill``), then ``compress_context`` (the reconstruction
-passes); then a 16-token question and ``--steps`` greedy decoding steps. Rounds interleave the caches.
-Per cache and length: median seconds of the prefill and of the compression, their sum against the full
-cache's prefill (median ratio and its spread over rounds), bytes held after compression, and median
-milliseconds per decoding step.
+passes); then the next 256 corpus tokens, scored over the compressed context (their perplexity against the
+full cache's), and ``--steps`` greedy decoding steps. Rounds interleave the caches. Per cache and length:
+median seconds of the prefill and of the compression, their sum against the full cache's prefill (median
+ratio and its spread over rounds), bytes held after compression, the continuation's perplexity against the
+full cache's, and median milliseconds per decoding step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 
-def measure(model, spec: str, ids: torch.Tensor, question: torch.Tensor, steps: int) -> dict:
+def measure(model, spec: str, ids: torch.Tensor, continuation: torch.Tensor, steps: int) -> dict:
     from hf_kvcache import build_cache, cache_nbytes, prefill
 
     cache = build_cache(spec, model)
@@ -32,7 +33,9 @@ def measure(model, spec: str, ids: torch.Tensor, question: torch.Tensor, steps: 
         cache.compress_context()
     compressed = time.perf_counter()
     held = cache_nbytes(cache)
-    logits = model(question, past_key_values=cache).logits
+    # The continuation of the context, scored over the compressed context: its perplexity.
+    logits = model(continuation, past_key_values=cache).logits
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), continuation[0, 1:])
     token = logits[:, -1:].argmax(-1)
     begin = time.perf_counter()
     for _ in range(steps):
@@ -43,6 +46,7 @@ def measure(model, spec: str, ids: torch.Tensor, question: torch.Tensor, steps: 
         "compress_s": compressed - filled,
         "nbytes": held,
         "decode_ms": 1000 * (decoded - begin) / steps,
+        "continuation_perplexity": float(nll.exp()),
     }
 
 
@@ -60,16 +64,17 @@ def main() -> None:
     from hf_kvcache.evaluation import load_corpus, load_model
 
     model, tokenizer = load_model()
-    corpus_ids = tokenizer(load_corpus()[: max(args.lengths) * 8]).input_ids
-    question = tokenizer("\nQuestion: What is the text about?\nAnswer:", return_tensors="pt").input_ids
+    corpus_ids = tokenizer(load_corpus()[: (max(args.lengths) + 256) * 8]).input_ids
+    continuation_tokens = 256
     specs = ["full", *args.specs]
     results = {}
     for length in args.lengths:
         ids = torch.tensor([corpus_ids[:length]])
+        continuation = torch.tensor([corpus_ids[length : length + continuation_tokens]])
         runs = {spec: [] for spec in specs}
         for _ in range(args.rounds):
             for spec in specs:
-                runs[spec].append(measure(model, spec, ids, question, args.steps))
+                runs[spec].append(measure(model, spec, ids, continuation, args.steps))
         full_prefill = [run["prefill_s"] for run in runs["full"]]
         for spec in specs:
             ratios = [
@@ -80,17 +85,20 @@ def main() -> None:
                 key: statistics.median(run[key] for run in runs[spec])
                 for key in ("prefill_s", "compress_s", "decode_ms")
             }
+            full_perplexity = runs["full"][0]["continuation_perplexity"]
             row.update(
                 nbytes=runs[spec][0]["nbytes"],
                 bytes_of_full=runs[spec][0]["nbytes"] / runs["full"][0]["nbytes"],
                 prefill_ratio=statistics.median(ratios),
                 prefill_ratio_range=[min(ratios), max(ratios)],
+                perplexity_ratio=runs[spec][0]["continuation_perplexity"] / full_perplexity,
             )
             results[f"{spec}@{length}"] = row
             print(
                 f"{length:>6} {spec:<24} prefill {row['prefill_s']:6.2f}s compress {row['compress_s']:6.2f}s "
                 f"x{row['prefill_ratio']:.2f} of full ({min(ratios):.2f}-{max(ratios):.2f}) "
-                f"bytes {row['bytes_of_full']:.3f} decode {row['decode_ms']:6.1f} ms/token",
+                f"bytes {row['bytes_of_full']:.3f} decode {row['decode_ms']:6.1f} ms/token "
+                f"perplexity x{row['perplexity_ratio']:.3f}",
                 flush=True,
             )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
