@@ -263,11 +263,11 @@ def check_decoding_path_agrees_with_general_path(
 
 
 def held_entries(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values an eviction layer holds: ``held()``, or for a ragged store (different counts per
+    """Keys and values a layer holds: ``keys`` and ``values``, or for a ragged store (different counts per
     head) its flat entries followed by the tail's, flattened the same way."""
     ragged = getattr(layer, "ragged", None)
     if ragged is None or not ragged.filled:
-        return layer.held()
+        return layer.keys, layer.values
     tail = [t[:, :, : layer.stored].flatten(0, 2) for t in (layer.key_buffer, layer.value_buffer)]
     return torch.cat([ragged.keys, tail[0]]), torch.cat([ragged.values, tail[1]])
 
