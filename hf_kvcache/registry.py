@@ -211,14 +211,18 @@ def parse_spec(spec: str) -> tuple[Strategy, Any]:
     return strategy, dataclasses.replace(options, **{slots[second.name]: second_options})
 
 
+def is_spelled(field: dataclasses.Field, options: Any) -> bool:
+    """Whether an option belongs in what identifies ``options`` (a canonical spec, a record's fingerprint):
+    always, unless it is marked :data:`WHEN_SET` and left at its default."""
+    return (
+        field.metadata.get("spelled") != WHEN_SET["spelled"] or getattr(options, field.name) != field.default
+    )
+
+
 def _spelled(name: str, options: Any) -> str:
     # Options added after a strategy's first release say `metadata={"spelled": "when set"}`: they appear only
     # when not at their default, so the canonical spec (the key of stored results) stays what it was.
-    fields = [
-        f
-        for f in _plain_fields(type(options))
-        if f.metadata.get("spelled") != "when set" or getattr(options, f.name) != f.default
-    ]
+    fields = [f for f in _plain_fields(type(options)) if is_spelled(f, options)]
     spelled = ",".join(f"{f.name}={getattr(options, f.name)}" for f in fields)
     return f"{name}:{spelled}" if spelled else name
 

@@ -23,7 +23,7 @@ from hf_kvcache.evaluation.orchestrator import DataSource, Job, Measured, Record
 from hf_kvcache.evaluation.perplexity import PerplexityResult, perplexity
 from hf_kvcache.evaluation.records import fingerprint_of
 from hf_kvcache.layout import attention_layout
-from hf_kvcache.registry import build_cache, canonical_spec
+from hf_kvcache.registry import build_cache, canonical_spec, is_spelled
 
 DEFAULT_STRATEGIES = (
     "full",
@@ -78,12 +78,8 @@ class CompareSettings(DataSource):
         shared.pop("metrics"), shared.pop("metric_options")
         options = self.metric(name).options
         # Options added later and left at their default stay out, so that earlier records keep their key.
-        unset = {
-            f.name
-            for f in dataclasses.fields(options)
-            if f.metadata.get("spelled") == "when set" and getattr(options, f.name) == f.default
-        }
-        values = {k: v for k, v in dataclasses.asdict(options).items() if k not in unset}
+        spelled = {f.name for f in dataclasses.fields(options) if is_spelled(f, options)}
+        values = {k: v for k, v in dataclasses.asdict(options).items() if k in spelled}
         return {**shared, "options": values}
 
     def fingerprint(self, name: str) -> str:

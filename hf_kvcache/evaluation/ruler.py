@@ -16,6 +16,7 @@ import torch
 from hf_kvcache.evaluation.metric import Column, Metric, register_metric
 from hf_kvcache.evaluation.report import save_figure, spec_label
 from hf_kvcache.evaluation.ruler_tasks import ANSWER_TOKENS, RULER_TASKS, RulerTrial, make_ruler_trial
+from hf_kvcache.registry import WHEN_SET
 
 __all__ = ["RULER_TASKS", "RulerMetric", "RulerOptions", "RulerTrial", "answer_trial", "make_ruler_trial"]
 PROTOCOLS = ("question-inside", "compress-first")
@@ -78,7 +79,7 @@ class RulerOptions:
         metadata={
             "help": "question-inside (the question ends the prompt the cache compresses) or compress-first "
             "(the context is compressed, then the question is appended)",
-            "spelled": "when set",
+            **WHEN_SET,
         },
     )
 

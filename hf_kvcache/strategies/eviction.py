@@ -19,9 +19,8 @@ entries. So a row that has enough real tokens keeps only real ones, and a row th
 behind that many padding entries, which then line up with the padded columns.
 
 Cost per step. A decoding step once no row holds padding writes the new token into the slot the last step's
-victim left (or the next free one), hands attention a view of the slots and marks the new victim: the cost
-follows the tokens held, not those seen or evicted. Other steps (prompt chunks, rows holding padding) take the
-general path: put the entries back in age order, concatenate the new ones, keep a top-k.
+victim left (or the next free one), hands attention a view of the slots and marks the new victim: it follows
+the tokens held, not those seen or evicted. Prompt chunks and rows holding padding take the general path.
 """
 
 from __future__ import annotations
@@ -162,8 +161,9 @@ class EvictingLayer(HeldTensors, CacheLayerMixin):
 
     # --- reading: never changes anything --------------------------------------------------------------------
     def ordered(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The held entries of a per-slot tensor ``[B, H, slots, ...]``, in age order."""
-        return gather_entries(tensor, age_order(self))
+        """Held entries of a per-slot tensor ``[B, H, slots, ...]`` in age order (a view before evictions)."""
+        kept = tensor[:, :, : self.stored]
+        return kept if self.slot_positions is None else gather_entries(tensor, age_order(self))
 
     def held(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, H, stored, D]`` of the held entries, in age order."""

@@ -227,7 +227,7 @@ class KVzipCache(ScoringCache):
 
     def build_layers(self, model, layout):
         self.model_ref = weakref.ref(model)
-        self.reconstructing = self.missing_ids = False
+        self.missing_ids = False
         return super().build_layers(model, layout)
 
     def make_layer(self, layout) -> KVzipLayer:
@@ -243,7 +243,7 @@ class KVzipCache(ScoringCache):
     def _open(self) -> list[KVzipLayer]:
         """The scoring layers while the prompt is still held uncompressed (none once compressed)."""
         layers = self.scoring_layers()
-        return [] if self.reconstructing or not layers or layers[0].compressed else layers
+        return [] if not layers or layers[0].reconstructing or layers[0].compressed else layers
 
     def observe_forward(self, attention_mask: torch.Tensor | None, query_length: int) -> None:
         if query_length == 1 and self._open():
@@ -293,10 +293,4 @@ class KVzipCache(ScoringCache):
                 f"kvzip repeats the context's token ids to score it, but it was fed {fed}; feed it input_ids"
             )
         prompt = prompt_ids(self.options.prompt, self.options.tokenizer, model, ids.device)
-        self.reconstructing = True
-        try:
-            reconstruct(
-                model, self, self.scoring_layers(), ids, first.real_seen, prompt, self.options.chunk_size
-            )
-        finally:
-            self.reconstructing = False
+        reconstruct(model, self, self.scoring_layers(), ids, first.real_seen, prompt, self.options.chunk_size)

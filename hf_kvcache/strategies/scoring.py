@@ -187,6 +187,12 @@ class ScoringLayer(EvictingLayer):
             )
         return queries, math
 
+    def real_entries(self, stored: int, new_valid: torch.Tensor) -> torch.Tensor:
+        """``[B, stored + new]``: which of the ``stored`` held entries and the new ones are real. Padding
+        sits first among the held entries; new entries are real where ``new_valid`` ``[B, new]`` says so."""
+        entry = torch.arange(stored, device=self.device)
+        return torch.cat([entry[None, :] >= (stored - self.cached_real)[:, None], new_valid], dim=-1)
+
     def observe_attention(
         self, keys: torch.Tensor, new_valid: torch.Tensor | None, real_in_full: torch.Tensor, evicting: bool
     ) -> None:
@@ -199,11 +205,7 @@ class ScoringLayer(EvictingLayer):
         if new_valid is None:  # a decoding step that holds no padding: nothing to mask
             key_valid = query_valid = None
         else:
-            stored = total - new
-            entry = torch.arange(total, device=self.device)
-            # Padding sits first among the stored entries; new entries are real where new_valid says so.
-            stored_real = entry[None, :stored] >= (stored - self.cached_real)[:, None]
-            key_valid = torch.cat([stored_real, new_valid], dim=-1)
+            key_valid = self.real_entries(total - new, new_valid)
             query_valid = new_valid[:, new - count :]
         mass = attention_mass(
             queries[..., new - count :, :], keys, query_valid, key_valid, total - count, math

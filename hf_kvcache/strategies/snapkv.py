@@ -102,21 +102,20 @@ class SnapKVLayer(ScoringLayer):
         the window and the new token are kept whatever their score."""
         _, math = self.take_queries(required=True)
         stored, window = keys.shape[-2] - 1, self.window_queries.shape[-2]
-        key_valid = None
-        if new_valid is not None:
-            entry = torch.arange(stored, device=self.device)
-            key_valid = torch.cat([entry >= (stored - self.cached_real)[:, None], new_valid], -1)
+        key_valid = None if new_valid is None else self.real_entries(stored, new_valid)
         mass = attention_mass(self.window_queries, keys, self.window_valid, key_valid, stored - window, math)
         prefix = F.max_pool1d(mass[..., : stored - window], self.kernel_size, 1, self.kernel_size // 2)
         self.step_scores = torch.cat(
             [prefix, torch.full_like(mass[..., stored - window :], float("inf"))], -1
         )
 
+    def pooled(self, mass: torch.Tensor) -> torch.Tensor:
+        # Max-pooling keeps the neighbours of a strong token, so kept text stays in readable spans.
+        return F.max_pool1d(mass, self.kernel_size, 1, self.kernel_size // 2)
+
     def score(self, mass: torch.Tensor, new: int) -> torch.Tensor:
-        # Max-pooling keeps the neighbours of a strong token, so kept text stays in readable spans. Only the
-        # entries before the observation window compete; the window itself is always kept.
-        prefix = F.max_pool1d(mass[..., : -self.recent], self.kernel_size, 1, self.kernel_size // 2)
-        return torch.cat([prefix, mass[..., -self.recent :]], dim=-1)
+        # Only the entries before the observation window compete; the window itself is always kept.
+        return torch.cat([self.pooled(mass[..., : -self.recent]), mass[..., -self.recent :]], dim=-1)
 
 
 @register_strategy("snapkv", "SnapKV: compress the prompt once by its last queries' pooled attention")
