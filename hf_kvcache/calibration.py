@@ -15,6 +15,8 @@ File format (JSON, one per model and quantization setting, under ``$HF_KVCACHE_H
                  "keys": "pre_rope", "backend": "torch"},
      "tokens": 2048, "probe_tokens": 256,
      "kl_divergence": {"keys": {"2": [L floats], "3": [...], "4": [...]}, "values": {...}}}
+
+``options`` also holds ``outliers``, ``outliers_keys`` and ``outliers_values`` when the setting sets them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ FORMAT, VERSION = "hf-kvcache quantization calibration", 1
 WIDTHS = (2, 3, 4)
 # The options a calibration depends on (the widths are what it chooses).
 CALIBRATED_OPTIONS = ("group_size", "residual_length", "num_sink_tokens", "rotation", "keys", "backend")
+OUTLIER_OPTIONS = ("outliers", "outliers_keys", "outliers_values")
 
 
 def model_name(model: PreTrainedModel) -> str:
@@ -50,7 +53,9 @@ def geometry(layout: AttentionLayout) -> dict:
 
 
 def calibrated_options(options: Any) -> dict:
-    return {name: getattr(options, name) for name in CALIBRATED_OPTIONS}
+    # Outlier fractions join the setting only when set, so that files made before them keep their names.
+    found = {name: getattr(options, name) for name in CALIBRATED_OPTIONS}
+    return found | {name: getattr(options, name) for name in OUTLIER_OPTIONS if getattr(options, name)}
 
 
 def default_calibration_path(model: PreTrainedModel, options: Any) -> Path:
@@ -67,6 +72,34 @@ def _cache_with(model: PreTrainedModel, prefix: list[tuple[torch.Tensor, torch.T
     for index, (keys, values) in enumerate(prefix):
         cache.update(keys, values, index)
     return cache
+
+
+def check_calibrated_bits(options: Any) -> None:
+    """For :class:`~hf_kvcache.strategies.quantized.QuantizedOptions`: its ``calibrated_bits`` and
+    ``calibration``."""
+    if options.calibrated_bits is None:
+        if options.calibration is not None:
+            raise ValueError(f"calibration={options.calibration!r} is read only with calibrated_bits=...")
+        return
+    low, high = min(WIDTHS), max(WIDTHS)
+    if isinstance(options.calibrated_bits, bool) or not low <= options.calibrated_bits <= high:
+        raise ValueError(
+            f"calibrated_bits must be a number in [{low}, {high}], got {options.calibrated_bits!r}"
+        )
+    from hf_kvcache.strategies.packing import codes_per_packing_unit
+
+    unit = max(codes_per_packing_unit(width) for width in WIDTHS)
+    if options.group_size % unit:
+        raise ValueError(
+            f"calibrated_bits needs a group_size that is a multiple of {unit} (a layer may get 3-bit "
+            f"codes, which fill bytes {unit} at a time), got group_size={options.group_size}"
+        )
+    for name in ("nbits_keys", "nbits_values"):
+        if getattr(options, name) is not None:
+            raise ValueError(
+                f"{name}={getattr(options, name)} and calibrated_bits={options.calibrated_bits} both set "
+                "code widths; give one of them"
+            )
 
 
 @torch.no_grad()

@@ -69,6 +69,9 @@ QUANTIZATION_VARIANTS = [
     "quantized:nbits=2,group_size=8,residual_length=8,keys=pre_rope,rotation=hadamard-values",
     "sliding-window:window_length=20+quantized:nbits=3,group_size=8,residual_length=4,rotation=hadamard",
     "heavy-hitter:heavy_budget=8,recent_budget=8+quantized:nbits=2,nbits_keys=3,group_size=8,residual_length=4",
+    "quantized:nbits=2,nbits_keys=3,group_size=8,residual_length=8,outliers=0.1,outliers_values=0.05,"
+    "rotation=hadamard,keys=pre_rope",
+    "sliding-window:window_length=20+quantized:nbits=2,group_size=8,residual_length=4,outliers=0.1",
 ]
 
 # --- what the harness tests run: tiny model, filler text, few tokens -----------------------------------

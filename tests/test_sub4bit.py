@@ -58,7 +58,9 @@ def reference_quantize(x: torch.Tensor, nbits: int, dim: int) -> torch.Tensor:
     """Asymmetric min-max quantize-dequantize of float64 ``x``, one scale and zero per group along ``dim``."""
     low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     step = (high - low) / (2**nbits - 1)
-    return torch.round((x - low) / step).clamp(0, 2**nbits - 1) * step + low
+    # A constant group (range 0) is held exactly.
+    codes = torch.round((x - low) / step.clamp(min=1e-300)).clamp(0, 2**nbits - 1)
+    return codes * step + low
 
 
 def reference_dequantized(keys, values, nbits_keys, nbits_values, size, rotation, rotate_keys=True):

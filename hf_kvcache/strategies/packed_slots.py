@@ -31,7 +31,7 @@ from hf_kvcache.base import gather_entries
 from hf_kvcache.budget import tokens
 from hf_kvcache.held import RowTensor
 from hf_kvcache.strategies.packed_attention import attention_weights, compiled_kernels
-from hf_kvcache.strategies.packed_store import PACKED_PARTS, PackedTokens
+from hf_kvcache.strategies.packed_store import PackedTokens
 
 # The stamp of an empty slot: above every token's, so that the oldest token is the smallest stamp.
 EMPTY_SLOT = torch.iinfo(torch.int32).max
@@ -111,7 +111,9 @@ class PackedSlots:
 
     @property
     def reads_storage(self) -> bool:
-        return self.victims_from is not None and self.quantization.attention != "dense"
+        quantization = self.quantization
+        exact = quantization.key_outliers or quantization.value_outliers  # the slots hold codes only
+        return self.victims_from is not None and quantization.attention != "dense" and not exact
 
     @property
     def packed_length(self) -> int:
@@ -236,7 +238,7 @@ class PackedSlots:
         residual = self.key_buffer.shape[2]
         parts = dict(
             zip(
-                PACKED_PARTS,
+                packed.part_names,
                 packed.quantize(self.key_buffer[:, :, :count], self.value_buffer[:, :, :count]),
                 strict=True,
             )

@@ -39,6 +39,7 @@ import torch
 from hf_kvcache.base import gather_entries
 from hf_kvcache.held import HeldPart, HeldTensors, RowTensor
 from hf_kvcache.model_hooks import KeyRotator
+from hf_kvcache.strategies.outliers import index_dtype, outlier_count, restore_outliers, split_outliers
 from hf_kvcache.strategies.packing import (
     TorchCodec,
     make_codec,
@@ -47,19 +48,21 @@ from hf_kvcache.strategies.packing import (
     unpack_codes,
     unpack_token_groups,
 )
-from hf_kvcache.strategies.rotation import rotated_tensors, rotation_matrix
+from hf_kvcache.strategies.rotation import StoredSpace
 
-# The tensors :meth:`PackedTokens.quantize` returns, by name.
+# The tensors :meth:`PackedTokens.quantize` returns, by name (then OUTLIER_PARTS, with ``outliers``).
 PACKED_PARTS = ("key_codes", "value_codes", "value_scale", "value_zero", "group_scale", "group_zero")
+OUTLIER_PARTS = ("key_outlier_index", "key_outlier_value", "value_outlier_index", "value_outlier_value")
 
 
-class PackedTokens(HeldTensors):
+class PackedTokens(StoredSpace, HeldTensors):
     """Bit-packed tokens of one layer in the grouped or scattered layout (see the module docstring).
 
     Shapes (``n`` tokens, ``g`` key groups, ``D`` head size, ``G`` group size, ``b = nbits``):
     ``key_codes``/``value_codes`` ``[B, H, n * b / 8, D]`` (grouped) or ``[B, H, n, D * b / 8]`` (scattered),
     uint8; ``value_scale``/``value_zero`` ``[B, H, n, D / G]``; ``group_scale``/``group_zero`` ``[B, H, g,
-    D]``; scattered only: ``key_group`` ``[B, H, n]`` and ``group_members`` ``[B, H, g]``, int16.
+    D]``; scattered only: ``key_group`` ``[B, H, n]`` and ``group_members`` ``[B, H, g]``, int16; with
+    ``outliers`` (:mod:`.outliers`): each token's exact entries, channels and values ``[B, H, n, k]``.
     """
 
     key_codes = RowTensor("packed key codes")
@@ -70,6 +73,10 @@ class PackedTokens(HeldTensors):
     group_zero = RowTensor("key zero point per key group and channel")
     key_group = RowTensor("key group of each token (scattered layout)")
     group_members = RowTensor("tokens left in each key group (scattered layout)")
+    key_outlier_index = RowTensor("channels of each token's exact keys (outliers=F) [B, H, n, k]")
+    key_outlier_value = RowTensor("their exact values [B, H, n, k]")
+    value_outlier_index = RowTensor("channels of each token's exact values [B, H, n, k]")
+    value_outlier_value = RowTensor("their exact values [B, H, n, k]")
 
     def __init__(
         self,
@@ -79,8 +86,10 @@ class PackedTokens(HeldTensors):
         like: torch.Tensor,
         rotation: str = "none",
         key_rope: KeyRotator | None = None,
+        outliers: tuple[int, int] = (0, 0),
     ):
         self.group_size, self.scattered, self.rotation_kind = group_size, scattered, rotation
+        self.outliers = outliers  # exact entries per token and head: (keys, values)
         # keys=pre_rope (grouped layout only): keys are stored with the rotary embedding of their position
         # undone; token 0 of the store sits at `first_position`.
         self.key_rope, self.first_position = key_rope, 0
@@ -88,68 +97,46 @@ class PackedTokens(HeldTensors):
         batch, heads, _, head_dim = like.shape
         for name, codec in (("key_codes", self.key_codec), ("value_codes", self.value_codec)):
             packed_dim = head_dim * codec.nbits // 8 if scattered else head_dim
-            setattr(
-                self, name, torch.empty(batch, heads, 0, packed_dim, dtype=torch.uint8, device=like.device)
-            )
+            setattr(self, name, like.new_empty(batch, heads, 0, packed_dim, dtype=torch.uint8))
         self.value_scale = like.new_empty(batch, heads, 0, head_dim // group_size)
         self.value_zero = self.value_scale.clone()
-        self.group_scale, self.group_zero = (
-            like.new_empty(batch, heads, 0, head_dim),
-            like.new_empty(batch, heads, 0, head_dim),
-        )
+        self.group_scale = like.new_empty(batch, heads, 0, head_dim)
+        self.group_zero = self.group_scale.clone()
         self.key_group = self.group_members = None
         if scattered:
             self.key_group = torch.empty(batch, heads, 0, dtype=torch.int16, device=like.device)
             self.group_members = torch.empty(batch, heads, 0, dtype=torch.int16, device=like.device)
+        if any(outliers):
+            for name, count in zip(OUTLIER_PARTS, (outliers[0],) * 2 + (outliers[1],) * 2, strict=True):
+                dtype = index_dtype(head_dim) if name.endswith("index") else like.dtype
+                setattr(self, name, like.new_empty(batch, heads, 0, count, dtype=dtype))
 
     @property
-    def rotation(self) -> torch.Tensor | None:
-        """The shared rotation matrix ``[D, D]`` (:mod:`.rotation`), or ``None``; in float32 at least, since a
-        bf16 product would add its own rounding to the codes'."""
-        like = self.group_scale
-        dtype = torch.promote_types(like.dtype, torch.float32)
-        return rotation_matrix(self.rotation_kind, like.shape[-1], dtype, like.device)
+    def exact_parts(self) -> tuple[str, ...]:
+        """The names of the sparse store's tensors, which follow the tokens (none without ``outliers``)."""
+        return OUTLIER_PARTS if any(self.outliers) else ()
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        """The names of what :meth:`quantize` returns."""
+        return PACKED_PARTS + self.exact_parts
 
     @property
     def length(self) -> int:
         """Tokens held."""
         return self.value_scale.shape[2]
 
-    def _positions(self, start: int, count: int, device: torch.device) -> torch.Tensor:
-        return torch.arange(start, start + count, device=device)
-
-    def _to_stored(self, keys: torch.Tensor, values: torch.Tensor, position: int):
-        """Keys and values as they are quantized: rotary embedding undone (``pre_rope``), then rotated."""
-        if self.key_rope is not None:
-            keys = self.key_rope.at_positions(
-                keys, self._positions(position, keys.shape[2], keys.device), True
-            )
-        rotation = self.rotation
-        rotate_keys, rotate_values = rotated_tensors(self.rotation_kind)
-        if rotate_keys:
-            keys = keys.to(rotation.dtype) @ rotation
-        if rotate_values:
-            values = values.to(rotation.dtype) @ rotation
-        return keys, values
-
-    def _from_stored(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Inverse of :meth:`_to_stored`, in place on dequantized ``keys``/``values`` (output views)."""
-        rotation = self.rotation
-        rotate_keys, rotate_values = rotated_tensors(self.rotation_kind)
-        # An orthogonal matrix's inverse is its transpose; the output views cannot be matmul's `out`.
-        if rotate_keys:
-            keys.copy_(keys.to(rotation.dtype) @ rotation.T)
-        if rotate_values:
-            values.copy_(values.to(rotation.dtype) @ rotation.T)
-        if self.key_rope is not None:
-            positions = self._positions(self.first_position, keys.shape[2], keys.device)
-            keys.copy_(self.key_rope.at_positions(keys, positions))
-
     def quantize(self, keys: torch.Tensor, values: torch.Tensor, position: int = 0) -> tuple:
         """``[B, H, k * G, D]`` tokens quantized as ``k`` key groups and packed for this layout: the tensors
         of ``PACKED_PARTS``; ``position``: the cache position of the first (read with ``keys=pre_rope``)."""
         size = self.group_size
         keys, values = self._to_stored(keys, values, position)
+        exact = []
+        if any(self.outliers):
+            dtype = self.group_scale.dtype
+            keys, *key_exact = split_outliers(keys, self.outliers[0], size, True, dtype)
+            values, *value_exact = split_outliers(values, self.outliers[1], size, False, dtype)
+            exact = key_exact + value_exact
         key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = quantize_kivi(
             self.key_codec, self.value_codec, keys, values, size, self.group_scale.dtype
         )
@@ -158,7 +145,7 @@ class PackedTokens(HeldTensors):
         else:
             key_codes = pack_token_groups(self.key_codec, key_codes, size)
             value_codes = pack_token_groups(self.value_codec, value_codes, size)
-        return key_codes, value_codes, value_scale, value_zero, key_scale, key_zero
+        return key_codes, value_codes, value_scale, value_zero, key_scale, key_zero, *exact
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, position: int = 0) -> None:
         """Quantize ``[B, H, k * G, D]`` tokens once, as ``k`` new key groups, and append them; ``position``:
@@ -169,7 +156,7 @@ class PackedTokens(HeldTensors):
         if self.scattered:
             new_ids = self.add_group_rows(keys.shape[2] // self.group_size)  # renumbers key_group first
             self.key_group = torch.cat([self.key_group, new_ids], dim=2)
-        for name, part in zip(PACKED_PARTS, parts, strict=True):
+        for name, part in zip(self.part_names, parts, strict=True):
             setattr(self, name, torch.cat([getattr(self, name), part], dim=2))
 
     def add_group_rows(self, groups: int) -> torch.Tensor:
@@ -204,7 +191,7 @@ class PackedTokens(HeldTensors):
 
     def keep(self, indices: torch.Tensor) -> None:
         """Scattered layout: keep tokens ``indices`` ``[B, H, kept]`` (ascending); recount each key group."""
-        for name in ("key_codes", "value_codes", "value_scale", "value_zero", "key_group"):
+        for name in ("key_codes", "value_codes", "value_scale", "value_zero", "key_group", *self.exact_parts):
             setattr(self, name, gather_entries(getattr(self, name), indices))
         members = torch.zeros_like(self.group_members, dtype=torch.int32)
         members.scatter_add_(2, self.key_group.long(), torch.ones_like(self.key_group, dtype=torch.int32))
@@ -222,8 +209,8 @@ class PackedTokens(HeldTensors):
             self.group_scale[:, :, groups].clone(),
             self.group_zero[:, :, groups].clone(),
         )
-        self.value_scale = self.value_scale[:, :, tokens].clone()
-        self.value_zero = self.value_zero[:, :, tokens].clone()
+        for name in ("value_scale", "value_zero", *self.exact_parts):
+            setattr(self, name, getattr(self, name)[:, :, tokens].clone())
 
     def dequantize_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Dequantize every token into ``keys``/``values`` ``[B, H, n, D]`` (views into a larger output)."""
@@ -245,6 +232,9 @@ class PackedTokens(HeldTensors):
             )
         value_groups = values.view(batch, heads, length, head_dim // size, size)
         value_groups.mul_(self.value_scale.unsqueeze(-1)).add_(self.value_zero.unsqueeze(-1))
+        if any(self.outliers):
+            restore_outliers(keys, self.key_outlier_index, self.key_outlier_value)
+            restore_outliers(values, self.value_outlier_index, self.value_outlier_value)
         self._from_stored(keys, values)
 
 
@@ -280,8 +270,19 @@ class QuantizedTokens:
     def init_quantized(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.sink_keys, self.sink_values = key_states[..., :0, :].clone(), value_states[..., :0, :].clone()
         options = self.quantization
+        head_dim = key_states.shape[-1]
+        outliers = (
+            outlier_count(options.key_outliers, head_dim),
+            outlier_count(options.value_outliers, head_dim),
+        )
         self.packed = PackedTokens(
-            options.group_size, self.codecs, self.scattered, key_states, options.rotation, self.key_rope
+            options.group_size,
+            self.codecs,
+            self.scattered,
+            key_states,
+            options.rotation,
+            self.key_rope,
+            outliers,
         )
 
     @property

@@ -13,12 +13,12 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 
 from hf_kvcache.base import KVCache
-from hf_kvcache.calibration import WIDTHS as CALIBRATION_WIDTHS
-from hf_kvcache.calibration import calibrated_layer_options
+from hf_kvcache.calibration import calibrated_layer_options, check_calibrated_bits
 from hf_kvcache.held import HeldTensors, RowTensor, check_batch, held_view
 from hf_kvcache.layout import FULL_ATTENTION, LOCAL_ATTENTION, AttentionLayout, require_layer_types
 from hf_kvcache.model_hooks import KeyRotator
 from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
+from hf_kvcache.strategies.outliers import check_outlier_fraction
 from hf_kvcache.strategies.packed_attention import ATTENTION_BACKENDS, MAX_STORED_QUERIES, StoredAttention
 from hf_kvcache.strategies.packed_store import QuantizedTokens
 from hf_kvcache.strategies.packing import BACKENDS, SUPPORTED_NBITS, codes_per_packing_unit
@@ -42,6 +42,9 @@ class QuantizedOptions:
     calibrated_bits: float | None = field(default=None, metadata=WHEN_SET)
     calibration: str | None = field(default=None, metadata=WHEN_SET)
     attention: str = field(default="auto", metadata=WHEN_SET)
+    outliers: float = field(default=0.0, metadata=WHEN_SET)
+    outliers_keys: float | None = field(default=None, metadata=WHEN_SET)
+    outliers_values: float | None = field(default=None, metadata=WHEN_SET)
 
     def __post_init__(self):
         for name in ("nbits", "nbits_keys", "nbits_values"):
@@ -59,7 +62,9 @@ class QuantizedOptions:
             raise ValueError(f"attention must be one of {list(ATTENTION_BACKENDS)}, got {self.attention!r}")
         if self.keys not in KEY_MODES:
             raise ValueError(f"keys must be one of {list(KEY_MODES)}, got {self.keys!r}")
-        self._check_calibrated_bits()
+        check_calibrated_bits(self)
+        for name in ("outliers", "outliers_keys", "outliers_values"):
+            check_outlier_fraction(name, getattr(self, name), optional=name != "outliers")
         for name, nbits in (
             ("nbits" if self.nbits_keys is None else "nbits_keys", self.key_nbits),
             ("nbits" if self.nbits_values is None else "nbits_values", self.value_nbits),
@@ -77,29 +82,6 @@ class QuantizedOptions:
                     "tokens of the same group"
                 )
 
-    def _check_calibrated_bits(self) -> None:
-        if self.calibrated_bits is None:
-            if self.calibration is not None:
-                raise ValueError(f"calibration={self.calibration!r} is read only with calibrated_bits=...")
-            return
-        low, high = min(CALIBRATION_WIDTHS), max(CALIBRATION_WIDTHS)
-        if isinstance(self.calibrated_bits, bool) or not low <= self.calibrated_bits <= high:
-            raise ValueError(
-                f"calibrated_bits must be a number in [{low}, {high}], got {self.calibrated_bits!r}"
-            )
-        unit = max(codes_per_packing_unit(width) for width in CALIBRATION_WIDTHS)
-        if self.group_size % unit:
-            raise ValueError(
-                f"calibrated_bits needs a group_size that is a multiple of {unit} (a layer may get 3-bit "
-                f"codes, which fill bytes {unit} at a time), got group_size={self.group_size}"
-            )
-        for name in ("nbits_keys", "nbits_values"):
-            if getattr(self, name) is not None:
-                raise ValueError(
-                    f"{name}={getattr(self, name)} and calibrated_bits={self.calibrated_bits} both set code "
-                    "widths; give one of them"
-                )
-
     @property
     def key_nbits(self) -> int:
         """Bits per key code: ``nbits_keys``, or ``nbits`` when that is not given."""
@@ -109,6 +91,16 @@ class QuantizedOptions:
     def value_nbits(self) -> int:
         """Bits per value code: ``nbits_values``, or ``nbits`` when that is not given."""
         return self.nbits if self.nbits_values is None else self.nbits_values
+
+    @property
+    def key_outliers(self) -> float:
+        """Fraction of each key kept exact: ``outliers_keys``, or ``outliers`` when that is not given."""
+        return self.outliers if self.outliers_keys is None else self.outliers_keys
+
+    @property
+    def value_outliers(self) -> float:
+        """Fraction of each value kept exact: ``outliers_values``, or ``outliers`` when that is not given."""
+        return self.outliers if self.outliers_values is None else self.outliers_values
 
     def check_head_dim(self, head_dim: int) -> None:
         """Value groups split the head dimension."""
@@ -174,8 +166,12 @@ class QuantizedLayer(StoredAttention, QuantizedTokens, HeldTensors, CacheLayerMi
 
     @property
     def reads_storage(self) -> bool:
-        # Pre-RoPE keys need a rotation per token, which no longer folds into the query.
-        return self.options.attention != "dense" and self.window is None and self.key_rope is None
+        # Pre-RoPE keys need a rotation per token, which no longer folds into the query, and exact outliers
+        # sit over the codes (an attention over storage would have to add their share).
+        exact = self.options.key_outliers or self.options.value_outliers
+        return (
+            self.options.attention != "dense" and self.window is None and self.key_rope is None and not exact
+        )
 
     def append_tokens(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         check_batch(self, self.key_buffer, key_states)
@@ -328,6 +324,12 @@ class QuantizedKVCache(KVCache):
             copy (built on first use with the system's C++ compiler, CPU); ``"torch"``, the same sums in
             torch; ``"auto"``, compiled where it builds, else torch with one warning; ``"dense"``, dequantize
             the history and run the model's own attention. Default ``'auto'``.
+        outliers: fraction ``F`` of each token's entries (per KV head) kept exact in a sparse store, the
+            ``ceil(F * D)`` farthest from their quantization group's center, which would stretch its range
+            (KVQuant's dense-and-sparse scheme, https://arxiv.org/abs/2401.18079; :mod:`.outliers`). Decoding
+            then attends over a dequantized copy. Default 0.0.
+        outliers_keys: the fraction for keys, overriding ``outliers`` (``None``: ``outliers``). Default None.
+        outliers_values: the fraction for values, overriding ``outliers``. Default None.
 
     Example:
         >>> cache = QuantizedKVCache(model, nbits=2)

@@ -89,3 +89,48 @@ def layer_rotators(
         KeyRotator(rotary_module, kind) if applies_rope(module) else None
         for kind, module in zip(layer_types, modules, strict=True)
     ]
+
+
+class StoredSpace:
+    """Mixin for the packed store (:class:`~.packed_store.PackedTokens`): the space its tokens are quantized
+    in. The host sets ``rotation_kind``, ``key_rope`` (a :class:`~hf_kvcache.model_hooks.KeyRotator` for
+    ``keys=pre_rope``, else ``None``), ``first_position`` (the cache position of its first token) and
+    ``group_scale`` (whose dtype and device the rotation takes)."""
+
+    @property
+    def rotation(self) -> torch.Tensor | None:
+        """The shared rotation matrix ``[D, D]`` (:mod:`.rotation`), or ``None``; in float32 at least, since a
+        bf16 product would add its own rounding to the codes'."""
+        like = self.group_scale
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return rotation_matrix(self.rotation_kind, like.shape[-1], dtype, like.device)
+
+    def _positions(self, start: int, count: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(start, start + count, device=device)
+
+    def _to_stored(self, keys: torch.Tensor, values: torch.Tensor, position: int):
+        """Keys and values as they are quantized: rotary embedding undone (``pre_rope``), then rotated."""
+        if self.key_rope is not None:
+            keys = self.key_rope.at_positions(
+                keys, self._positions(position, keys.shape[2], keys.device), True
+            )
+        rotation = self.rotation
+        rotate_keys, rotate_values = rotated_tensors(self.rotation_kind)
+        if rotate_keys:
+            keys = keys.to(rotation.dtype) @ rotation
+        if rotate_values:
+            values = values.to(rotation.dtype) @ rotation
+        return keys, values
+
+    def _from_stored(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Inverse of :meth:`_to_stored`, in place on dequantized ``keys``/``values`` (output views)."""
+        rotation = self.rotation
+        rotate_keys, rotate_values = rotated_tensors(self.rotation_kind)
+        # An orthogonal matrix's inverse is its transpose; the output views cannot be matmul's `out`.
+        if rotate_keys:
+            keys.copy_(keys.to(rotation.dtype) @ rotation.T)
+        if rotate_values:
+            values.copy_(values.to(rotation.dtype) @ rotation.T)
+        if self.key_rope is not None:
+            positions = self._positions(self.first_position, keys.shape[2], keys.device)
+            keys.copy_(self.key_rope.at_positions(keys, positions))
