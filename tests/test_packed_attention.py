@@ -278,3 +278,24 @@ def test_compiled_attention_refuses_a_model_off_the_cpu_when_the_cache_is_built(
     ):
         build_cache(f"quantized:{QUICK},attention=compiled", model)
     build_cache(f"quantized:{QUICK},attention=auto", model)  # auto uses the torch sums off the CPU
+
+
+@pytest.mark.parametrize("attention", ["torch", "dense"])
+def test_a_new_token_attends_to_itself_in_full_precision_before_it_is_packed(attention):
+    # residual_length=0: the step's token completes a key group and is packed right after this step. It must
+    # attend to its own key and value in full precision first (KIVI), on both paths, which a reference that
+    # holds exactly what the cache held before the step (dequantized) plus the exact new token gives.
+    model = make_tiny_model("llama-gqa")
+    ids = random_ids(24, batch=2, seed=5)
+    spec = f"quantized:nbits=2,group_size=8,residual_length=0,num_sink_tokens=0,attention={attention}"
+    cache = build_cache(spec, model)
+    with torch.no_grad():
+        model(ids[:, :23], past_key_values=cache)  # 16 packed, 7 in the residual
+        reference = DynamicCache(config=model.config)
+        for index, layer in enumerate(cache.layers):
+            assert (layer.packed_length, layer.key_buffer.shape[2]) == (16, 7)
+            reference.update(layer.keys.clone(), layer.values.clone(), index)
+        got = model(ids[:, 23:], past_key_values=cache).logits
+        want = model(ids[:, 23:], past_key_values=reference).logits
+    assert all(layer.packed_length == 24 for layer in cache.layers)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)

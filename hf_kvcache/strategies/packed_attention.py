@@ -283,20 +283,19 @@ class StoredAttention:
         load_packed_kernels()
 
     def store_for_attention(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool | None:
-        """Store the new tokens if the coming attention call may read the storage, and say whether it does:
-        ``True`` (packed tokens to read), ``False`` (none yet: attend over :meth:`held` as the model would);
-        ``None``: nothing stored, the call goes through the layer's ``update`` instead."""
-        if not self.reads_storage or key_states.shape[-2] > MAX_STORED_QUERIES:
+        """Store the new tokens and return ``True`` if the coming attention call reads the storage; ``None``
+        (a long query, nothing packed yet): nothing stored, the call goes through the layer's ``update``."""
+        if not self.reads_storage or key_states.shape[-2] > MAX_STORED_QUERIES or not self.packed_length:
             return None
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         self.append_tokens(key_states, value_states)
-        self.settle()
-        return self.packed_length > 0
+        return True
 
     def attend_stored(self, query: torch.Tensor, attention_mask, scaling: float, **math):
         """The attention call the entry point hands over; ``math``: ``softcap`` and ``sinks``, as for
-        :func:`attend_quantized`."""
-        return attend_quantized(
+        :func:`attend_quantized`. The new tokens attend in full precision; then the oldest residual tokens
+        are packed, as the layer's ``update`` does after the model's attention."""
+        result = attend_quantized(
             self, query, attention_mask, scaling, backend=self.quantization.attention, **math
         )
+        self.settle()
+        return result

@@ -19,7 +19,7 @@ from hf_kvcache.layout import FULL_ATTENTION, LOCAL_ATTENTION, AttentionLayout, 
 from hf_kvcache.model_hooks import KeyRotator
 from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
 from hf_kvcache.strategies.outliers import check_outlier_fraction
-from hf_kvcache.strategies.packed_attention import ATTENTION_BACKENDS, MAX_STORED_QUERIES, StoredAttention
+from hf_kvcache.strategies.packed_attention import ATTENTION_BACKENDS, StoredAttention
 from hf_kvcache.strategies.packed_store import QuantizedTokens
 from hf_kvcache.strategies.packing import BACKENDS, SUPPORTED_NBITS, codes_per_packing_unit
 from hf_kvcache.strategies.rotation import KEY_MODES, ROTATIONS, key_ropes
@@ -187,10 +187,8 @@ class QuantizedLayer(StoredAttention, QuantizedTokens, HeldTensors, CacheLayerMi
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.append_tokens(key_states, value_states)
-        if key_states.shape[-2] <= MAX_STORED_QUERIES:
-            # Pack before attending, as the storage path does, so that both see each token in the same form;
-            # a longer (prompt) chunk attends to its own tokens in full precision, as in KIVI.
-            self.settle()
+        # Attend, then pack (as the storage path does): new tokens see themselves and the residual in full
+        # precision, as in KIVI, even when residual_length is 0.
         all_keys, all_values = self.assemble()
         self.settle()
         if self.window is not None:
