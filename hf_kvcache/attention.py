@@ -71,6 +71,7 @@ def storage_attention(
     ``fallback`` attention (a registered name binds ``fallback``)."""
     layer = module.__dict__.pop(STORAGE_ATTRIBUTE, None)
     if layer is None:
+        attention_mask = newest_columns(attention_mask, key.shape[-2])
         function = _fallback_function(module, fallback)
         return function(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
@@ -78,6 +79,15 @@ def storage_attention(
     return layer.attend_stored(
         query, attention_mask, scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux")
     )
+
+
+def newest_columns(attention_mask: torch.Tensor | None, keys: int) -> torch.Tensor | None:
+    """The last ``keys`` columns of a mask made for more: transformers shapes one mask per kind of layer by
+    its first layer, and an eviction layer under a per-layer budget (``layer_budgets=pyramid``) may hold fewer
+    entries, which are the newest columns (:mod:`hf_kvcache.strategies.eviction`)."""
+    if attention_mask is None or attention_mask.shape[-1] <= keys:
+        return attention_mask
+    return attention_mask[..., attention_mask.shape[-1] - keys :]
 
 
 @functools.lru_cache(maxsize=1)

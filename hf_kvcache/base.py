@@ -121,8 +121,24 @@ class KVCache(Cache):
         super().__init__(layers=self.build_layers(model, self.layout))
         # Why decode steps do not attend over the layers' own storage (None: they do, or none has any).
         self.storage_attention_off = None
-        if any(getattr(layer, "reads_storage", False) for layer in self.layers):
+        if self.needs_attention_entry_point():
             self.storage_attention_off = install_storage_attention(model, len(self.layers))
+        if self.uneven_layers and self.storage_attention_off is not None:
+            raise ValueError(
+                "layer_budgets=pyramid holds a different number of entries per layer, which hf-kvcache's "
+                f"attention entry point masks, and it cannot serve this model: {self.storage_attention_off}; "
+                "use layer_budgets=uniform"
+            )
+
+    def needs_attention_entry_point(self) -> bool:
+        """Whether the model should attend through hf-kvcache's entry point (:mod:`hf_kvcache.attention`):
+        some layer reads its own storage, or layers of one kind hold different numbers of entries
+        (``layer_budgets=pyramid``), which needs the mask cut to each."""
+        return self.uneven_layers or any(getattr(layer, "reads_storage", False) for layer in self.layers)
+
+    @property
+    def uneven_layers(self) -> bool:
+        return getattr(self.options, "layer_budgets", None) == "pyramid"
 
     @property
     def is_compileable(self) -> bool:

@@ -75,3 +75,45 @@ def check_budget(
     if isinstance(value, int) and value < max(1, protected):
         raise ValueError(f"{budget} must be an integer >= {max(1, protected)}{why}, got {value!r}")
     check_budget_value(budget, value)
+
+
+# Per-layer budget schedules of the score-based strategies (option ``layer_budgets``).
+LAYER_SCHEDULES = ("uniform", "pyramid")
+# PyramidKV's beta: the last layer keeps at least budget / PYRAMID_BETA (and never less than it protects).
+PYRAMID_BETA = 20
+
+
+def check_layer_budgets(options: Any, allowed: tuple[str, ...] = LAYER_SCHEDULES) -> None:
+    """For an options dataclass with a ``layer_budgets`` field: ``ValueError`` unless it is in ``allowed``."""
+    if options.layer_budgets not in allowed:
+        raise ValueError(f"layer_budgets must be one of {list(allowed)}, got {options.layer_budgets!r}")
+
+
+def pyramid_budgets(budget: Budget, count: int, protected: int = 0) -> list[Budget]:
+    """PyramidKV's schedule (Cai et al., https://arxiv.org/abs/2406.02069): ``count`` layers share ``count``
+    times ``budget``, the first keeping the most and each later layer less, linearly, down to the larger of
+    ``budget / PYRAMID_BETA`` and ``protected`` tokens for the last. In tokens the budgets sum exactly to
+    ``count * budget``; as fractions they are capped at 1 (the mean can then fall below ``budget``)."""
+    smallest = budget / PYRAMID_BETA if isinstance(budget, float) else max(budget / PYRAMID_BETA, protected)
+    if count == 1 or smallest >= budget:
+        return [budget] * count
+    largest = 2 * budget - smallest
+    shares = [largest - (largest - smallest) * i / (count - 1) for i in range(count)]
+    if isinstance(budget, float):
+        return [min(share, 1.0) for share in shares]
+    result = [math.floor(share) for share in shares]
+    for i in range(count * budget - sum(result)):  # hand the rounding back, largest layers first
+        result[i] += 1
+    return result
+
+
+def apply_layer_schedule(layers: list[Any], options: Any) -> None:
+    """Under ``options.layer_budgets == "pyramid"``: set each evicting layer of ``layers`` (those with a
+    ``budget``, in model order) to its share of their common budget; other schedules change nothing."""
+    layers = [layer for layer in layers if getattr(layer, "budget", None) is not None]
+    if getattr(options, "layer_budgets", "uniform") != "pyramid" or not layers:
+        return
+    recent = layers[0].recent
+    protected = layers[0].sinks + (recent if isinstance(recent, int) else 0)
+    for layer, budget in zip(layers, pyramid_budgets(layers[0].budget, len(layers), protected), strict=True):
+        layer.budget = budget

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
 from hf_kvcache.base import KVCache, gather_entries
-from hf_kvcache.budget import Budget, tokens
+from hf_kvcache.budget import Budget, apply_layer_schedule, tokens
 from hf_kvcache.held import HeldTensors, RowTensor, SlotTensor, check_batch, held_view
 from hf_kvcache.layout import (
     FULL_ATTENTION,
@@ -318,11 +318,9 @@ class EvictionCache(KVCache):
     mask from the model. Subclasses implement :meth:`make_layer`."""
 
     def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[CacheLayerMixin]:
-        """A strategy layer per full-attention layer; a recent window per local (sliding, chunked) layer.
-
-        A local layer's attention never reaches past its window, so the strategy's choice among older tokens
-        would be wasted there: it keeps the newest ``min(budget, window - 1)`` tokens, never more than
-        ``DynamicCache`` keeps for it.
+        """A strategy layer per full-attention layer (budgets per ``layer_budgets`` where the strategy has
+        it); a recent window per local (sliding, chunked) layer: its attention never reaches past its window,
+        so it keeps the newest ``min(budget, window - 1)`` tokens, never more than ``DynamicCache`` does.
         """
         require_layer_types(layout, (FULL_ATTENTION, *LOCAL_ATTENTION), type(self).__name__)
         require_positions_in_keys(model, type(self).__name__)
@@ -335,6 +333,7 @@ class EvictionCache(KVCache):
                 budget = layer.budget if isinstance(layer.budget, int) else window
                 layer = DynamicSlidingWindowLayer(sliding_window=min(window, budget + 1))
             layers.append(layer)
+        apply_layer_schedule(layers, self.options)
         return layers
 
     def make_layer(self, layout: AttentionLayout) -> EvictingLayer:

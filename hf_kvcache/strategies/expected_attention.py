@@ -11,11 +11,11 @@ from types import SimpleNamespace
 
 import torch
 
-from hf_kvcache.budget import Budget, check_budget
+from hf_kvcache.budget import Budget, check_budget, check_layer_budgets
 from hf_kvcache.held import RowTensor
 from hf_kvcache.layout import AttentionLayout
 from hf_kvcache.model_hooks import KeyRotator, attention_modules, find_rotary_module, rotate_half_rope
-from hf_kvcache.registry import check_int, register_strategy
+from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from hf_kvcache.strategies.quantized_storage import (
     QuantizedStorage,
@@ -36,6 +36,7 @@ class ExpectedAttentionOptions:
     horizon: int = 512
     epsilon: float = 0.02
     quantization: QuantizedOptions | None = field(default=None, metadata={"composes": "quantized"})
+    layer_budgets: str = field(default="uniform", metadata=WHEN_SET)
 
     def __post_init__(self):
         check_composed_quantization(self.quantization)
@@ -43,6 +44,7 @@ class ExpectedAttentionOptions:
             budget=self.budget, num_sink_tokens=self.num_sink_tokens, recent=self.protected_recent
         )
         check_budget(protected, sinks="num_sink_tokens", recent="recent")
+        check_layer_budgets(self)
         check_recent_covers_residual(self.protected_recent, self.quantization)
         check_int("horizon", self.horizon, 1, " (future positions the query statistics are averaged over)")
         if not isinstance(self.epsilon, (int, float)) or isinstance(self.epsilon, bool) or self.epsilon < 0:
@@ -175,6 +177,9 @@ class ExpectedAttentionKVCache(ScoringCache):
             bit-packed (spec ``expected-attention:...+quantized:...``); ``recent`` must cover its residual
             (``residual_length + group_size - 1`` tokens). ``None``: everything in full precision.
             Default ``None``.
+        layer_budgets: ``'uniform'`` (``budget`` in every layer) or ``'pyramid'``: more in early layers,
+            less in late ones, at the same total (PyramidKV, :func:`hf_kvcache.budget.pyramid_budgets`).
+            Default ``'uniform'``.
 
     Example:
         >>> cache = ExpectedAttentionKVCache(model, budget=0.25)

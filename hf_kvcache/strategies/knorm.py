@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hf_kvcache.budget import Budget, check_budget
-from hf_kvcache.registry import register_strategy
+from hf_kvcache.budget import Budget, check_budget, check_layer_budgets
+from hf_kvcache.registry import WHEN_SET, register_strategy
 from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from hf_kvcache.strategies.quantized_storage import (
@@ -29,9 +29,11 @@ class KeyNormOptions:
     num_sink_tokens: int = 4
     recent: Budget = 160
     quantization: QuantizedOptions | None = field(default=None, metadata={"composes": "quantized"})
+    layer_budgets: str = field(default="uniform", metadata=WHEN_SET)
 
     def __post_init__(self):
         check_budget(self, sinks="num_sink_tokens", recent="recent")
+        check_layer_budgets(self)
         check_composed_quantization(self.quantization)
         check_recent_covers_residual(self.recent, self.quantization)
 
@@ -70,6 +72,9 @@ class KeyNormKVCache(EvictionCache):
             bit-packed (spec ``knorm:...+quantized:...``); ``recent`` must cover its residual
             (``residual_length + group_size - 1`` tokens).
             ``None``: everything in full precision. Default ``None``.
+        layer_budgets: ``'uniform'`` (``budget`` in every layer) or ``'pyramid'``: more in early layers,
+            less in late ones, at the same total (PyramidKV, :func:`hf_kvcache.budget.pyramid_budgets`).
+            Default ``'uniform'``.
 
     Example:
         >>> cache = KeyNormKVCache(model, budget=0.25)

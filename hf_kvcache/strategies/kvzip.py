@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hf_kvcache.budget import Budget, check_budget, tokens
+from hf_kvcache.budget import Budget, check_budget, check_layer_budgets, tokens
 from hf_kvcache.held import HeldPart, RowTensor, check_batch
 from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
 from hf_kvcache.strategies.ragged import RaggedEntries, highest_entries
@@ -39,10 +39,7 @@ class KVzipOptions:
         check_budget(self)
         if self.head_budgets not in BUDGET_SPLITS:
             raise ValueError(f"head_budgets must be one of {list(BUDGET_SPLITS)}, got {self.head_budgets!r}")
-        if self.layer_budgets not in BUDGET_SPLITS:
-            raise ValueError(
-                f"layer_budgets must be one of {list(BUDGET_SPLITS)}, got {self.layer_budgets!r}"
-            )
+        check_layer_budgets(self, (*BUDGET_SPLITS, "pyramid"))
         if self.layer_budgets == "adaptive" and self.head_budgets != "adaptive":
             raise ValueError(
                 "layer_budgets=adaptive shares one budget among every head of every layer, which needs "
@@ -201,8 +198,10 @@ class KVzipCache(ScoringCache):
         head_budgets: ``'adaptive'`` (the layer's budget goes to its highest scores, whatever their head;
             attention then runs through hf-kvcache's entry point, sdpa or eager models only) or ``'uniform'``
             (``budget`` per head, any attention). Default ``'adaptive'``.
-        layer_budgets: ``'adaptive'`` (one budget shared by every layer's heads; needs adaptive heads) or
-            ``'uniform'`` (each layer keeps ``budget`` per head on average). Default ``'adaptive'``.
+        layer_budgets: ``'adaptive'`` (one budget shared by every layer's heads; needs adaptive heads),
+            ``'uniform'`` (each layer keeps ``budget`` per head on average) or ``'pyramid'`` (a fixed
+            schedule: more in early layers, less in late ones, at the same total; PyramidKV,
+            :func:`hf_kvcache.budget.pyramid_budgets`). Default ``'adaptive'``.
         prompt: the instruction before the repeated context, in the tokenizer's chat template when it has one,
             else as plain text; ``None``: the context is repeated right after itself (no tokenizer needed).
             Default ``'Repeat the previous context exactly.'``.

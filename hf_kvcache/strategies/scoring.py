@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from hf_kvcache.attention import newest_columns
 from hf_kvcache.layout import AttentionLayout
 from hf_kvcache.model_hooks import AttentionMath, install_query_capture
 from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache
@@ -156,6 +157,7 @@ class ScoringLayer(EvictingLayer):
     def attend_stored(self, query: torch.Tensor, attention_mask, scaling: float, **math):
         """Attend over this step's entries, score them from the same weights and choose the victim."""
         (keys, values), self.attended = self.attended, None
+        attention_mask = newest_columns(attention_mask, keys.shape[-2])
         out, weights = dense_attention(query, keys, values, attention_mask, scaling, **math)
         # The attention each entry received, summed over the query heads of its KV head.
         mass = weights.reshape(keys.shape[0], keys.shape[1], -1, keys.shape[2]).sum(2)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from hf_kvcache.budget import Budget, check_budget, tokens
+from hf_kvcache.budget import Budget, check_budget, check_layer_budgets, tokens
 from hf_kvcache.held import RowTensor
 from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer, attention_mass
@@ -25,6 +25,7 @@ class SnapKVOptions:
     window_size: int = 32
     kernel_size: int = 7
     max_prefill: int | None = field(default=None, metadata=WHEN_SET)
+    layer_budgets: str = field(default="uniform", metadata=WHEN_SET)
 
     def __post_init__(self):
         check_int("window_size", self.window_size, 1)
@@ -32,6 +33,7 @@ class SnapKVOptions:
             least = max(self.window_size, self.budget if isinstance(self.budget, int) else 1)
             check_int("max_prefill", self.max_prefill, least, " (the budget and the window must fit)")
         check_budget(self, recent="window_size")
+        check_layer_budgets(self)
         if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
 
@@ -141,6 +143,9 @@ class SnapKVCache(ScoringCache):
         kernel_size: width of the max-pool over scores (odd). Default 7.
         max_prefill: entries a chunked prompt may hold before it is compressed; ``None``: compress after every
             chunk. Default ``None``.
+        layer_budgets: ``'uniform'`` (``budget`` in every layer) or ``'pyramid'``: more in early layers,
+            less in late ones, at the same total (PyramidKV, :func:`hf_kvcache.budget.pyramid_budgets`).
+            Default ``'uniform'``.
 
     Example:
         >>> cache = SnapKVCache(model, budget=256)

@@ -5,10 +5,10 @@ Paper: "Transformers are Multi-State RNNs" (Oren et al., 2024), https://arxiv.or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from hf_kvcache.budget import Budget, check_budget
-from hf_kvcache.registry import register_strategy
+from hf_kvcache.budget import Budget, check_budget, check_layer_budgets
+from hf_kvcache.registry import WHEN_SET, register_strategy
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 
 
@@ -17,9 +17,11 @@ class TOVAOptions:
     """Options of :class:`TOVAKVCache`; see there."""
 
     budget: Budget = 256
+    layer_budgets: str = field(default="uniform", metadata=WHEN_SET)
 
     def __post_init__(self):
         check_budget(self)
+        check_layer_budgets(self)
 
 
 class TOVALayer(ScoringLayer):
@@ -43,6 +45,9 @@ class TOVAKVCache(ScoringCache):
         model: the model the cache serves (Llama-style attention: Llama, Mistral, Qwen2/3, Phi3, ...).
         budget: entries kept per layer and KV head, in tokens or as a fraction of the tokens seen
             (``0.25``). Default 256.
+        layer_budgets: ``'uniform'`` (``budget`` in every layer) or ``'pyramid'``: more in early layers,
+            less in late ones, at the same total (PyramidKV, :func:`hf_kvcache.budget.pyramid_budgets`).
+            Default ``'uniform'``.
 
     Example:
         >>> cache = TOVAKVCache(model, budget=256)
