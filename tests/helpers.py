@@ -72,6 +72,7 @@ QUANTIZATION_VARIANTS = [
     "quantized:nbits=2,nbits_keys=3,group_size=8,residual_length=8,outliers=0.1,outliers_values=0.05,"
     "rotation=hadamard,keys=pre_rope",
     "sliding-window:window_length=20+quantized:nbits=2,group_size=8,residual_length=4,outliers=0.1",
+    "kvzip:budget=0.5,prompt=none+quantized:nbits=4,nbits_values=2,group_size=8,rotation=hadamard",
 ]
 
 # --- what the harness tests run: tiny model, filler text, few tokens -----------------------------------
@@ -272,7 +273,8 @@ def held_entries(layer) -> tuple[torch.Tensor, torch.Tensor]:
     if ragged is None or not ragged.filled:
         return layer.keys, layer.values
     tail = [t[:, :, : layer.stored].flatten(0, 2) for t in (layer.key_buffer, layer.value_buffer)]
-    return torch.cat([ragged.keys, tail[0]]), torch.cat([ragged.values, tail[1]])
+    keys, values = (x.to(tail[0].dtype) for x in ragged.entries())  # dequantized when packed
+    return torch.cat([keys, tail[0]]), torch.cat([values, tail[1]])
 
 
 def check_options_are_declared_once_and_documented(name: str) -> None:

@@ -15,7 +15,8 @@ import torch
 from hf_kvcache.budget import Budget, check_budget, check_layer_budgets, tokens
 from hf_kvcache.held import HeldPart, RowTensor, check_batch
 from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
-from hf_kvcache.strategies.ragged import RaggedEntries, highest_entries
+from hf_kvcache.strategies.quantized import QuantizedOptions
+from hf_kvcache.strategies.ragged import RaggedEntries, check_ragged_quantization, highest_entries
 from hf_kvcache.strategies.reconstruction import prompt_ids, reconstruct
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer, attention_mass
 
@@ -34,9 +35,11 @@ class KVzipOptions:
     # Spelled in a canonical spec only when set: the default prompt is a sentence.
     prompt: str | None = field(default=DEFAULT_PROMPT, metadata=WHEN_SET)
     tokenizer: str | None = field(default=None, metadata=WHEN_SET)
+    quantization: QuantizedOptions | None = field(default=None, metadata={"composes": "quantized"})
 
     def __post_init__(self):
         check_budget(self)
+        check_ragged_quantization(self.quantization)
         if self.head_budgets not in BUDGET_SPLITS:
             raise ValueError(f"head_budgets must be one of {list(BUDGET_SPLITS)}, got {self.head_budgets!r}")
         check_layer_budgets(self, (*BUDGET_SPLITS, "pyramid"))
@@ -69,8 +72,9 @@ class KVzipLayer(ScoringLayer):
     ragged = HeldPart("the compressed context under adaptive head budgets")
 
     def __init__(self, options: KVzipOptions, state):
-        # Adaptive budgets attend through the entry point, which must then be installed on the model.
-        self.reads_storage = options.head_budgets == "adaptive"
+        # Adaptive budgets and packed entries attend through the entry point, which must then be installed.
+        self.quantization = options.quantization
+        self.reads_storage = options.head_budgets == "adaptive" or options.quantization is not None
         super().__init__(options.budget, state)
 
     def reset(self) -> None:
@@ -80,7 +84,7 @@ class KVzipLayer(ScoringLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self.ragged = RaggedEntries()
+        self.ragged = RaggedEntries(self.quantization)
 
     def capacity(self, new: int) -> int:
         return super().capacity(new) if self.compressing else sys.maxsize
@@ -167,6 +171,13 @@ def shared_budget(layers: list[KVzipLayer]) -> list[torch.Tensor]:
     return [keep.to(layer.device) for keep, layer in zip(keeps, layers, strict=True)]
 
 
+def per_head_budget(layer: KVzipLayer) -> torch.Tensor:
+    """Which entries ``[B, H, N]`` ``layer`` keeps with ``budget`` per KV head (ties as when shared)."""
+    scores = layer.real_scores()
+    quota = layer.quota()
+    return torch.cat([highest_entries([scores[:, h : h + 1]], quota)[0] for h in range(scores.shape[1])], 1)
+
+
 @register_strategy("kvzip", "KVzip: keep what the model attends to while it reconstructs the context")
 class KVzipCache(ScoringCache):
     """KVzip context compression (Kim et al., https://arxiv.org/abs/2505.23416).
@@ -207,6 +218,12 @@ class KVzipCache(ScoringCache):
             Default ``'Repeat the previous context exactly.'``.
         tokenizer: Hub id or folder of the tokenizer that writes the prompt; ``None``: the model's own
             (``model.name_or_path``). Default ``None``.
+        quantization: a :class:`~hf_kvcache.strategies.quantized.QuantizedOptions` to hold the compressed
+            context bit-packed (spec ``kvzip:...+quantized:...``), keys and values alike per entry over groups
+            of ``group_size`` channels after the options' ``rotation`` (an evicted entry leaves alone, so no
+            scale spans entries); it takes ``nbits``, ``nbits_keys``, ``nbits_values``, ``group_size`` and
+            ``rotation``. Tokens after the compression stay in full precision. ``None``: everything in full
+            precision. Default ``None``.
 
     Example:
         >>> cache = KVzipCache(model, budget=0.25)
@@ -217,6 +234,11 @@ class KVzipCache(ScoringCache):
 
     def __init__(self, model, *option_args, **option_kwargs):
         super().__init__(model, *option_args, **option_kwargs)
+        if self.options.quantization is not None and self.storage_attention_off is not None:
+            raise ValueError(
+                "kvzip+quantized holds packed entries, which only hf-kvcache's attention entry point reads, "
+                f"and it cannot serve this model: {self.storage_attention_off}; use kvzip without +quantized"
+            )
         if self.options.head_budgets == "adaptive" and self.storage_attention_off is not None:
             raise ValueError(
                 "kvzip:head_budgets=adaptive holds a different number of entries per KV head, which only "
@@ -277,6 +299,8 @@ class KVzipCache(ScoringCache):
                 keeps = shared_budget(layers)
             elif self.options.head_budgets == "adaptive":
                 keeps = [shared_budget([layer])[0] for layer in layers]
+            elif self.options.quantization is not None:  # packed entries live in the ragged store
+                keeps = [per_head_budget(layer) for layer in layers]
         for layer, keep in zip(layers, keeps, strict=True):
             layer.compress(keep)
             layer.context_ids = None

@@ -18,16 +18,59 @@ import torch
 
 from hf_kvcache.held import HeldTensors, RowTensor
 from hf_kvcache.strategies.packed_attention import attention_weights
+from hf_kvcache.strategies.packing import TorchCodec, pack_codes, unpack_codes
+from hf_kvcache.strategies.rotation import rotation_matrix
+
+
+def check_ragged_quantization(quantization) -> None:
+    """For a strategy whose ``+quantized`` half packs a :class:`RaggedEntries` store: ``None`` or
+    :class:`~.quantized.QuantizedOptions` that it can hold (each entry alone: no key groups over tokens, no
+    sinks or residual, keys as the model rotated them)."""
+    from hf_kvcache.strategies.quantized import QuantizedOptions
+
+    if quantization is None:
+        return
+    if not isinstance(quantization, QuantizedOptions):
+        raise ValueError(f"quantization must be None or a QuantizedOptions, got {quantization!r}")
+    default = QuantizedOptions()
+    unsupported = {
+        name: getattr(quantization, name)
+        for name in ("residual_length", "num_sink_tokens", "backend", "keys", "calibrated_bits", "outliers")
+        if getattr(quantization, name) != getattr(default, name)
+    } | {
+        name: getattr(quantization, name)
+        for name in ("outliers_keys", "outliers_values")
+        if getattr(quantization, name)
+    }
+    if unsupported:
+        raise ValueError(
+            f"{', '.join(f'{k}={v!r}' for k, v in unsupported.items())}: the packed store of a compressed "
+            "context holds each kept entry alone (quantized per entry over groups of group_size channels, "
+            "torch backend); it takes nbits, nbits_keys, nbits_values, group_size and rotation"
+        )
 
 
 class RaggedEntries(HeldTensors):
-    """Keys and values of every row and KV head back to back, with their counts (see the module)."""
+    """Keys and values of every row and KV head back to back, with their counts (see the module).
 
-    keys = RowTensor("entries of every row and KV head, one after another [total, D]")
-    values = RowTensor("values in the order of keys [total, D]")
+    With ``quantization`` (a :class:`~.quantized.QuantizedOptions`) each entry is held bit-packed instead,
+    keys and values alike per entry over groups of ``group_size`` channels (an entry leaves or stays alone,
+    so no scale spans entries), after the options' rotation: ``key_codes``/``value_codes`` ``[total, D * b /
+    8]`` and a scale and zero point per group ``[total, D / G]`` in the model's dtype.
+    """
+
+    keys = RowTensor("entries of every row and KV head, one after another [total, D] (unquantized)")
+    values = RowTensor("values in the order of keys [total, D] (unquantized)")
+    key_codes = RowTensor("packed key codes [total, D * b / 8] (quantized)")
+    key_scale = RowTensor("key scale per entry and channel group [total, D / G]")
+    key_zero = RowTensor("key zero point per entry and channel group [total, D / G]")
+    value_codes = RowTensor("packed value codes [total, D * b / 8]")
+    value_scale = RowTensor("value scale per entry and channel group [total, D / G]")
+    value_zero = RowTensor("value zero point per entry and channel group [total, D / G]")
     counts = RowTensor("entries held per row and KV head [B, H], int64")
 
-    def __init__(self):
+    def __init__(self, quantization=None):
+        self.quantization = quantization
         self.clear_held()
 
     @property
@@ -37,7 +80,36 @@ class RaggedEntries(HeldTensors):
     def fill(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> None:
         """Hold the entries of ``keys``/``values`` ``[B, H, N, D]`` where ``keep`` ``[B, H, N]`` is True."""
         # Boolean indexing walks b, then h, then n: each head's entries stay together, in age order.
-        self.keys, self.values, self.counts = keys[keep], values[keep], keep.sum(-1)
+        self.counts = keep.sum(-1)
+        if self.quantization is None:
+            self.keys, self.values = keys[keep], values[keep]
+            return
+        options, rotation = self.quantization, self._rotation(keys)
+        for name, x, nbits in (("key", keys, options.key_nbits), ("value", values, options.value_nbits)):
+            x = x[keep] if rotation is None else x[keep].to(rotation.dtype) @ rotation
+            groups = x.reshape(x.shape[0], -1, options.group_size)  # [total, D / G, G]
+            codes, scale, zero = TorchCodec(nbits).quantize(groups, 2, keys.dtype)
+            setattr(self, f"{name}_codes", pack_codes(codes.flatten(1), nbits))
+            setattr(self, f"{name}_scale", scale.squeeze(2))
+            setattr(self, f"{name}_zero", zero.squeeze(2))
+
+    def _rotation(self, like: torch.Tensor) -> torch.Tensor | None:
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return rotation_matrix(self.quantization.rotation, like.shape[-1], dtype, like.device)
+
+    def entries(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[n, D]`` of entries ``start:stop``, in float32 (dequantized when packed)."""
+        if self.quantization is None:
+            return self.keys[start:stop].float(), self.values[start:stop].float()
+        options, out = self.quantization, []
+        for name, nbits in (("key", options.key_nbits), ("value", options.value_nbits)):
+            codes = unpack_codes(getattr(self, f"{name}_codes")[start:stop], nbits).float()
+            groups = codes.view(codes.shape[0], -1, options.group_size)
+            scale, zero = (getattr(self, f"{name}_{part}")[start:stop].float() for part in ("scale", "zero"))
+            x = (groups * scale.unsqueeze(-1) + zero.unsqueeze(-1)).flatten(1)
+            rotation = self._rotation(x)  # orthogonal: its inverse is its transpose
+            out.append(x if rotation is None else x @ rotation.T)
+        return out[0], out[1]
 
     def segments(self) -> list[tuple[int, int]]:
         """``(start, stop)`` rows of each (row, head) in ``keys``, row-major (one read back to the host)."""
@@ -51,13 +123,17 @@ class RaggedEntries(HeldTensors):
         rows = select(torch.arange(batch, device=self.counts.device)).tolist()
         spans = self.segments()
         index = [
-            torch.arange(*spans[row * heads + head], device=self.keys.device)
+            torch.arange(*spans[row * heads + head], device=self.counts.device)
             for row in rows
             for head in range(heads)
         ]
-        index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=self.keys.device)
-        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
-        self.counts = self.counts[torch.tensor(rows, device=self.counts.device, dtype=torch.long)]
+        device = self.counts.device
+        index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)
+        for declared in self.declared("row"):
+            tensor = getattr(self, declared.name)
+            if tensor is not None and declared.name != "counts":
+                setattr(self, declared.name, tensor.index_select(0, index.to(tensor.device)))
+        self.counts = self.counts[torch.tensor(rows, device=device, dtype=torch.long)]
 
     def attend(
         self,
@@ -83,7 +159,7 @@ class RaggedEntries(HeldTensors):
                 heads_of = slice(head * group, (head + 1) * group)
                 queries = query[row, heads_of].float()  # [G, q, D]
                 # Logits of the store and of the tail side by side: no copy of the store's entries per step.
-                store_keys, store_values = self.keys[start:stop].float(), self.values[start:stop].float()
+                store_keys, store_values = self.entries(start, stop)
                 tail = tail_keys[row, head].float()
                 logits = torch.cat([queries @ store_keys.T, queries @ tail.T], dim=-1)[
                     None
