@@ -108,7 +108,9 @@ def test_the_command_sweeps_resumes_and_draws(tiny_model_dir, filler_file, tmp_p
     out = capsys.readouterr().out
     assert "frontier skips quantized" in out
     records = json.loads((tmp_path / "results.json").read_text())["records"]
-    assert len(records) == 2 * 5 and {r["metric"] for r in records} == {"ruler"}
+    assert len(records) == 2 * 5 + 5 and {r["metric"] for r in records} == {"ruler", "continuation"}
+    finished = sorted(r["finished_at"] for r in records)
+    records = [r for r in records if r["metric"] == "ruler"]
     held = {(r["strategy"], r["fingerprint"]): r["values"]["cells"][0]["held_bytes"] for r in records}
     for (spec, fingerprint), count in held.items():
         # Each point holds about its ratio of the full cache's bytes under the same protocol (kvzip: the ids
@@ -117,8 +119,9 @@ def test_the_command_sweeps_resumes_and_draws(tiny_model_dir, filler_file, tmp_p
         assert count / held[("full", fingerprint)] == pytest.approx(ratio, rel=0.08), spec
     table = (tmp_path / "frontier.md").read_text()
     assert "### compress-first" in table and "### question-inside" in table
+    rows = [line for line in table.splitlines() if line.startswith("| tova |")]
+    assert len(rows) == 4 and all(float(line.split("|")[6]) > 0 for line in rows)  # perplexity × full
     assert (tmp_path / "frontier.png").stat().st_size > 0
-    finished = sorted(r["finished_at"] for r in records)
     assert main(argv) == 0  # resumed: nothing measured again
     again = json.loads((tmp_path / "results.json").read_text())["records"]
     assert sorted(r["finished_at"] for r in again) == finished

@@ -8,7 +8,7 @@ from hf_kvcache.evaluation.model import EMBEDDED_MODEL, load_model
 from hf_kvcache.evaluation.perplexity import PerplexityResult, perplexity
 
 # The built-in metrics, in the order of the results table's columns; a new metric's module goes here.
-BUILTIN_METRIC_MODULES = ("perplexity", "memory", "speed", "passkey", "ruler")
+BUILTIN_METRIC_MODULES = ("perplexity", "memory", "speed", "passkey", "ruler", "continuation")
 for _module in BUILTIN_METRIC_MODULES:
     importlib.import_module(f"hf_kvcache.evaluation.{_module}")
 

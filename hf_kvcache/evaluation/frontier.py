@@ -5,7 +5,9 @@ fractions of the context (``--ratios``), so that every family is compared at the
 point's bytes are what its cache holds once the context is in (``cache_nbytes``, averaged over the RULER
 prompts), divided by what the full cache holds for the same prompts in the same run. Its score is the RULER
 metric's (:mod:`.ruler`), under one protocol or both (``compress-first``: the context is compressed, then the
-question is appended; ``question-inside``: the question ends the compressed prompt). The records go to
+question is appended; ``question-inside``: the question ends the compressed prompt), and its perplexity is
+the continuation metric's (:mod:`.continuation`: the text after a context of the longest ``--lengths``,
+compressed first) as a ratio to the full cache's. The records go to
 ``results.json`` through the same orchestrator as ``compare`` (resumable, split across processes with
 accelerate); ``frontier.md`` and ``frontier.png`` are drawn from them.
 """
@@ -98,20 +100,34 @@ def point_values(records: list[dict], points, fingerprint: str) -> tuple[dict, l
     return full, rows
 
 
-def frontier_markdown(full: dict, rows: list[dict], protocol: str, ratios) -> str:
-    """A table of every point (ratio, bytes held, score, score against full) and the frontier: the best score
-    at or below each byte fraction, and who holds it."""
-    score = full["ruler_score"]
+def continuation_ratios(records: list[dict], fingerprint: str | None) -> dict[str, float]:
+    """Each strategy's continuation perplexity as a ratio to the full cache's, from one run's records."""
+    by_spec = {
+        r["strategy"]: r["values"]["continuation_perplexity"]
+        for r in records
+        if r["metric"] == "continuation" and r["fingerprint"] == fingerprint
+    }
+    full = by_spec.get("full")
+    return {spec: value / full for spec, value in by_spec.items()} if full else {}
+
+
+def frontier_markdown(full: dict, rows: list[dict], protocol: str, ratios, perplexity=None) -> str:
+    """A table of every point (ratio, bytes held, score, score against full, continuation perplexity against
+    full's where ``perplexity`` maps its spec to one) and the frontier: the best score at or below each byte
+    fraction, and who holds it."""
+    score, perplexity = full["ruler_score"], perplexity or {}
     lines = [
         f"### {protocol}: full cache {score:.0%}",
         "",
-        "| family | ratio | bytes of full | RULER score | of full |",
-        "|---|---|---|---|---|",
+        "| family | ratio | bytes of full | RULER score | of full | continuation perplexity × full |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         of_full = row["ruler_score"] / score if score else float("nan")
         cells = [row["family"], f"{row['ratio']:g}", f"{row['bytes']:.3f}", f"{row['ruler_score']:.0%}"]
-        lines.append("| " + " | ".join([*cells, f"{of_full:.0%}"]) + " |")
+        ratio = perplexity.get(row["spec"])
+        cells += [f"{of_full:.0%}", "-" if ratio is None else f"{ratio:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| bytes held at most | best score | of full | by |", "|---|---|---|---|"]
     for limit in sorted(ratios, reverse=True):
         within = [row for row in rows if row["bytes"] <= limit]
@@ -127,17 +143,20 @@ def frontier_markdown(full: dict, rows: list[dict], protocol: str, ratios) -> st
 def write_frontier(records: list[dict], points, fingerprints: dict, ratios, out: str | Path) -> list[Path]:
     """``frontier.md`` (a table per protocol) and ``frontier.png`` (a panel per protocol: score against bytes
     held, log-scale x, a line per family, the full cache as a horizontal line) in ``out``; ``fingerprints``
-    maps each protocol to the fingerprint of its ruler records."""
+    maps each protocol to the fingerprint of its ruler records, and ``"continuation"`` to that of the
+    continuation perplexity records."""
     import matplotlib.pyplot as plt
 
     from hf_kvcache.evaluation.report import save_figure
 
     out = Path(out)
-    figure, axes = plt.subplots(1, len(fingerprints), figsize=(6 * len(fingerprints), 4.5), squeeze=False)
     text = []
-    for axis, (protocol, fingerprint) in zip(axes[0], fingerprints.items(), strict=True):
+    perplexity = continuation_ratios(records, fingerprints.get("continuation"))
+    protocols = {name: value for name, value in fingerprints.items() if name != "continuation"}
+    figure, axes = plt.subplots(1, len(protocols), figsize=(6 * len(protocols), 4.5), squeeze=False)
+    for axis, (protocol, fingerprint) in zip(axes[0], protocols.items(), strict=True):
         full, rows = point_values(records, points, fingerprint)
-        text.append(frontier_markdown(full, rows, protocol, ratios))
+        text.append(frontier_markdown(full, rows, protocol, ratios, perplexity))
         for family in dict.fromkeys(row["family"] for row in rows):
             own = sorted((row for row in rows if row["family"] == family), key=lambda row: row["bytes"])
             axis.plot([r["bytes"] for r in own], [r["ruler_score"] for r in own], marker="o", label=family)
@@ -156,6 +175,7 @@ def run_frontier(
     ``protocols``, records in ``out/results.json``, then write the frontier. ``ruler_options``: the other
     :class:`~.ruler.RulerOptions` (tasks, lengths, trials); ``source``: the
     :class:`~.harness.CompareSettings` fields that name the model and data."""
+    from hf_kvcache.evaluation.continuation import ContinuationOptions
     from hf_kvcache.evaluation.distributed import Workers
     from hf_kvcache.evaluation.harness import CompareSettings, run_compare
     from hf_kvcache.evaluation.ruler import RulerOptions
@@ -173,5 +193,12 @@ def run_frontier(
         settings = CompareSettings(**source, metrics=("ruler",), metric_options={"ruler": options})
         records += run_compare(specs, settings, out, force=force, device_map=device_map)
         fingerprints[protocol] = settings.fingerprint("ruler")
+    # Perplexity of the text after a context of the longest length, compressed as under compress-first.
+    continuation = ContinuationOptions(context=max(options.lengths))
+    settings = CompareSettings(
+        **source, metrics=("continuation",), metric_options={"continuation": continuation}
+    )
+    records += run_compare(specs, settings, out, force=force, device_map=device_map)
+    fingerprints["continuation"] = settings.fingerprint("continuation")
     # Under accelerate, the main process alone holds every record and writes.
     return write_frontier(records, points, fingerprints, ratios, out) if Workers().is_main else []
