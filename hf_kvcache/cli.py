@@ -149,25 +149,44 @@ def run_scale_command(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    import json
-
     from hf_kvcache.calibration import allocate_widths, calibrate_quantization, default_calibration_path
     from hf_kvcache.registry import parse_spec
 
     _check_specs([args.strategy])
     strategy, options = parse_spec(args.strategy)
+    if strategy.name == "duo":
+        return run_calibrate_heads(args, options)
     if strategy.name != "quantized":
-        raise SystemExit(f"error: --strategy must be a quantized spec (quantized:...), got {args.strategy!r}")
+        raise SystemExit(f"error: --strategy must be quantized:... or duo:..., got {args.strategy!r}")
     model, _tokenizer, input_ids = load_inputs(args)
     record = calibrate_quantization(model, input_ids, options, probe_tokens=args.probe_tokens)
-    out = Path(args.out) if args.out else default_calibration_path(model, options)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
     for mean_bits in (2.5, 3.0):
         widths = allocate_widths(record, mean_bits)
         print(f"calibrated_bits={mean_bits}: (keys, values) per layer {widths}")
+    return _write_calibration(
+        record, Path(args.out) if args.out else default_calibration_path(model, options)
+    )
+
+
+def _write_calibration(record: dict, out: Path) -> int:
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")
     return 0
+
+
+def run_calibrate_heads(args: argparse.Namespace, options) -> int:
+    """``calibrate --strategy duo``: score each KV head by what streaming it costs passkey retrieval."""
+    from hf_kvcache.evaluation import load_corpus
+    from hf_kvcache.head_calibration import calibrate_heads, default_head_calibration_path
+
+    model, tokenizer, _ = load_inputs(args)
+    text = load_corpus(args.text_file or args.dataset, split=args.split, max_chars=None)
+    window, sinks = options.window, options.num_sink_tokens
+    record = calibrate_heads(model, tokenizer, text, args.prompts, args.max_tokens, window, sinks)
+    return _write_calibration(record, Path(args.out) if args.out else default_head_calibration_path(model))
 
 
 def run_frontier_command(args: argparse.Namespace) -> int:
@@ -252,13 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = add_measuring_command(
         commands,
         "calibrate",
-        "per-layer code widths for quantized:calibrated_bits=B (what each width costs the output)",
+        "per-layer code widths for quantized:calibrated_bits=B, or duo's retrieval heads (--strategy duo)",
     )
     calibrate.add_argument(
         "--strategy",
         default="quantized",
-        help="the quantized setting to calibrate: group size, residual, sinks, rotation, keys "
-        "(default: quantized)",
+        help="the quantized setting to calibrate: group size, residual, sinks, rotation, keys; or duo "
+        "(its window and sinks) (default: quantized)",
     )
     calibrate.add_argument(
         "--probe-tokens",
@@ -267,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="last tokens whose predictions are compared (default 256)",
     )
     calibrate.add_argument(
-        "--out", help="file to write (default: the one calibrated_bits reads for this model)"
+        "--prompts", type=int, default=4, help="duo: passkey prompts of --max-tokens tokens (default 4)"
+    )
+    calibrate.add_argument(
+        "--out", help="file to write (default: the one calibrated_bits, or duo, reads for this model)"
     )
     calibrate.set_defaults(run=run_calibrate, max_tokens=2048)
     commands.add_parser(

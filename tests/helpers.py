@@ -21,6 +21,7 @@ from tests.conftest import left_padded_ids, make_tiny_model, random_ids
 
 LOSSLESS = {
     "full": "full",
+    "duo": "duo:retrieval=0.0,window=64",
     "quantized": "quantized:nbits=2,group_size=8,residual_length=64",
     "sliding-window": "sliding-window:window_length=64,num_sink_tokens=4",
     "heavy-hitter": "heavy-hitter:heavy_budget=32,recent_budget=32",
@@ -29,6 +30,8 @@ LOSSLESS = {
     "expected-attention": "expected-attention:budget=64,num_sink_tokens=4,recent=8",
     "snapkv": "snapkv:budget=64,window_size=8",
     "kvzip": "kvzip:budget=64,chunk_size=8,prompt=none",
+    # A context within the budget is kept as it came: nothing is evicted, nothing packed.
+    "kvzip+quantized": "kvzip:budget=64,chunk_size=8,prompt=none+quantized:nbits=4,group_size=8",
     "sliding-window+quantized": (
         "sliding-window:window_length=64+quantized:nbits=2,group_size=8,residual_length=64"
     ),
@@ -42,6 +45,7 @@ LOSSLESS = {
 }
 LOSSY = {
     "full": "full",
+    "duo": "duo:retrieval=0.0,window=8,num_sink_tokens=2",
     "quantized": "quantized:nbits=2,group_size=8,residual_length=8",
     "sliding-window": "sliding-window:window_length=12,num_sink_tokens=4",
     "heavy-hitter": "heavy-hitter:heavy_budget=6,recent_budget=6",
@@ -50,6 +54,7 @@ LOSSY = {
     "expected-attention": "expected-attention:budget=12,num_sink_tokens=2,recent=4",
     "snapkv": "snapkv:budget=12,window_size=4,kernel_size=3",
     "kvzip": "kvzip:budget=8,chunk_size=8,prompt=none",
+    "kvzip+quantized": "kvzip:budget=8,chunk_size=8,prompt=none+quantized:nbits=4,group_size=8",
     "sliding-window+quantized": (
         "sliding-window:window_length=16+quantized:nbits=2,group_size=8,residual_length=4"
     ),
@@ -190,9 +195,11 @@ def bookkeeping_bytes(cache) -> int:
     for H2O, a float32 accumulated score per held entry; for expected attention, float32 query statistics
     (a mean query per query head, a ``D x D`` moment per KV head, a count per row); for kvzip, the int64 ids
     of the prompt until it is compressed (one tensor, shared by the layers) and its int64 count per row and
-    head."""
+    head; for duo, its int64 left padding per row."""
     total, ids = 0, {}
     for layer in cache.layers:
+        if getattr(layer, "pads", None) is not None:
+            total += layer.pads.nbytes
         if getattr(layer, "context_ids", None) is not None:
             ids[layer.context_ids.data_ptr()] = layer.context_ids.nbytes
         if getattr(getattr(layer, "ragged", None), "counts", None) is not None:
@@ -268,7 +275,14 @@ def check_decoding_path_agrees_with_general_path(
 
 def held_entries(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values a layer holds: ``keys`` and ``values``, or for a ragged store (different counts per
-    head) its flat entries followed by the tail's, flattened the same way."""
+    head) its flat entries followed by the tail's, flattened the same way (duo: its two groups of heads)."""
+    if getattr(layer, "stream_keys", None) is not None:  # duo: retrieval heads, then streaming heads
+        return tuple(
+            torch.cat(
+                [getattr(layer, f"retrieval_{n}").flatten(0, 2), getattr(layer, f"stream_{n}").flatten(0, 2)]
+            )
+            for n in ("keys", "values")
+        )
     ragged = getattr(layer, "ragged", None)
     if ragged is None or not ragged.filled:
         return layer.keys, layer.values

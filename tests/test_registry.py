@@ -1,10 +1,12 @@
+import json
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 from hf_kvcache import build_cache, cache_nbytes, canonical_spec, list_strategies, parse_spec
 from hf_kvcache.registry import split_spec
-from tests.conftest import random_ids
+from tests.conftest import make_tiny_model, random_ids
 from tests.helpers import check_options_are_declared_once_and_documented
 
 
@@ -60,5 +62,18 @@ def test_cache_nbytes_rejects_non_caches():
 
 
 @pytest.mark.parametrize("name", [n for n in list_strategies() if n != "full"])
-def test_options_are_declared_once_and_documented_with_their_defaults(name):
+def test_options_are_declared_once_and_documented_with_their_defaults(name, monkeypatch, tmp_path):
+    if name == "duo":  # its default retrieval=0.5 reads the model's head calibration: give it one
+        from hf_kvcache.calibration import geometry
+        from hf_kvcache.head_calibration import FORMAT, VERSION, default_head_calibration_path
+        from hf_kvcache.layout import attention_layout
+
+        monkeypatch.setenv("HF_KVCACHE_HOME", str(tmp_path))
+        model = make_tiny_model("llama", head_dim=32)
+        layout = attention_layout(model)
+        record = dict(format=FORMAT, version=VERSION, model=type(model).__name__, geometry=geometry(layout))
+        record["scores"] = [[float(h) for h in range(layout.num_key_value_heads)]] * layout.num_layers
+        path = default_head_calibration_path(model)
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(record))
     check_options_are_declared_once_and_documented(name)

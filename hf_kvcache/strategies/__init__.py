@@ -7,6 +7,7 @@ under an eviction strategy), :mod:`.packing` (quantization codecs) and :mod:`.ro
 turns before quantizing).
 """
 
+from hf_kvcache.strategies.duo import DuoKVCache
 from hf_kvcache.strategies.expected_attention import ExpectedAttentionKVCache
 from hf_kvcache.strategies.full import build_full_cache
 from hf_kvcache.strategies.heavy_hitter import HeavyHitterKVCache
@@ -18,6 +19,7 @@ from hf_kvcache.strategies.snapkv import SnapKVCache
 from hf_kvcache.strategies.tova import TOVAKVCache
 
 __all__ = [
+    "DuoKVCache",
     "ExpectedAttentionKVCache",
     "HeavyHitterKVCache",
     "KeyNormKVCache",
