@@ -166,20 +166,28 @@ def calibrate_quantization(
     }
 
 
-def load_calibration(path: Path, model: PreTrainedModel, options: Any) -> dict:
-    """Read a calibration file and check that it describes ``model``'s geometry and this setting."""
+def read_record(path: str | Path, format: str, version: int, missing: str) -> dict:
+    """A calibration file's record, checked to be a ``format`` record of ``version``; ``missing``: the error
+    when there is no such file (it should say which command makes one)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no quantization calibration for {model_name(model)} at {path}; make one with: hf-kvcache "
-            f"calibrate --model {model_name(model)} --strategy '{_setting_spec(options)}'"
-        )
+        raise FileNotFoundError(missing)
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not a calibration file: {error}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
-        raise ValueError(f"{path} is not a version-{VERSION} hf-kvcache quantization calibration")
+    if not isinstance(record, dict) or record.get("format") != format or record.get("version") != version:
+        raise ValueError(f"{path} is not a version-{version} {format}")
+    return record
+
+
+def load_calibration(path: Path, model: PreTrainedModel, options: Any) -> dict:
+    """Read a calibration file and check that it describes ``model``'s geometry and this setting."""
+    missing = (
+        f"no quantization calibration for {model_name(model)} at {path}; make one with: hf-kvcache "
+        f"calibrate --model {model_name(model)} --strategy '{_setting_spec(options)}'"
+    )
+    record = read_record(path, FORMAT, VERSION, missing)
     expected = geometry(attention_layout(model))
     if record["geometry"] != expected:
         raise ValueError(

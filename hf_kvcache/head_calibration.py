@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from hf_kvcache.calibration import geometry, model_name
+from hf_kvcache.calibration import geometry, model_name, read_record
 from hf_kvcache.layout import AttentionLayout, attention_layout
 
 FORMAT = "hf-kvcache head calibration"
@@ -116,20 +116,11 @@ def calibrate_heads(
 
 def load_head_calibration(path: str | Path, model: PreTrainedModel) -> dict:
     """Read a head calibration and check that it was made for ``model`` (its name and its geometry)."""
-    import json
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no head calibration for {model_name(model)} at {path}; make one with: hf-kvcache calibrate "
-            f"--model {model_name(model)} --strategy duo"
-        )
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not a head calibration file: {error}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
-        raise ValueError(f"{path} is not a version-{VERSION} hf-kvcache head calibration")
+    missing = (
+        f"no head calibration for {model_name(model)} at {path}; make one with: hf-kvcache calibrate "
+        f"--model {model_name(model)} --strategy duo"
+    )
+    record = read_record(path, FORMAT, VERSION, missing)
     expected = geometry(attention_layout(model))
     if record["model"] != model_name(model) or record["geometry"] != expected:
         raise ValueError(
