@@ -29,6 +29,7 @@ DEFAULT_FAMILIES = (
     "kvzip",
     "sliding-window+quantized",
     "expected-attention+quantized",
+    "kvzip+quantized:nbits=4,rotation=hadamard",
 )
 DEFAULT_RATIOS = (0.5, 0.25, 0.125, 0.0625)
 # The options that hold a family's budget, split evenly between them; otherwise ``budget``.
