@@ -85,3 +85,24 @@ def test_eight_bits_decode_within_tolerance_of_the_unquantized_context_and_two_b
 def test_settings_the_packed_context_cannot_hold_are_named(quantized, message):
     with pytest.raises(ValueError, match=message):
         build_cache(f"{PLAIN}+quantized:{quantized}", make_tiny_model("llama"))
+
+
+def test_a_head_that_keeps_nothing_still_decodes_from_a_packed_store():
+    from hf_kvcache.strategies.quantized import QuantizedOptions
+    from hf_kvcache.strategies.ragged import RaggedEntries
+
+    generator = torch.Generator().manual_seed(1)
+    keys, values = (
+        torch.randn(1, 2, 6, 16, generator=generator),
+        torch.randn(1, 2, 6, 16, generator=generator),
+    )
+    keep = torch.zeros(1, 2, 6, dtype=torch.bool)
+    keep[0, 1, :4] = True  # head 0 keeps no entry
+    store = RaggedEntries(QuantizedOptions(nbits=8, group_size=8))
+    store.fill(keys, values, keep)
+    empty_keys, _ = store.entries(0, 0)
+    assert empty_keys.shape == (0, 16)
+    query = torch.randn(1, 2, 1, 16, generator=generator)
+    tail = torch.randn(1, 2, 1, 16, generator=generator)
+    out = store.attend(query, tail, tail, None, 0.25)
+    torch.testing.assert_close(out[0, 0, 0], tail[0, 0, 0])  # head 0 sees only its tail entry

@@ -104,7 +104,8 @@ class RaggedEntries(HeldTensors):
         options, out = self.quantization, []
         for name, nbits in (("key", options.key_nbits), ("value", options.value_nbits)):
             codes = unpack_codes(getattr(self, f"{name}_codes")[start:stop], nbits).float()
-            groups = codes.view(codes.shape[0], -1, options.group_size)
+            # Explicit sizes: a head may keep no entry at all under a shared budget.
+            groups = codes.view(codes.shape[0], codes.shape[1] // options.group_size, options.group_size)
             scale, zero = (getattr(self, f"{name}_{part}")[start:stop].float() for part in ("scale", "zero"))
             x = (groups * scale.unsqueeze(-1) + zero.unsqueeze(-1)).flatten(1)
             rotation = self._rotation(x)  # orthogonal: its inverse is its transpose
