@@ -208,7 +208,7 @@ def test_bad_compositions_say_what_can_be_composed(spec, message):
     if "compose" in message or "joins" in message or "storage format" in message:
         assert (
             "allowed compositions: expected-attention+quantized, heavy-hitter+quantized, knorm+quantized, "
-            "sliding-window+quantized" in str(error.value)
+            "kvzip+quantized, sliding-window+quantized" in str(error.value)
         )
 
 
