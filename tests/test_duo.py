@@ -13,6 +13,7 @@ from hf_kvcache import build_cache
 from hf_kvcache.cli import main
 from hf_kvcache.head_calibration import load_head_calibration, retrieval_heads
 from hf_kvcache.model_hooks import ForwardState
+from hf_kvcache.strategies import duo
 from hf_kvcache.strategies.duo import DuoLayer, DuoOptions
 from tests.conftest import left_padded_ids, make_tiny_model, random_ids
 from tests.helpers import check_generates_in_every_mode, stream
@@ -40,7 +41,10 @@ def test_streaming_heads_equal_a_cache_free_forward_under_the_sinks_and_window_m
         assert layer.stream_keys.shape == (1, 2, 2 + 7, 16) and layer.retrieval_keys.shape[1] == 0
 
 
-def test_retrieval_and_streaming_heads_of_one_layer_equal_float64_attention():
+@pytest.mark.parametrize("block_logits", [None, 64])  # 64: a block of one query row at a time
+def test_retrieval_and_streaming_heads_of_one_layer_equal_float64_attention(block_logits, monkeypatch):
+    if block_logits is not None:
+        monkeypatch.setattr(duo, "BLOCK_LOGITS", block_logits)
     generator = torch.Generator().manual_seed(0)
     batch, kv_heads, group, length, dim, window, sinks = 2, 3, 2, 30, 8, 6, 2
     keys, values = (torch.randn(batch, kv_heads, length, dim, generator=generator) for _ in range(2))
@@ -66,16 +70,22 @@ def test_retrieval_and_streaming_heads_of_one_layer_equal_float64_attention():
 
 
 @pytest.mark.parametrize("spec", ["duo:retrieval=1.0", "duo:retrieval=0.0,window=64"])
-def test_losing_nothing_is_dynamic_cache(spec):
-    model = make_tiny_model("llama-gqa")
+@pytest.mark.parametrize("arch, chunk", [("llama-gqa", 6), ("llama-gqa", 40), ("gemma2", 40)])
+def test_losing_nothing_is_dynamic_cache(spec, arch, chunk, monkeypatch):
+    # Whole-prompt forwards run in blocks of a few query rows (gemma2 soft-caps: the eager path).
+    monkeypatch.setattr(duo, "BLOCK_LOGITS", 2048 if chunk == 40 else duo.BLOCK_LOGITS)
+    model = make_tiny_model(arch)
     ids = random_ids(40, batch=2)
-    expected = stream(model, ids, DynamicCache(config=model.config), 6)
+    expected = stream(model, ids, DynamicCache(config=model.config), chunk)
     torch.testing.assert_close(
-        stream(model, ids, build_cache(spec, model), 6), expected, rtol=1e-4, atol=1e-5
+        stream(model, ids, build_cache(spec, model), chunk), expected, rtol=1e-4, atol=1e-5
     )
 
 
-def test_a_left_padded_row_generates_what_it_generates_alone():
+@pytest.mark.parametrize("block_logits", [None, 256])
+def test_a_left_padded_row_generates_what_it_generates_alone(block_logits, monkeypatch):
+    if block_logits is not None:
+        monkeypatch.setattr(duo, "BLOCK_LOGITS", block_logits)
     model = make_tiny_model("llama-gqa")
     ids, mask = left_padded_ids(30, pads=(0, 3, 7), seed=4)
     spec = "duo:retrieval=0.0,window=6,num_sink_tokens=3"

@@ -42,16 +42,35 @@ class DuoOptions:
         check_int("window", self.window, 1, " (recent tokens a streaming head sees, itself included)")
 
 
-def visible_columns(attention_mask: torch.Tensor | None, batch: int, queries: int, total: int, device):
-    """The model's mask as booleans ``[B, 1, q, total]`` (``None``: causal, the queries being the last)."""
+# Logits one block of prompt queries may hold at once (query rows x heads x entries): a long prompt sent in
+# one forward is attended block by block, so no [q, prompt] tensor is ever built.
+BLOCK_LOGITS = 1 << 24
+
+
+def visible_at(attention_mask, batch: int, rows: slice, query_columns: torch.Tensor, columns: torch.Tensor):
+    """The model's mask ``[B, 1, q, total]`` (``None``: causal) as booleans ``[B, 1, rows, columns]``: which
+    of ``columns`` the queries ``rows`` (at ``query_columns``) see."""
     if attention_mask is None:
-        rows = torch.arange(queries, device=device)[:, None] + total - queries
-        causal = torch.arange(total, device=device) <= rows
-        return causal.expand(batch, 1, queries, total)
-    mask = attention_mask[..., :total]
+        return (columns[None, :] <= query_columns[:, None]).expand(batch, 1, -1, -1)
+    mask = attention_mask[..., rows, :] if attention_mask.shape[-2] > 1 else attention_mask
+    mask = mask[..., columns]
     if mask.dtype != torch.bool:  # additive: 0 where visible, a large negative number where not
         mask = mask > torch.finfo(mask.dtype).min / 2
-    return mask.expand(batch, 1, queries, total)
+    return mask.expand(batch, 1, len(query_columns), len(columns))
+
+
+def attend_block(query, keys, values, visible, scaling: float, **math) -> torch.Tensor:
+    """Attention ``[B, q, H_q, D]`` of ``query`` ``[B, H_q, q, D]`` over ``keys``/``values``
+    ``[B, H_kv, m, D]`` where ``visible`` ``[B, 1, q, m]``: torch's fused attention (no weights held) unless
+    the model soft-caps or adds sink logits, which only the eager computation applies."""
+    if any(v is not None for v in math.values()):
+        return dense_attention(query, keys, values, visible, scaling, **math)[0]
+    # A query that sees nothing (a padding row) attends everywhere, as transformers' masks arrange, not NaN.
+    visible = visible | ~visible.any(dim=-1, keepdim=True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=visible, scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2)
 
 
 class DuoLayer(HeldTensors, CacheLayerMixin):
@@ -117,42 +136,58 @@ class DuoLayer(HeldTensors, CacheLayerMixin):
                 setattr(self, f"{part}_{name}", torch.cat([held, new[:, heads]], dim=2))
         return True
 
-    def _stream_columns(self, held: int, total: int) -> torch.Tensor:
-        """The column of each streaming entry (``held`` of them) once ``total`` columns exist."""
-        sinks = min(self.sink_columns, held)
-        first = torch.arange(sinks, device=self.device)
-        return torch.cat([first, torch.arange(total - (held - sinks), total, device=self.device)])
-
     def attend_stored(self, query: torch.Tensor, attention_mask, scaling: float, **math):
         batch, query_heads, queries, head_dim = query.shape
         group = query_heads // (len(self.retrieval) + len(self.streaming))
         total = self.seen + queries
         out = query.new_empty(batch, queries, query_heads, head_dim)
-        for heads, keys, values, mask in (
-            (self.retrieval, self.retrieval_keys, self.retrieval_values, attention_mask),
-            (self.streaming, self.stream_keys, self.stream_values, None),
+        sinks = math.get("sinks")
+        for heads, keys, values in (
+            (self.retrieval, self.retrieval_keys, self.retrieval_values),
+            (self.streaming, self.stream_keys, self.stream_values),
         ):
             if not heads:
                 continue
             own = torch.tensor([h * group + j for h in heads for j in range(group)], device=query.device)
-            if mask is None and heads is self.streaming:
-                mask = self._streaming_mask(attention_mask, batch, queries, total, keys.shape[2])
-            sinks = math.get("sinks")
             options = {**math, "sinks": None if sinks is None else sinks[own]}
-            part, _ = dense_attention(query[:, own], keys, values, mask, scaling, **options)
-            out[:, :, own] = part
+            if queries == 1 and heads is self.retrieval:  # decoding: the model's mask as is (native kernel)
+                part, _ = dense_attention(query[:, own], keys, values, attention_mask, scaling, **options)
+                out[:, :, own] = part
+                continue
+            block = max(1, BLOCK_LOGITS // (batch * len(own) * min(keys.shape[2], total)))
+            for start in range(0, queries, block):
+                rows = slice(start, min(queries, start + block))
+                query_columns = torch.arange(total - queries + rows.start, total - queries + rows.stop)
+                query_columns = query_columns.to(self.device)
+                part = self._block_entries(heads, keys, values, attention_mask, batch, rows, query_columns)
+                out[:, rows, own] = attend_block(query[:, own, rows], *part, scaling, **options)
         self._trim()
         return out, None
 
-    def _streaming_mask(self, attention_mask, batch: int, queries: int, total: int, held: int):
-        """What each query of a streaming head sees: the model's mask, on each row's first sinks and on the
-        ``window`` columns ending at the query (itself included)."""
-        columns = self._stream_columns(held, total)  # [m]
-        visible = visible_columns(attention_mask, batch, queries, total, self.device)[..., columns]
-        query_columns = torch.arange(total - queries, total, device=self.device)[:, None]  # [q, 1]
-        recent = columns[None, :] > query_columns - self.options.window  # [q, m]
+    def _block_entries(self, heads, keys, values, attention_mask, batch, rows, query_columns):
+        """The keys and values a block of queries (``rows``, at ``query_columns``) reads, and what it sees of
+        them: every column up to its last query for retrieval heads; for streaming heads, each row's first
+        sinks and the ``window`` columns ending at each query (itself included)."""
+        last = int(query_columns[-1]) + 1
+        if heads is self.retrieval:
+            columns = torch.arange(last, device=self.device)
+            visible = visible_at(attention_mask, batch, rows, query_columns, columns)
+            return keys[:, :, :last], values[:, :, :last], visible
+        held, total = keys.shape[2], self.seen + self.pending
+        sinks = min(self.sink_columns, held)
+        oldest = total - (held - sinks)  # column of the first entry after the sinks
+        first = min(last, max(oldest, int(query_columns[0]) - self.options.window + 1))
+        index = torch.cat(
+            [
+                torch.arange(sinks, device=self.device),
+                torch.arange(first, last, device=self.device) - oldest + sinks,
+            ]
+        )
+        columns = torch.cat([index[:sinks], index[sinks:] - sinks + oldest])
+        visible = visible_at(attention_mask, batch, rows, query_columns, columns)
+        recent = columns[None, :] > query_columns[:, None] - self.options.window  # [q, m]
         sink = (columns >= self.pads[:, None]) & (columns < self.pads[:, None] + self.options.num_sink_tokens)
-        return visible & (recent[None, None] | sink[:, None, None, :])
+        return keys[:, :, index], values[:, :, index], visible & (recent[None, None] | sink[:, None, None, :])
 
     def _trim(self) -> None:
         """After a forward: keep the sink columns and the newest ``window - 1`` of the streaming heads."""
