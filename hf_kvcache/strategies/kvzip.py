@@ -13,10 +13,15 @@ from dataclasses import dataclass, field
 import torch
 
 from hf_kvcache.budget import Budget, check_budget, check_layer_budgets, tokens
-from hf_kvcache.held import HeldPart, RowTensor, check_batch
+from hf_kvcache.held import RowTensor, check_batch
 from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
 from hf_kvcache.strategies.quantized import QuantizedOptions
-from hf_kvcache.strategies.ragged import RaggedEntries, check_ragged_quantization, highest_entries
+from hf_kvcache.strategies.ragged import (
+    RaggedContext,
+    RaggedEntries,
+    check_ragged_quantization,
+    highest_entries,
+)
 from hf_kvcache.strategies.reconstruction import prompt_ids, reconstruct
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer, attention_mass
 
@@ -57,7 +62,7 @@ class KVzipOptions:
             )
 
 
-class KVzipLayer(ScoringLayer):
+class KVzipLayer(RaggedContext, ScoringLayer):
     """Holds every entry until the cache compresses, then keeps the entries the reconstruction queries
     attended to most (the largest weight any of them gave, over the query heads of the KV head): ``budget``
     per KV head (``uniform``), or ``budget`` times the heads per layer, wherever they score highest
@@ -69,7 +74,6 @@ class KVzipLayer(ScoringLayer):
     """
 
     context_ids = RowTensor("token ids seen until the compression [B, seen], int64 (first layer only)")
-    ragged = HeldPart("the compressed context under adaptive head budgets")
 
     def __init__(self, options: KVzipOptions, state):
         # Adaptive budgets and packed entries attend through the entry point, which must then be installed.
@@ -111,25 +115,12 @@ class KVzipLayer(ScoringLayer):
         self.peak = peak if self.peak is None else torch.maximum(self.peak, peak)
         return keys, values
 
-    def held(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.ragged is not None and self.ragged.filled:
-            raise ValueError(
-                "this kvzip layer holds a different number of entries per KV head (head_budgets=adaptive): "
-                "there is no [B, H, N, D] view of them; read layer.ragged (keys, values, counts) and the "
-                "tail (layer.key_buffer[:, :, :layer.stored])"
-            )
-        return super().held()
-
-    # --- attention over the ragged store (hf_kvcache.attention) ---------------------------------------------
+    # --- attention over the ragged store (RaggedContext.attend_stored) ------------------------------------
     def store_for_attention(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool | None:
-        if self.ragged is None or not self.ragged.filled:
+        if not self.holds_ragged:
             return None
         self.update(key_states, value_states)
         return True
-
-    def attend_stored(self, query: torch.Tensor, attention_mask, scaling: float, **math):
-        tail = self.key_buffer[:, :, : self.stored], self.value_buffer[:, :, : self.stored]
-        return self.ragged.attend(query, *tail, attention_mask, scaling, **math), None
 
     # --- compression ----------------------------------------------------------------------------------------
     def capacity_now(self) -> int:
@@ -139,12 +130,7 @@ class KVzipLayer(ScoringLayer):
         """Keep the entries of highest reconstruction score: ``keep`` ``[B, H, N]`` where the cache chose them
         (adaptive budgets), else ``budget`` per head; all of them when no more than the budget is held."""
         if keep is not None:
-            keys, values = self.held()
-            self.ragged.fill(keys, values, keep)
-            self.key_buffer, self.value_buffer = keys[:, :, :0].clone(), values[:, :, :0].clone()
-            self.slot_positions = self.pending_victim = None
-            self.stored, self.holds_padding = 0, False
-            self.cached_real = torch.zeros_like(self.cached_real)
+            self.hold_ragged(*self.held(), keep)
         elif self.peak is not None and self.stored > self.capacity_now():
             self.step_scores, self.compressing = self.peak, True
             try:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from hf_kvcache.held import HeldTensors, RowTensor
+from hf_kvcache.held import HeldPart, HeldTensors, RowTensor
 from hf_kvcache.strategies.packed_attention import attention_weights
 from hf_kvcache.strategies.packing import TorchCodec, pack_codes, unpack_codes
 from hf_kvcache.strategies.rotation import rotation_matrix
@@ -179,6 +179,41 @@ class RaggedEntries(HeldTensors):
                     weights[..., :held] @ store_values + weights[..., held:] @ tail_values[row, head].float()
                 )
         return out.transpose(1, 2).to(query.dtype)
+
+
+class RaggedContext:
+    """For an evicting layer that compresses its context once with a different number of entries per KV
+    head: the kept entries go to :attr:`ragged`, and tokens that come after to the layer's slots (the
+    *tail*, equal for every head); attention reads both through hf-kvcache's entry point
+    (:mod:`hf_kvcache.attention`)."""
+
+    ragged = HeldPart("the compressed context, a different number of entries per KV head")
+
+    def hold_ragged(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> None:
+        """Hold the entries of ``keys``/``values`` ``[B, H, N, D]`` (the whole context, in age order) where
+        ``keep`` ``[B, H, N]`` is True, and empty the tail."""
+        self.ragged.fill(keys, values, keep)
+        self.key_buffer, self.value_buffer = keys[:, :, :0].clone(), values[:, :, :0].clone()
+        self.slot_positions = self.pending_victim = None
+        self.stored, self.holds_padding = 0, False
+        self.cached_real = torch.zeros_like(self.cached_real)
+
+    @property
+    def holds_ragged(self) -> bool:
+        return self.ragged is not None and self.ragged.filled
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.holds_ragged:
+            raise ValueError(
+                f"this {type(self).__name__} holds a different number of entries per KV head "
+                "(head_budgets=adaptive): there is no [B, H, N, D] view of them; read layer.ragged (keys, "
+                "values, counts) and the tail (layer.key_buffer[:, :, :layer.stored])"
+            )
+        return super().held()
+
+    def attend_stored(self, query: torch.Tensor, attention_mask, scaling: float, **math):
+        tail = self.key_buffer[:, :, : self.stored], self.value_buffer[:, :, : self.stored]
+        return self.ragged.attend(query, *tail, attention_mask, scaling, **math), None
 
 
 def highest_entries(scores: list[torch.Tensor], quota: torch.Tensor) -> list[torch.Tensor]:

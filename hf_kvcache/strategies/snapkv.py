@@ -6,6 +6,7 @@ Paper: "SnapKV: LLM Knows What You are Looking for Before Generation", https://a
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -13,8 +14,12 @@ import torch.nn.functional as F
 
 from hf_kvcache.budget import Budget, check_budget, check_layer_budgets, tokens
 from hf_kvcache.held import RowTensor
+from hf_kvcache.model_hooks import AttentionMath, attention_modules
 from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
+from hf_kvcache.strategies.ragged import RaggedContext, RaggedEntries, highest_entries
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer, attention_mass
+
+HEAD_BUDGETS = ("uniform", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -26,8 +31,11 @@ class SnapKVOptions:
     kernel_size: int = 7
     max_prefill: int | None = field(default=None, metadata=WHEN_SET)
     layer_budgets: str = field(default="uniform", metadata=WHEN_SET)
+    head_budgets: str = field(default="uniform", metadata=WHEN_SET)
 
     def __post_init__(self):
+        if self.head_budgets not in HEAD_BUDGETS:
+            raise ValueError(f"head_budgets must be one of {list(HEAD_BUDGETS)}, got {self.head_budgets!r}")
         check_int("window_size", self.window_size, 1)
         if self.max_prefill is not None:
             least = max(self.window_size, self.budget if isinstance(self.budget, int) else 1)
@@ -38,13 +46,15 @@ class SnapKVOptions:
             raise ValueError(f"kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
 
 
-class SnapKVLayer(ScoringLayer):
+class SnapKVLayer(RaggedContext, ScoringLayer):
     """Compresses to ``budget`` on multi-token forwards (prefill) only; single-token steps append.
 
-    With ``max_prefill``, prompt chunks are held uncompressed while the layer holds at most ``max_prefill``
-    entries, and the queries of the newest ``window_size`` prompt tokens are kept: the first one-token forward
-    (the end of the prompt) then compresses the held prompt by them, as one forward over the whole prompt
-    would have, before it appends its token.
+    A *deferred* prompt (``max_prefill``, or ``head_budgets=adaptive``) is held uncompressed while the layer
+    holds at most ``max_prefill`` entries (no bound under adaptive budgets alone), and the queries of its
+    newest ``window_size`` tokens are kept: the end of the prompt (the first one-token forward, or
+    :meth:`SnapKVCache.compress_context`) then compresses the held prompt by them, as one forward over the
+    whole prompt would have. Under adaptive budgets the kept entries go to a ragged store
+    (:class:`~hf_kvcache.strategies.ragged.RaggedContext`), and later tokens are appended after them.
     """
 
     window_queries = RowTensor(
@@ -55,61 +65,113 @@ class SnapKVLayer(ScoringLayer):
     def __init__(self, options: SnapKVOptions, state):
         self.scored_queries = options.window_size
         self.kernel_size, self.max_prefill = options.kernel_size, options.max_prefill
+        self.adaptive = options.head_budgets == "adaptive"
         super().__init__(options.budget, state, recent=options.window_size)
 
+    def reset(self) -> None:
+        super().reset()
+        self.compressing = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.ragged = RaggedEntries() if self.adaptive else None
+
+    @property
+    def deferring(self) -> bool:
+        """Whether prompt chunks are held for the end of the prompt to compress (see the class)."""
+        return (self.max_prefill is not None or self.adaptive) and not self.holds_ragged
+
+    def capacity_now(self) -> int:
+        return max(tokens(self.budget, self.seen), self.recent)
+
     def capacity(self, new: int) -> int:
+        if self.compressing:
+            return self.capacity_now()
         kept = max(tokens(self.budget, self.seen + new), self.recent)
-        if self.max_prefill is None:
-            return kept if new > 1 else sys.maxsize
-        if new > 1:
-            return kept if self.stored + new > self.max_prefill else sys.maxsize
-        # The end of the prompt: what one forward over the prompt would keep, plus this token.
-        return (
-            max(tokens(self.budget, self.seen), self.recent) + 1
-            if self.window_queries is not None
-            else sys.maxsize
-        )
+        if new == 1 and self.window_queries is not None and not self.adaptive:
+            return self.capacity_now() + 1  # the end of a deferred prompt: compressed, then this token
+        if new == 1 or self.holds_ragged:  # generated tokens, and whatever comes after a ragged context
+            return sys.maxsize
+        if not self.deferring:
+            return kept
+        limit = sys.maxsize if self.max_prefill is None else self.max_prefill
+        return kept if self.stored + new > limit else sys.maxsize
 
     def get_max_length(self) -> int:
         return -1
 
     def wants_queries(self, new: int) -> bool:
-        return (self.max_prefill is not None and new > 1) or super().wants_queries(new)
+        if new == 1 and self.window_queries is not None:  # the end of the prompt: its math scores the window
+            return self.stored > self.capacity_now()
+        return (self.deferring and new > 1) or super().wants_queries(new)
 
     def serves_attention(self, new: int) -> bool:
-        return self.window_queries is None and super().serves_attention(new)
+        return self.window_queries is None and not self.adaptive and super().serves_attention(new)
+
+    def store_for_attention(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool | None:
+        if not self.adaptive:
+            return super().store_for_attention(key_states, value_states)
+        if key_states.shape[-2] == 1 and self.window_queries is not None:
+            self.end_prompt()
+        if not self.holds_ragged:
+            return None
+        self.update(key_states, value_states)
+        return True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[-2] == 1 and self.window_queries is not None and self.adaptive:
+            self.end_prompt()
         result = super().update(key_states, value_states, *args, **kwargs)
         if key_states.shape[-2] == 1:  # the prompt is over: its window has voted, or had nothing to do
             self.window_queries = self.window_valid = None
         return result
 
+    def end_prompt(self, math: AttentionMath | None = None) -> None:
+        """Compress a deferred prompt by its window's queries (``math``: this forward's, when ``None``)."""
+        if math is None:
+            _, math = self.take_queries(required=self.stored > self.capacity_now())
+        if self.stored > self.capacity_now():
+            keys, values = super().held()
+            scores = self.window_scores(keys, math)
+            if self.adaptive:  # the layer's budget goes to its highest scores, whatever their head
+                quota = self.cached_real.clamp(max=self.capacity_now()) * keys.shape[1]
+                real = self.real_entries(keys.shape[-2], self.window_valid[:, :0])
+                scores = scores.masked_fill(~real[:, None], float("-inf"))
+                self.hold_ragged(keys, values, highest_entries([scores], quota)[0])
+            else:
+                self.step_scores, self.compressing = scores, True
+                try:
+                    super().update(keys[:, :, :0], values[:, :, :0])
+                finally:
+                    self.compressing = False
+        self.window_queries = self.window_valid = None
+
+    def window_scores(self, keys: torch.Tensor, math: AttentionMath) -> torch.Tensor:
+        """Scores ``[B, H, N]`` of the held prompt by its window's queries, as one forward over the prompt
+        would give them; the window itself scores infinity."""
+        stored, window = keys.shape[-2], self.window_queries.shape[-2]
+        key_valid = self.real_entries(stored, self.window_valid[:, :0])
+        mass = attention_mass(self.window_queries, keys, self.window_valid, key_valid, stored - window, math)
+        prefix = self.pooled(mass[..., : stored - window])
+        return torch.cat([prefix, torch.full_like(mass[..., stored - window :], float("inf"))], -1)
+
     def observe_attention(self, keys, new_valid, real_in_full, evicting: bool) -> None:
+        if self.compressing:  # end_prompt scored the held prompt
+            return
         new = 1 if new_valid is None else new_valid.shape[-1]
-        if self.max_prefill is not None and new > 1:
+        if self.deferring and new > 1:
             valid = new_valid[:, -self.recent :]
             held = self.queries[..., -self.recent :, :]
             if self.window_queries is not None and held.shape[-2] < self.recent:  # a chunk shorter than it
                 held = torch.cat([self.window_queries, held], -2)[..., -self.recent :, :]
                 valid = torch.cat([self.window_valid, valid], -1)[:, -self.recent :]
             self.window_queries, self.window_valid = held, valid
-        elif new == 1 and evicting and self.window_queries is not None:
-            self._score_by_window(keys, new_valid)
+        elif new == 1 and evicting and self.window_queries is not None:  # the end of a deferred prompt
+            _, math = self.take_queries(required=True)
+            scores = self.window_scores(keys[:, :, :-1], math)
+            self.step_scores = torch.cat([scores, torch.full_like(scores[..., :1], float("inf"))], -1)
             return
         super().observe_attention(keys, new_valid, real_in_full, evicting)
-
-    def _score_by_window(self, keys: torch.Tensor, new_valid: torch.Tensor | None) -> None:
-        """Scores of the held prompt by its window's queries, as one forward over the prompt would give them;
-        the window and the new token are kept whatever their score."""
-        _, math = self.take_queries(required=True)
-        stored, window = keys.shape[-2] - 1, self.window_queries.shape[-2]
-        key_valid = None if new_valid is None else self.real_entries(stored, new_valid)
-        mass = attention_mass(self.window_queries, keys, self.window_valid, key_valid, stored - window, math)
-        prefix = F.max_pool1d(mass[..., : stored - window], self.kernel_size, 1, self.kernel_size // 2)
-        self.step_scores = torch.cat(
-            [prefix, torch.full_like(mass[..., stored - window :], float("inf"))], -1
-        )
 
     def pooled(self, mass: torch.Tensor) -> torch.Tensor:
         # Max-pooling keeps the neighbours of a strong token, so kept text stays in readable spans.
@@ -132,8 +194,16 @@ class SnapKVCache(ScoringCache):
     generated tokens. A prompt fed in chunks is compressed after each chunk, scored by that chunk's last
     queries, unless ``max_prefill`` defers it: the chunks are then held (at most ``max_prefill`` entries per
     layer and KV head, plus one chunk; past that the layer compresses as without it) and the prompt's last
-    ``window_size`` queries (a question at its end) score it at the first one-token forward. Left padding is
-    never kept over a real token.
+    ``window_size`` queries (a question at its end) score it at the first one-token forward, or when
+    :meth:`compress_context` is called. Left padding is never kept over a real token.
+
+    With ``head_budgets=adaptive`` (AdaKV, https://arxiv.org/abs/2407.11550) a layer keeps ``budget`` times
+    its KV heads entries in all, wherever the window's scores are highest: a head that attends widely keeps
+    more, one that looks at a few tokens fewer (each keeps at least its window). The prompt is then always
+    deferred: the layer holds it in full (up to ``max_prefill`` per head when set) until its end, as
+    ``DynamicCache`` would, and the kept entries are held ragged (:mod:`hf_kvcache.strategies.ragged`), so
+    ``nbytes`` shows the saving; attention reads them through hf-kvcache's entry point (sdpa or eager
+    models). Tokens after the compression are appended.
 
     Args:
         model: the model the cache serves (Llama-style attention: Llama, Mistral, Qwen2/3, Phi3, ...).
@@ -146,6 +216,8 @@ class SnapKVCache(ScoringCache):
         layer_budgets: ``'uniform'`` (``budget`` in every layer) or ``'pyramid'``: more in early layers,
             less in late ones, at the same total (PyramidKV, :func:`hf_kvcache.budget.pyramid_budgets`).
             Default ``'uniform'``.
+        head_budgets: ``'uniform'`` (``budget`` per KV head) or ``'adaptive'`` (the layer's budget split
+            across its heads by score, see above). Default ``'uniform'``.
 
     Example:
         >>> cache = SnapKVCache(model, budget=256)
@@ -154,5 +226,29 @@ class SnapKVCache(ScoringCache):
 
     options_class = SnapKVOptions
 
+    def __init__(self, model, *option_args, **option_kwargs):
+        super().__init__(model, *option_args, **option_kwargs)
+        if self.options.head_budgets == "adaptive" and self.storage_attention_off is not None:
+            raise ValueError(
+                "snapkv:head_budgets=adaptive holds a different number of entries per KV head, which only "
+                f"hf-kvcache's attention entry point reads, and it cannot serve this model: "
+                f"{self.storage_attention_off}; use snapkv:head_budgets=uniform"
+            )
+
+    def build_layers(self, model, layout):
+        self.model_ref = weakref.ref(model)
+        return super().build_layers(model, layout)
+
     def make_layer(self, layout) -> SnapKVLayer:
         return SnapKVLayer(self.options, self.forward_state)
+
+    @torch.no_grad()
+    def compress_context(self) -> None:
+        """Compress a deferred prompt now, by its last ``window_size`` queries (what the first one-token
+        forward would do): the context is then compressed before any question is appended. Does nothing
+        where nothing is deferred."""
+        model = self.model_ref()
+        modules = [] if model is None else attention_modules(model)
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, SnapKVLayer) and layer.window_queries is not None:
+                layer.end_prompt(AttentionMath.of(modules[index]))
