@@ -207,8 +207,8 @@ def test_bad_compositions_say_what_can_be_composed(spec, message):
     assert message in str(error.value)
     if "compose" in message or "joins" in message or "storage format" in message:
         assert (
-            "allowed compositions: expected-attention+quantized, heavy-hitter+quantized, knorm+quantized, "
-            "kvzip+quantized, sliding-window+quantized" in str(error.value)
+            "allowed compositions: duo+quantized, expected-attention+quantized, heavy-hitter+quantized, "
+            "knorm+quantized, kvzip+quantized, sliding-window+quantized" in str(error.value)
         )
 
 

@@ -15,6 +15,7 @@ from hf_kvcache.head_calibration import load_head_calibration, retrieval_heads
 from hf_kvcache.model_hooks import ForwardState
 from hf_kvcache.strategies import duo
 from hf_kvcache.strategies.duo import DuoLayer, DuoOptions
+from hf_kvcache.strategies.quantized import QuantizedOptions
 from tests.conftest import left_padded_ids, make_tiny_model, random_ids
 from tests.helpers import check_generates_in_every_mode, stream
 
@@ -41,15 +42,20 @@ def test_streaming_heads_equal_a_cache_free_forward_under_the_sinks_and_window_m
         assert layer.stream_keys.shape == (1, 2, 2 + 7, 16) and layer.retrieval_keys.shape[1] == 0
 
 
-@pytest.mark.parametrize("block_logits", [None, 64])  # 64: a block of one query row at a time
-def test_retrieval_and_streaming_heads_of_one_layer_equal_float64_attention(block_logits, monkeypatch):
+@pytest.mark.parametrize(
+    "block_logits, quantization",
+    [(None, None), (64, None), (None, QuantizedOptions(nbits=8, group_size=8, residual_length=0))],
+)  # 64: a block of one query row at a time; 8-bit retrieval heads: within quantization error
+def test_retrieval_and_streaming_heads_of_one_layer_equal_float64_attention(
+    block_logits, quantization, monkeypatch
+):
     if block_logits is not None:
         monkeypatch.setattr(duo, "BLOCK_LOGITS", block_logits)
     generator = torch.Generator().manual_seed(0)
     batch, kv_heads, group, length, dim, window, sinks = 2, 3, 2, 30, 8, 6, 2
     keys, values = (torch.randn(batch, kv_heads, length, dim, generator=generator) for _ in range(2))
     query = torch.randn(batch, kv_heads * group, length, dim, generator=generator)
-    options = DuoOptions(retrieval=0.5, num_sink_tokens=sinks, window=window)
+    options = DuoOptions(retrieval=0.5, num_sink_tokens=sinks, window=window, quantization=quantization)
     layer = DuoLayer([2], kv_heads, options, ForwardState())
     outputs = []
     for start in range(0, length, 10):  # three chunks, each attending through the layer
@@ -62,9 +68,14 @@ def test_retrieval_and_streaming_heads_of_one_layer_equal_float64_attention(bloc
         allowed = causal if head // group == 2 else sinks_and_window(length, window, sinks)
         logits = (query[:, head].double() @ keys[:, head // group].double().transpose(-1, -2)) * dim**-0.5
         weights = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        tolerance = 1e-5 if quantization is None or head // group != 2 else 2e-2
         torch.testing.assert_close(
-            got[:, head], weights @ values[:, head // group].double(), rtol=0, atol=1e-5
+            got[:, head], weights @ values[:, head // group].double(), rtol=0, atol=tolerance
         )
+    if quantization is not None:
+        # 4 sinks exact, then whole key groups of 8 packed: 24 of the other 26.
+        assert layer.retrieval_keys is None and layer.retrieval_packed.packed_length == 24
+        return
     # Bytes: the retrieval head holds all 30, each streaming head 2 sinks + 5 newest, float32.
     assert layer.nbytes == 2 * batch * dim * 4 * (length + 2 * (sinks + window - 1)) + 8 * batch
 
@@ -99,6 +110,9 @@ def test_a_left_padded_row_generates_what_it_generates_alone(block_logits, monke
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3"])
 def test_duo_serves_hybrid_and_other_architectures_in_every_mode(arch):
     check_generates_in_every_mode(make_tiny_model(arch), "duo:retrieval=0.0,window=6")
+    check_generates_in_every_mode(
+        make_tiny_model(arch), "duo:retrieval=1.0+quantized:nbits=2,residual_length=0"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +168,28 @@ def test_a_model_the_entry_point_cannot_serve_gets_an_error():
     model = make_tiny_model("llama", attn="flex_attention")
     with pytest.raises(ValueError, match="duo's heads hold different numbers of tokens.*flex_attention"):
         build_cache("duo:retrieval=1.0", model)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 40])
+def test_quantized_retrieval_heads_hold_and_attend_as_the_quantized_strategy(chunk):
+    """Every head retrieving: duo+quantized is the quantized cache (its store, dequantized for attention),
+    attention and bytes alike; the streaming part holds nothing but each row's padding count."""
+    model = make_tiny_model("llama-gqa")
+    ids = random_ids(40, batch=2, seed=5)
+    quantization = "quantized:nbits=2,group_size=16,residual_length=8"
+    expected_cache, cache = (
+        build_cache(quantization, model),
+        build_cache(f"duo:retrieval=1.0+{quantization}", model),
+    )
+    expected = stream(model, ids, expected_cache, chunk)
+    torch.testing.assert_close(stream(model, ids, cache, chunk), expected, rtol=1e-4, atol=1e-5)
+    assert cache.nbytes == expected_cache.nbytes + 8 * 2 * len(cache.layers)
+    assert all(layer.retrieval_packed.packed_length > 0 for layer in cache.layers)
+
+
+def test_eight_bit_retrieval_heads_stay_close_to_dynamic_cache():
+    model = make_tiny_model("llama-gqa")
+    ids = random_ids(40, batch=2)
+    expected = stream(model, ids, DynamicCache(config=model.config), 6)
+    cache = build_cache("duo:retrieval=1.0+quantized:nbits=8,residual_length=0,group_size=16", model)
+    torch.testing.assert_close(stream(model, ids, cache, 6), expected, rtol=0.05, atol=0.01)

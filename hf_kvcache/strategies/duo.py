@@ -13,11 +13,13 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
 from hf_kvcache.base import KVCache
-from hf_kvcache.held import HeldTensors, RowTensor, check_batch
+from hf_kvcache.held import HeldPart, HeldTensors, RowTensor, check_batch
 from hf_kvcache.layout import FULL_ATTENTION, LOCAL_ATTENTION, AttentionLayout, require_layer_types
 from hf_kvcache.model_hooks import ForwardState, install_forward_observer
 from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
 from hf_kvcache.strategies.packed_attention import dense_attention
+from hf_kvcache.strategies.quantized import QuantizedLayer, QuantizedOptions
+from hf_kvcache.strategies.quantized_storage import check_composed_quantization
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,10 @@ class DuoOptions:
     num_sink_tokens: int = 4
     window: int = 256
     calibration: str | None = field(default=None, metadata=WHEN_SET)
+    quantization: QuantizedOptions | None = field(default=None, metadata={"composes": "quantized"})
 
     def __post_init__(self):
+        check_composed_quantization(self.quantization)
         if isinstance(self.retrieval, bool) or not isinstance(self.retrieval, (int, float)):
             raise ValueError(
                 f"retrieval must be a fraction in [0, 1] of the KV heads, got {self.retrieval!r}"
@@ -88,8 +92,9 @@ class DuoLayer(HeldTensors, CacheLayerMixin):
     is_sliding = False
     reads_storage = True
 
-    retrieval_keys = RowTensor("keys of the retrieval heads, every token [B, H_r, seen, D]")
-    retrieval_values = RowTensor("their values [B, H_r, seen, D]")
+    retrieval_keys = RowTensor("keys of the retrieval heads, every token [B, H_r, seen, D] (unquantized)")
+    retrieval_values = RowTensor("their values [B, H_r, seen, D] (unquantized)")
+    retrieval_packed = HeldPart("every token of the retrieval heads, bit-packed (+quantized)")
     stream_keys = RowTensor("keys of the streaming heads: sink columns, then the newest [B, H_s, m, D]")
     stream_values = RowTensor("their values [B, H_s, m, D]")
     pads = RowTensor("left padding of each row [B], int64")
@@ -104,7 +109,7 @@ class DuoLayer(HeldTensors, CacheLayerMixin):
     def reset(self) -> None:
         self.clear_held()
         self.seen = self.sink_columns = 0
-        self.pending = None
+        self.pending = self.pending_retrieval = None
         self.is_initialized = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -114,6 +119,13 @@ class DuoLayer(HeldTensors, CacheLayerMixin):
         self.retrieval_values = self.retrieval_keys.clone()
         self.stream_keys = key_states.new_empty(batch, len(self.streaming), 0, head_dim)
         self.stream_values = self.stream_keys.clone()
+        quantization = self.options.quantization
+        if quantization is not None and self.retrieval:
+            self.retrieval_packed, self.retrieval_keys, self.retrieval_values = (
+                QuantizedLayer(quantization),
+                None,
+                None,
+            )
         self.pads = self.state.padding(key_states.shape[0], key_states.shape[2], self.device).clone()
         self.sink_columns = int(self.pads.max()) + self.options.num_sink_tokens
         self.is_initialized = True
@@ -130,8 +142,15 @@ class DuoLayer(HeldTensors, CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         check_batch(self, self.pads, key_states)
         self.pending = key_states.shape[2]
+        parts = (("stream", self.streaming),)
+        if self.retrieval_packed is None:
+            parts += (("retrieval", self.retrieval),)
+        else:  # every retrieval token so far, dequantized for this forward (the newest in full precision)
+            self.pending_retrieval = self.retrieval_packed.update(
+                key_states[:, self.retrieval], value_states[:, self.retrieval]
+            )
         for name, new in (("keys", key_states), ("values", value_states)):
-            for part, heads in (("retrieval", self.retrieval), ("stream", self.streaming)):
+            for part, heads in parts:
                 held = getattr(self, f"{part}_{name}")
                 setattr(self, f"{part}_{name}", torch.cat([held, new[:, heads]], dim=2))
         return True
@@ -142,8 +161,10 @@ class DuoLayer(HeldTensors, CacheLayerMixin):
         total = self.seen + queries
         out = query.new_empty(batch, queries, query_heads, head_dim)
         sinks = math.get("sinks")
+        retrieval = self.pending_retrieval or (self.retrieval_keys, self.retrieval_values)
+        self.pending_retrieval = None
         for heads, keys, values in (
-            (self.retrieval, self.retrieval_keys, self.retrieval_values),
+            (self.retrieval, *retrieval),
             (self.streaming, self.stream_keys, self.stream_values),
         ):
             if not heads:
@@ -233,6 +254,10 @@ class DuoKVCache(KVCache):
         window: newest tokens a streaming head's queries see, themselves included. Default 256.
         calibration: the calibration file to read; ``None``: the one ``hf-kvcache calibrate --strategy duo``
             wrote for this model. Default None.
+        quantization: a :class:`~hf_kvcache.strategies.quantized.QuantizedOptions` to hold the retrieval
+            heads' tokens as the ``quantized`` strategy holds a layer's (spec ``duo:...+quantized:...``:
+            sinks, bit-packed history, full-precision residual), dequantized for each forward; streaming
+            heads stay in full precision. ``None``: everything in full precision. Default None.
 
     Example:
         >>> cache = DuoKVCache(model, retrieval=0.25, window=256)
