@@ -106,25 +106,45 @@ def test_a_left_padded_row_keeps_what_it_keeps_alone():
         torch.testing.assert_close(rows, single.ragged.keys, rtol=1e-4, atol=1e-5)
 
 
-def test_attention_over_a_ragged_store_equals_dense_attention_with_the_evicted_masked():
+@pytest.mark.parametrize("math", ["plain", "softcap and sinks", "padding mask"])
+def test_attention_over_a_ragged_store_equals_dense_attention_with_the_evicted_masked(math):
     generator = torch.Generator().manual_seed(0)
     batch, heads, groups, length, tail, queries, dim = 2, 2, 3, 12, 4, 3, 8
     keys, values = (torch.randn(batch, heads, length, dim, generator=generator) for _ in "kv")
     tail_keys, tail_values = (torch.randn(batch, heads, tail, dim, generator=generator) for _ in "kv")
     query = torch.randn(batch, heads * groups, queries, dim, generator=generator)
     keep = torch.rand(batch, heads, length, generator=generator) < 0.5
+    keep[1, 0] = False  # a head that kept nothing
+    softcap = sinks = None
+    if math == "softcap and sinks":
+        softcap, sinks = 2.0, torch.randn(heads * groups, generator=generator)
+    causal = torch.arange(tail)[None, :] > torch.arange(queries)[:, None] + tail - queries  # [q, tail]
+    mask, hidden_tail = None, causal.expand(batch, heads, 1, -1, -1)
+    if math == "padding mask":  # row 1's first tail entry is padding
+        visible = ~causal.expand(batch, 1, -1, -1).clone()
+        visible[1, :, :, 0] = False
+        mask, hidden_tail = visible, ~visible[:, :, None]
     store = RaggedEntries()
     store.fill(keys, values, keep)
-    out = store.attend(query, tail_keys, tail_values, None, 0.3)
+    out = store.attend(query, tail_keys, tail_values, mask, 0.3, softcap=softcap, sinks=sinks)
     # Reference: dense logits over every entry, the evicted ones and the tail's future masked.
     all_keys, all_values = torch.cat([keys, tail_keys], 2), torch.cat([values, tail_values], 2)
     logits = torch.einsum("bhgqd,bhnd->bhgqn", query.view(batch, heads, groups, queries, dim), all_keys) * 0.3
-    causal = torch.arange(tail)[None, :] > torch.arange(queries)[:, None] + tail - queries  # [q, tail]
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     hidden = torch.cat(
-        [~keep[:, :, None, None, :].expand(-1, -1, 1, queries, -1), causal.expand(batch, heads, 1, -1, -1)],
+        [
+            ~keep[:, :, None, None, :].expand(-1, -1, 1, queries, -1),
+            hidden_tail.expand(batch, heads, 1, -1, -1),
+        ],
         -1,
     )
-    weights = torch.softmax(logits.masked_fill(hidden, float("-inf")), -1)
+    logits = logits.masked_fill(hidden, float("-inf"))
+    if sinks is not None:
+        sink = sinks.view(1, heads, groups, 1, 1).expand(batch, -1, -1, queries, 1)
+        weights = torch.softmax(torch.cat([logits, sink], -1), -1)[..., :-1]
+    else:
+        weights = torch.softmax(logits, -1)
     expected = torch.einsum("bhgqn,bhnd->bhgqd", weights, all_values).reshape(batch, -1, queries, dim)
     torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
