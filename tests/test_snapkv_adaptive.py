@@ -144,3 +144,13 @@ def test_errors_name_the_bad_value_and_the_way_out(monkeypatch):
         cache.compress_context()
     with pytest.raises(ValueError, match="different number of entries per KV head.*layer.ragged"):
         _ = cache.layers[0].keys
+
+
+def test_compressing_after_the_model_is_gone_says_so():
+    model = make_tiny_model("llama-gqa")
+    cache = build_cache(SPEC, model)
+    with torch.no_grad():
+        model(random_ids(LENGTH), past_key_values=cache)
+    cache.model_ref = lambda: None  # what a weak reference returns once the model was collected
+    with pytest.raises(RuntimeError, match="the model this cache was built for no longer exists"):
+        cache.compress_context()

@@ -247,8 +247,14 @@ class SnapKVCache(ScoringCache):
         """Compress a deferred prompt now, by its last ``window_size`` queries (what the first one-token
         forward would do): the context is then compressed before any question is appended. Does nothing
         where nothing is deferred."""
+        deferred = [
+            i for i, layer in enumerate(self.layers) if getattr(layer, "window_queries", None) is not None
+        ]
+        if not deferred:
+            return
         model = self.model_ref()
-        modules = [] if model is None else attention_modules(model)
-        for index, layer in enumerate(self.layers):
-            if isinstance(layer, SnapKVLayer) and layer.window_queries is not None:
-                layer.end_prompt(AttentionMath.of(modules[index]))
+        if model is None:
+            raise RuntimeError("snapkv cannot compress: the model this cache was built for no longer exists")
+        modules = attention_modules(model)
+        for index in deferred:
+            self.layers[index].end_prompt(AttentionMath.of(modules[index]))
