@@ -21,6 +21,7 @@ from hf_kvcache.strategies.ragged import (
     RaggedEntries,
     check_ragged_quantization,
     highest_entries,
+    require_entry_point,
 )
 from hf_kvcache.strategies.reconstruction import prompt_ids, reconstruct
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer, attention_mass
@@ -225,12 +226,7 @@ class KVzipCache(ScoringCache):
                 "kvzip+quantized holds packed entries, which only hf-kvcache's attention entry point reads, "
                 f"and it cannot serve this model: {self.storage_attention_off}; use kvzip without +quantized"
             )
-        if self.options.head_budgets == "adaptive" and self.storage_attention_off is not None:
-            raise ValueError(
-                "kvzip:head_budgets=adaptive holds a different number of entries per KV head, which only "
-                f"hf-kvcache's attention entry point reads, and it cannot serve this model: "
-                f"{self.storage_attention_off}; use kvzip:head_budgets=uniform"
-            )
+        require_entry_point(self, "kvzip")
 
     def build_layers(self, model, layout):
         self.model_ref = weakref.ref(model)

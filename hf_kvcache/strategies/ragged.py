@@ -181,6 +181,17 @@ class RaggedEntries(HeldTensors):
         return out.transpose(1, 2).to(query.dtype)
 
 
+def require_entry_point(cache, strategy: str) -> None:
+    """For a cache whose ``head_budgets=adaptive`` holds a ragged store: an error when hf-kvcache's attention
+    entry point, the only attention that reads it, cannot serve the cache's model."""
+    if cache.options.head_budgets == "adaptive" and cache.storage_attention_off is not None:
+        raise ValueError(
+            f"{strategy}:head_budgets=adaptive holds a different number of entries per KV head, which only "
+            f"hf-kvcache's attention entry point reads, and it cannot serve this model: "
+            f"{cache.storage_attention_off}; use {strategy}:head_budgets=uniform"
+        )
+
+
 class RaggedContext:
     """For an evicting layer that compresses its context once with a different number of entries per KV
     head: the kept entries go to :attr:`ragged`, and tokens that come after to the layer's slots (the

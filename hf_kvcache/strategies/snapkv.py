@@ -16,7 +16,7 @@ from hf_kvcache.budget import Budget, check_budget, check_layer_budgets, tokens
 from hf_kvcache.held import RowTensor
 from hf_kvcache.model_hooks import AttentionMath, attention_modules
 from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
-from hf_kvcache.strategies.ragged import RaggedContext, RaggedEntries, highest_entries
+from hf_kvcache.strategies.ragged import RaggedContext, RaggedEntries, highest_entries, require_entry_point
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer, attention_mass
 
 HEAD_BUDGETS = ("uniform", "adaptive")
@@ -228,12 +228,7 @@ class SnapKVCache(ScoringCache):
 
     def __init__(self, model, *option_args, **option_kwargs):
         super().__init__(model, *option_args, **option_kwargs)
-        if self.options.head_budgets == "adaptive" and self.storage_attention_off is not None:
-            raise ValueError(
-                "snapkv:head_budgets=adaptive holds a different number of entries per KV head, which only "
-                f"hf-kvcache's attention entry point reads, and it cannot serve this model: "
-                f"{self.storage_attention_off}; use snapkv:head_budgets=uniform"
-            )
+        require_entry_point(self, "snapkv")
 
     def build_layers(self, model, layout):
         self.model_ref = weakref.ref(model)
