@@ -22,6 +22,8 @@ from tests.conftest import left_padded_ids, make_tiny_model, random_ids
 LOSSLESS = {
     "full": "full",
     "duo": "duo:retrieval=0.0,window=64",
+    # Every head retrieving, the residual holding every token: nothing is packed.
+    "duo+quantized": "duo:retrieval=1.0+quantized:nbits=2,group_size=8,residual_length=64",
     "quantized": "quantized:nbits=2,group_size=8,residual_length=64",
     "sliding-window": "sliding-window:window_length=64,num_sink_tokens=4",
     "heavy-hitter": "heavy-hitter:heavy_budget=32,recent_budget=32",
@@ -46,6 +48,7 @@ LOSSLESS = {
 LOSSY = {
     "full": "full",
     "duo": "duo:retrieval=0.0,window=8,num_sink_tokens=2",
+    "duo+quantized": "duo:retrieval=1.0+quantized:nbits=2,group_size=8,residual_length=4",
     "quantized": "quantized:nbits=2,group_size=8,residual_length=8",
     "sliding-window": "sliding-window:window_length=12,num_sink_tokens=4",
     "heavy-hitter": "heavy-hitter:heavy_budget=6,recent_budget=6",
