@@ -218,10 +218,10 @@ def _restore_layer(layer: Any, saved: dict, tensors: dict[str, torch.Tensor], de
     ):
         setattr(layer, name, None)
     for name, tensor in tensors.items():
-        owner, attribute = layer, name
-        if "." in name:
-            part, attribute = name.split(".", 1)
-            owner = getattr(layer, part)
+        *parts, attribute = name.split(".")  # a part's tensors are ``part.name``, a part of a part's too
+        owner = layer
+        for part in parts:
+            owner = getattr(owner, part)
         setattr(owner, attribute, tensor.to(device))
 
 

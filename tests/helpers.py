@@ -280,9 +280,15 @@ def held_entries(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values a layer holds: ``keys`` and ``values``, or for a ragged store (different counts per
     head) its flat entries followed by the tail's, flattened the same way (duo: its two groups of heads)."""
     if getattr(layer, "stream_keys", None) is not None:  # duo: retrieval heads, then streaming heads
+        packed = layer.retrieval_packed  # duo+quantized: the retrieval heads' store, dequantized
         return tuple(
             torch.cat(
-                [getattr(layer, f"retrieval_{n}").flatten(0, 2), getattr(layer, f"stream_{n}").flatten(0, 2)]
+                [
+                    (getattr(layer, f"retrieval_{n}") if packed is None else getattr(packed, n)).flatten(
+                        0, 2
+                    ),
+                    getattr(layer, f"stream_{n}").flatten(0, 2),
+                ]
             )
             for n in ("keys", "values")
         )

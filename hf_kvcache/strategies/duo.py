@@ -121,11 +121,11 @@ class DuoLayer(HeldTensors, CacheLayerMixin):
         self.stream_values = self.stream_keys.clone()
         quantization = self.options.quantization
         if quantization is not None and self.retrieval:
-            self.retrieval_packed, self.retrieval_keys, self.retrieval_values = (
-                QuantizedLayer(quantization),
-                None,
-                None,
-            )
+            store = QuantizedLayer(quantization)
+            store.lazy_initialization(
+                self.retrieval_keys, self.retrieval_values
+            )  # empty, shaped for its heads
+            self.retrieval_packed, self.retrieval_keys, self.retrieval_values = store, None, None
         self.pads = self.state.padding(key_states.shape[0], key_states.shape[2], self.device).clone()
         self.sink_columns = int(self.pads.max()) + self.options.num_sink_tokens
         self.is_initialized = True
