@@ -34,11 +34,8 @@ class DuoOptions:
 
     def __post_init__(self):
         check_composed_quantization(self.quantization)
-        if isinstance(self.retrieval, bool) or not isinstance(self.retrieval, (int, float)):
-            raise ValueError(
-                f"retrieval must be a fraction in [0, 1] of the KV heads, got {self.retrieval!r}"
-            )
-        if not 0 <= self.retrieval <= 1:
+        number = isinstance(self.retrieval, (int, float)) and not isinstance(self.retrieval, bool)
+        if not number or not 0 <= self.retrieval <= 1:
             raise ValueError(
                 f"retrieval must be a fraction in [0, 1] of the KV heads, got {self.retrieval!r}"
             )
@@ -122,9 +119,8 @@ class DuoLayer(HeldTensors, CacheLayerMixin):
         quantization = self.options.quantization
         if quantization is not None and self.retrieval:
             store = QuantizedLayer(quantization)
-            store.lazy_initialization(
-                self.retrieval_keys, self.retrieval_values
-            )  # empty, shaped for its heads
+            # Initialized now (empty, shaped for the retrieval heads), so a saved cache can be loaded into it.
+            store.lazy_initialization(self.retrieval_keys, self.retrieval_values)
             self.retrieval_packed, self.retrieval_keys, self.retrieval_values = store, None, None
         self.pads = self.state.padding(key_states.shape[0], key_states.shape[2], self.device).clone()
         self.sink_columns = int(self.pads.max()) + self.options.num_sink_tokens

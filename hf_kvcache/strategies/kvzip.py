@@ -116,13 +116,6 @@ class KVzipLayer(RaggedContext, ScoringLayer):
         self.peak = peak if self.peak is None else torch.maximum(self.peak, peak)
         return keys, values
 
-    # --- attention over the ragged store (RaggedContext.attend_stored) ------------------------------------
-    def store_for_attention(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool | None:
-        if not self.holds_ragged:
-            return None
-        self.update(key_states, value_states)
-        return True
-
     # --- compression ----------------------------------------------------------------------------------------
     def capacity_now(self) -> int:
         return tokens(self.budget, self.seen)

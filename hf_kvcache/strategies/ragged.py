@@ -222,6 +222,14 @@ class RaggedContext:
             )
         return super().held()
 
+    def store_for_attention(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool | None:
+        """Once the context is held ragged: append the new tokens to the tail and let :meth:`attend_stored`
+        serve this forward; before, ``None`` (the layer's own path)."""
+        if not self.holds_ragged:
+            return None
+        self.update(key_states, value_states)
+        return True
+
     def attend_stored(self, query: torch.Tensor, attention_mask, scaling: float, **math):
         tail = self.key_buffer[:, :, : self.stored], self.value_buffer[:, :, : self.stored]
         return self.ragged.attend(query, *tail, attention_mask, scaling, **math), None

@@ -109,14 +109,11 @@ class SnapKVLayer(RaggedContext, ScoringLayer):
         return self.window_queries is None and not self.adaptive and super().serves_attention(new)
 
     def store_for_attention(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool | None:
-        if not self.adaptive:
-            return super().store_for_attention(key_states, value_states)
+        if not self.adaptive:  # decoding steps that score in place
+            return ScoringLayer.store_for_attention(self, key_states, value_states)
         if key_states.shape[-2] == 1 and self.window_queries is not None:
             self.end_prompt()
-        if not self.holds_ragged:
-            return None
-        self.update(key_states, value_states)
-        return True
+        return super().store_for_attention(key_states, value_states)  # the ragged context, once held
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if key_states.shape[-2] == 1 and self.window_queries is not None and self.adaptive:
