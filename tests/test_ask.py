@@ -40,6 +40,8 @@ def separately(model, tokenizer, context, question, spec):
         "full",
         "snapkv:budget=24,window_size=4",
         "snapkv:budget=24,window_size=4,head_budgets=adaptive",
+        "knorm:budget=0.25,recent=4,head_budgets=adaptive",
+        "expected-attention:budget=0.25,recent=4,head_budgets=adaptive,layer_budgets=adaptive",
         "tova:budget=0.25",
         "kvzip:budget=0.25,chunk_size=16",
         "sliding-window:window_length=32+quantized:nbits=4,group_size=8,residual_length=8",

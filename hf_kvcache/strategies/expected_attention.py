@@ -11,17 +11,23 @@ from types import SimpleNamespace
 
 import torch
 
-from hf_kvcache.budget import Budget, check_budget, check_layer_budgets
+from hf_kvcache.budget import LAYER_SCHEDULES, Budget, check_budget, check_layer_budgets
 from hf_kvcache.held import RowTensor
 from hf_kvcache.layout import AttentionLayout
 from hf_kvcache.model_hooks import KeyRotator, attention_modules, find_rotary_module, rotate_half_rope
 from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
+from hf_kvcache.strategies.adaptive_context import (
+    CompressedContext,
+    CompressedContextCache,
+    check_head_budgets,
+)
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from hf_kvcache.strategies.quantized_storage import (
     QuantizedStorage,
     check_composed_quantization,
     check_recent_covers_residual,
 )
+from hf_kvcache.strategies.ragged import require_entry_point
 from hf_kvcache.strategies.rotation import layer_rotators
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 
@@ -37,14 +43,16 @@ class ExpectedAttentionOptions:
     epsilon: float = 0.02
     quantization: QuantizedOptions | None = field(default=None, metadata={"composes": "quantized"})
     layer_budgets: str = field(default="uniform", metadata=WHEN_SET)
+    head_budgets: str = field(default="uniform", metadata=WHEN_SET)
 
     def __post_init__(self):
         check_composed_quantization(self.quantization)
+        check_head_budgets(self, "expected-attention")
         protected = SimpleNamespace(
             budget=self.budget, num_sink_tokens=self.num_sink_tokens, recent=self.protected_recent
         )
         check_budget(protected, sinks="num_sink_tokens", recent="recent")
-        check_layer_budgets(self)
+        check_layer_budgets(self, (*LAYER_SCHEDULES, "adaptive"))
         check_recent_covers_residual(self.protected_recent, self.quantization)
         check_int("horizon", self.horizon, 1, " (future positions the query statistics are averaged over)")
         if not isinstance(self.epsilon, (int, float)) or isinstance(self.epsilon, bool) or self.epsilon < 0:
@@ -141,6 +149,18 @@ class ExpectedAttentionLayer(ScoringLayer):
         return (expected + self.epsilon) * values.float().norm(dim=-1)
 
 
+class AdaptiveExpectedAttentionLayer(CompressedContext, ExpectedAttentionLayer):
+    """An expected-attention layer under ``head_budgets=adaptive``: the statistics of the prompt's queries
+    rank its entries once, at its end (:mod:`.adaptive_context`); the tail needs no statistics."""
+
+    def wants_queries(self, new: int) -> bool:
+        return not self.context_done
+
+    def observe_attention(self, keys, new_valid, real_in_full, evicting: bool) -> None:
+        if not self.context_done:
+            super().observe_attention(keys, new_valid, real_in_full, evicting)
+
+
 class QuantizedExpectedAttentionLayer(QuantizedStorage, ExpectedAttentionLayer):
     """An expected-attention layer that holds its entries in quantized storage (``expected-attention+
     quantized``); it scores them by their dequantized keys and values."""
@@ -149,7 +169,7 @@ class QuantizedExpectedAttentionLayer(QuantizedStorage, ExpectedAttentionLayer):
 @register_strategy(
     "expected-attention", "expected attention: keep what future queries are expected to attend to"
 )
-class ExpectedAttentionKVCache(ScoringCache):
+class ExpectedAttentionKVCache(CompressedContextCache, ScoringCache):
     """Expected-attention eviction (Devoto et al., https://arxiv.org/abs/2510.00636), in prefill and decode.
 
     No attention probabilities are needed, only the queries (captured by hooks, so SDPA works): the statistics
@@ -178,8 +198,15 @@ class ExpectedAttentionKVCache(ScoringCache):
             (``residual_length + group_size - 1`` tokens). ``None``: everything in full precision.
             Default ``None``.
         layer_budgets: ``'uniform'`` (``budget`` in every layer) or ``'pyramid'``: more in early layers,
-            less in late ones, at the same total (PyramidKV, :func:`hf_kvcache.budget.pyramid_budgets`).
-            Default ``'uniform'``.
+            less in late ones, at the same total (PyramidKV, :func:`hf_kvcache.budget.pyramid_budgets`);
+            under adaptive heads also ``'adaptive'``: one budget for every layer's heads together. Default
+            ``'uniform'``.
+        head_budgets: ``'uniform'`` (``budget`` per KV head, evicting at every step) or ``'adaptive'``
+            (AdaKV, https://arxiv.org/abs/2407.11550): the prompt is held whole until it ends (the first
+            one-token forward, or :meth:`compress_context`), then each layer keeps ``budget`` times its KV
+            heads entries wherever the expected attention is highest, held ragged so that ``nbytes`` shows
+            the saving, and later tokens are appended (:mod:`hf_kvcache.strategies.adaptive_context`; sdpa or
+            eager models, no ``quantization``). Default ``'uniform'``.
 
     Example:
         >>> cache = ExpectedAttentionKVCache(model, budget=0.25)
@@ -188,8 +215,14 @@ class ExpectedAttentionKVCache(ScoringCache):
 
     options_class = ExpectedAttentionOptions
 
+    def __init__(self, model, *option_args, **option_kwargs):
+        super().__init__(model, *option_args, **option_kwargs)
+        require_entry_point(self, "expected-attention")
+
     def make_layer(self, layout) -> ExpectedAttentionLayer:
         options, quantization = self.options, self.options.quantization
+        if options.head_budgets == "adaptive":
+            return AdaptiveExpectedAttentionLayer(options, self.forward_state)
         if quantization is None:
             return ExpectedAttentionLayer(options, self.forward_state)
         quantization.check_head_dim(layout.head_dim)

@@ -10,8 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hf_kvcache.budget import Budget, check_budget, check_layer_budgets
+from hf_kvcache.budget import LAYER_SCHEDULES, Budget, check_budget, check_layer_budgets
 from hf_kvcache.registry import WHEN_SET, register_strategy
+from hf_kvcache.strategies.adaptive_context import (
+    CompressedContext,
+    CompressedContextCache,
+    check_head_budgets,
+)
 from hf_kvcache.strategies.eviction import EvictingLayer, EvictionCache
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from hf_kvcache.strategies.quantized_storage import (
@@ -19,6 +24,7 @@ from hf_kvcache.strategies.quantized_storage import (
     check_composed_quantization,
     check_recent_covers_residual,
 )
+from hf_kvcache.strategies.ragged import require_entry_point
 
 
 @dataclass(frozen=True)
@@ -30,10 +36,12 @@ class KeyNormOptions:
     recent: Budget = 160
     quantization: QuantizedOptions | None = field(default=None, metadata={"composes": "quantized"})
     layer_budgets: str = field(default="uniform", metadata=WHEN_SET)
+    head_budgets: str = field(default="uniform", metadata=WHEN_SET)
 
     def __post_init__(self):
         check_budget(self, sinks="num_sink_tokens", recent="recent")
-        check_layer_budgets(self)
+        check_layer_budgets(self, (*LAYER_SCHEDULES, "adaptive"))
+        check_head_budgets(self, "knorm")
         check_composed_quantization(self.quantization)
         check_recent_covers_residual(self.recent, self.quantization)
 
@@ -46,13 +54,18 @@ class KeyNormLayer(EvictingLayer):
         return -keys.float().norm(dim=-1)
 
 
+class AdaptiveKeyNormLayer(CompressedContext, KeyNormLayer):
+    """A key-norm layer under ``head_budgets=adaptive``: the prompt's key norms rank its entries once, at
+    its end, across the layer's heads (:mod:`.adaptive_context`)."""
+
+
 class QuantizedKeyNormLayer(QuantizedStorage, KeyNormLayer):
     """A key-norm layer that holds its entries in quantized storage (``knorm+quantized``); it ranks them by
     the norms of their dequantized keys."""
 
 
 @register_strategy("knorm", "key norm: keep the entries whose keys have the smallest L2 norm")
-class KeyNormKVCache(EvictionCache):
+class KeyNormKVCache(CompressedContextCache, EvictionCache):
     """Key-norm eviction (Devoto et al., https://arxiv.org/abs/2406.11430), under any attention.
 
     Needs no attention scores, so it costs one norm per entry and works with SDPA, eager and flash attention
@@ -73,8 +86,15 @@ class KeyNormKVCache(EvictionCache):
             (``residual_length + group_size - 1`` tokens).
             ``None``: everything in full precision. Default ``None``.
         layer_budgets: ``'uniform'`` (``budget`` in every layer) or ``'pyramid'``: more in early layers,
-            less in late ones, at the same total (PyramidKV, :func:`hf_kvcache.budget.pyramid_budgets`).
-            Default ``'uniform'``.
+            less in late ones, at the same total (PyramidKV, :func:`hf_kvcache.budget.pyramid_budgets`);
+            under adaptive heads also ``'adaptive'``: one budget for every layer's heads together. Default
+            ``'uniform'``.
+        head_budgets: ``'uniform'`` (``budget`` per KV head, evicting at every step) or ``'adaptive'``
+            (AdaKV, https://arxiv.org/abs/2407.11550): the prompt is held whole until it ends (the first
+            one-token forward, or :meth:`compress_context`), then each layer keeps ``budget`` times its KV
+            heads entries of smallest key norm, whatever their head, held ragged, and later tokens are
+            appended (:mod:`hf_kvcache.strategies.adaptive_context`; sdpa or eager models, no
+            ``quantization``). Default ``'uniform'``.
 
     Example:
         >>> cache = KeyNormKVCache(model, budget=0.25)
@@ -83,8 +103,16 @@ class KeyNormKVCache(EvictionCache):
 
     options_class = KeyNormOptions
 
+    def __init__(self, model, *option_args, **option_kwargs):
+        super().__init__(model, *option_args, **option_kwargs)
+        require_entry_point(self, "knorm")
+
     def make_layer(self, layout) -> KeyNormLayer:
         options, quantization = self.options, self.options.quantization
+        if options.head_budgets == "adaptive":
+            return AdaptiveKeyNormLayer(
+                options.budget, self.forward_state, options.num_sink_tokens, options.recent
+            )
         if quantization is None:
             return KeyNormLayer(options.budget, self.forward_state, options.num_sink_tokens, options.recent)
         quantization.check_head_dim(layout.head_dim)
