@@ -15,7 +15,7 @@ from tests.conftest import (
     make_tiny_model,
     random_ids,
 )
-from tests.helpers import check_generates_in_every_mode, check_generates_like_dynamic_cache
+from tests.helpers import check_generates_in_every_mode, check_generates_like_dynamic_cache, eager_weights
 from tests.test_expected_attention import expected_priorities
 from tests.test_snapkv import held_positions
 
@@ -25,12 +25,29 @@ EXPECTED = (
     f"expected-attention:budget={BUDGET},num_sink_tokens={SINKS},recent={RECENT},horizon=32,"
     "head_budgets=adaptive"
 )
+# A spec per strategy that compresses the tiny model's prompts, and one that loses nothing on them.
+LOSSY = {
+    "knorm": KNORM,
+    "expected-attention": EXPECTED + ",layer_budgets=adaptive",
+    "heavy-hitter": "heavy-hitter:heavy_budget=6,recent_budget=4,head_budgets=adaptive",
+    "tova": f"tova:budget={BUDGET},head_budgets=adaptive,layer_budgets=adaptive",
+}
+LOSSLESS = {
+    "knorm": "knorm:budget=64,recent=16,head_budgets=adaptive,layer_budgets=adaptive",
+    "expected-attention": (
+        "expected-attention:budget=64,recent=16,head_budgets=adaptive,layer_budgets=adaptive"
+    ),
+    "heavy-hitter": "heavy-hitter:heavy_budget=48,recent_budget=16,head_budgets=adaptive",
+    "tova": "tova:budget=64,head_budgets=adaptive",
+}
 
 
-def reference_keep(priorities: list[torch.Tensor]) -> list[list[set[int]]]:
+def reference_keep(
+    priorities: list[torch.Tensor], sinks: int = SINKS, recent: int = RECENT, budget: int = BUDGET
+) -> list[list[set[int]]]:
     """Per layer and KV head, the token positions kept when ``priorities`` (``[H, T]`` per layer) share one
-    budget of ``BUDGET`` per head: sinks and recent first, then the highest priorities of all."""
-    protected = set(range(SINKS)) | set(range(LENGTH - RECENT, LENGTH))
+    budget of ``budget`` per head: sinks and recent first, then the highest priorities of all."""
+    protected = set(range(sinks)) | set(range(LENGTH - recent, LENGTH))
     keep = [[set(protected) for _ in range(p.shape[0])] for p in priorities]
     free = [
         (p[head, t].item(), layer, head, t)
@@ -39,7 +56,7 @@ def reference_keep(priorities: list[torch.Tensor]) -> list[list[set[int]]]:
         for t in range(LENGTH)
         if t not in protected
     ]
-    room = sum(p.shape[0] for p in priorities) * (BUDGET - len(protected))
+    room = sum(p.shape[0] for p in priorities) * (budget - len(protected))
     for _, layer, head, t in sorted(free, reverse=True)[:room]:
         keep[layer][head].add(t)
     return keep
@@ -124,6 +141,42 @@ def test_expected_attention_keeps_the_highest_expected_attention_over_all_heads(
     assert assert_holds(cache, reference, reference_keep([priorities]))
 
 
+def accumulated_attention(weights: torch.Tensor, groups: int) -> torch.Tensor:
+    """H2O's score ``[H_kv, T]``: the attention every query paid each entry, summed over a KV head's query
+    heads (``weights`` ``[1, H_q, T, T]`` of an eager forward)."""
+    return weights[0].double().sum(1).view(-1, groups, LENGTH).sum(1)
+
+
+def newest_attention(weights: torch.Tensor, groups: int) -> torch.Tensor:
+    """TOVA's score ``[H_kv, T]``: the attention of the last query, summed over a KV head's query heads."""
+    return weights[0, :, -1].double().view(-1, groups, LENGTH).sum(1)
+
+
+@pytest.mark.parametrize("end", ["one-token forward", "compress_context"])
+@pytest.mark.parametrize("chunk", [LENGTH, 16])
+@pytest.mark.parametrize(
+    "spec, score, protected, seed",
+    [
+        ("heavy-hitter:heavy_budget=9,recent_budget=3,head_budgets=adaptive", accumulated_attention, 3, 2),
+        (f"tova:budget={BUDGET},head_budgets=adaptive,layer_budgets=adaptive", newest_attention, 0, 1),
+    ],
+)
+def test_attention_scores_rank_the_prompt_over_all_heads(end, chunk, spec, score, protected, seed):
+    arch = "llama-gqa"
+    model = make_tiny_model(arch)
+    ids = distinct_ids(LENGTH + 1, seed=seed)
+    cache, reference = fill(model, spec, ids, chunk, end)
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    scores = [score(eager_weights(arch, ids[:, :LENGTH], index), groups) for index in (0, 1)]
+    if "layer_budgets=adaptive" in spec:
+        expected = reference_keep(scores, 0, protected)
+    else:
+        expected = [reference_keep([s], 0, protected)[0] for s in scores]
+    assert assert_holds(cache, reference, expected)
+    # H2O's accumulated attention now describes the tail alone (the new token).
+    assert all(getattr(layer, "accumulated", torch.zeros(1, 1, 1)).shape[-1] == 1 for layer in cache.layers)
+
+
 def test_the_ragged_store_is_counted_entry_by_entry():
     model = make_tiny_model("llama-gqa")
     cache = build_cache(KNORM, model)
@@ -139,20 +192,20 @@ def test_the_ragged_store_is_counted_entry_by_entry():
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "gemma2"])
-@pytest.mark.parametrize("strategy", ["knorm", "expected-attention"])
+@pytest.mark.parametrize("strategy", sorted(LOSSLESS))
 def test_a_budget_above_the_prompt_is_dynamic_cache(arch, strategy):
     model = make_tiny_model(arch)
     ids = random_ids(30, seed=2)
     greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_scores=True)
     greedy["return_dict_in_generate"] = True
     expected = model.generate(ids, past_key_values=DynamicCache(config=model.config), **greedy)
-    spec = f"{strategy}:budget=64,recent=16,head_budgets=adaptive,layer_budgets=adaptive"
+    spec = LOSSLESS[strategy]
     got = model.generate(ids, past_key_values=build_cache(spec, model), **greedy)
     assert torch.equal(got.sequences, expected.sequences)
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(expected.scores), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("spec", [KNORM, EXPECTED + ",layer_budgets=adaptive"])
+@pytest.mark.parametrize("spec", sorted(LOSSY.values()))
 def test_left_padded_rows_match_their_unpadded_runs(spec):
     model = make_tiny_model("llama-gqa")
     assert_left_padded_rows_match_unpadded_runs(
@@ -161,7 +214,7 @@ def test_left_padded_rows_match_their_unpadded_runs(spec):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-@pytest.mark.parametrize("spec", [KNORM, EXPECTED])
+@pytest.mark.parametrize("spec", sorted(LOSSY.values()))
 def test_adaptive_budgets_generate_in_every_mode(arch, spec):
     check_generates_in_every_mode(make_tiny_model(arch), spec)
 
@@ -179,6 +232,12 @@ def test_adaptive_budgets_generate_in_every_mode(arch, spec):
             "knorm:head_budgets=adaptive .* does not compose with \\+quantized",
         ),
         ("knorm:layer_budgets=steep", "layer_budgets must be one of \\['uniform', 'pyramid', 'adaptive'\\]"),
+        (
+            "heavy-hitter:heavy_budget=8,recent_budget=8,head_budgets=adaptive+quantized:group_size=8,"
+            "residual_length=4",
+            "heavy-hitter:head_budgets=adaptive .* does not compose with \\+quantized",
+        ),
+        ("tova:head_budgets=per-layer", "head_budgets must be one of \\['uniform', 'adaptive'\\]"),
     ],
 )
 def test_bad_options_are_named(spec, message):
@@ -195,15 +254,14 @@ def test_a_model_the_entry_point_cannot_serve_is_named(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", sorted(MORE_ARCHITECTURES))
-@pytest.mark.parametrize("strategy", ["knorm", "expected-attention"])
+@pytest.mark.parametrize("strategy", sorted(LOSSY))
 def test_every_architecture_generates_and_loses_nothing_under_a_budget_above_the_prompt(arch, strategy):
     model = make_tiny_model(arch)
-    lossless = f"{strategy}:budget=64,recent=16,head_budgets=adaptive,layer_budgets=adaptive"
-    check_generates_like_dynamic_cache(model, lossless, "greedy")
-    check_generates_in_every_mode(model, KNORM if strategy == "knorm" else EXPECTED)
+    check_generates_like_dynamic_cache(model, LOSSLESS[strategy], "greedy")
+    check_generates_in_every_mode(model, LOSSY[strategy])
 
 
-@pytest.mark.parametrize("spec", [KNORM, EXPECTED + ",layer_budgets=adaptive"])
+@pytest.mark.parametrize("spec", sorted(LOSSY.values()))
 def test_a_saved_compressed_cache_continues_token_for_token(tmp_path, spec):
     model = make_tiny_model("llama-gqa")
     ids, mask = left_padded_ids(30, pads=(0, 4, 11), seed=2)

@@ -43,6 +43,8 @@ def separately(model, tokenizer, context, question, spec):
         "knorm:budget=0.25,recent=4,head_budgets=adaptive",
         "expected-attention:budget=0.25,recent=4,head_budgets=adaptive,layer_budgets=adaptive",
         "tova:budget=0.25",
+        "tova:budget=0.25,head_budgets=adaptive",
+        "heavy-hitter:heavy_budget=0.125,recent_budget=8,head_budgets=adaptive",
         "kvzip:budget=0.25,chunk_size=16",
         "sliding-window:window_length=32+quantized:nbits=4,group_size=8,residual_length=8",
     ],

@@ -28,15 +28,16 @@ HEAD_BUDGETS = ("uniform", "adaptive")
 
 
 def check_head_budgets(options, strategy: str) -> None:
-    """For an options dataclass with ``head_budgets``, ``layer_budgets`` and ``quantization`` fields."""
+    """For an options dataclass with a ``head_budgets`` field (and maybe ``layer_budgets``,
+    ``quantization``)."""
     if options.head_budgets not in HEAD_BUDGETS:
         raise ValueError(f"head_budgets must be one of {list(HEAD_BUDGETS)}, got {options.head_budgets!r}")
-    if options.layer_budgets == "adaptive" and options.head_budgets != "adaptive":
+    if getattr(options, "layer_budgets", None) == "adaptive" and options.head_budgets != "adaptive":
         raise ValueError(
             "layer_budgets=adaptive shares one budget among every head of every layer, which needs "
             f"head_budgets=adaptive, got head_budgets={options.head_budgets!r}"
         )
-    if options.head_budgets == "adaptive" and options.quantization is not None:
+    if options.head_budgets == "adaptive" and getattr(options, "quantization", None) is not None:
         raise ValueError(
             f"{strategy}:head_budgets=adaptive holds its compressed context ragged, in full precision; it "
             f"does not compose with +quantized (use {strategy}:head_budgets=uniform+quantized:..., or "
@@ -74,8 +75,16 @@ class CompressedContext(RaggedContext):
         return False  # no decoding step scores in place: the compression reads the held prompt
 
     def capacity_now(self) -> int:
-        """Entries per KV head the context keeps on average: the budget, never fewer than those protected."""
-        return max(tokens(self.budget, self.seen), self.sinks + tokens(self.recent, self.seen))
+        """Entries per KV head the context keeps on average: what the strategy would keep of it."""
+        return super().capacity(0)
+
+    def context_priority(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The strategy's priorities ``[B, H, N]`` of the held prompt (age order); by default its
+        :meth:`~hf_kvcache.strategies.eviction.EvictingLayer.priority`."""
+        batch, heads, stored, _ = keys.shape
+        return self.priority(
+            keys, values, torch.arange(stored, device=self.device).expand(batch, heads, stored)
+        )
 
     def context_quota(self) -> torch.Tensor:
         """Entries each row keeps over the layer's KV heads ``[B]``: the budget per head, or all its real
@@ -87,9 +96,9 @@ class CompressedContext(RaggedContext):
         protected entries (each row's first ``sinks`` real entries and the newest ``recent``), minus infinity
         for padding."""
         keys, values = self.held()
-        batch, heads, stored, _ = keys.shape
+        stored = keys.shape[-2]
         entry = torch.arange(stored, device=self.device)
-        scores = self.priority(keys, values, entry.expand(batch, heads, stored)).float()
+        scores = self.context_priority(keys, values).float()
         first_real = (stored - self.cached_real)[:, None]  # [B, 1]: padding sits first
         recent = entry >= stored - tokens(self.recent, self.seen)
         protected = (entry < first_real + self.sinks) | recent
@@ -101,7 +110,22 @@ class CompressedContext(RaggedContext):
         are, nothing being over the budget); afterwards tokens are appended."""
         if keep is not None:
             self.hold_ragged(*self.held(), keep.to(self.device))
+            # What else the slots held (H2O's accumulated attention) described the prompt's entries.
+            for declared in self.declared("slot"):
+                tensor = getattr(self, declared.name)
+                if tensor is not None:
+                    setattr(self, declared.name, tensor[:, :, :0].clone())
         self.context_done = True
+
+    # A strategy that scores from attention needs this forward's queries until the prompt is compressed.
+    def wants_queries(self, new: int) -> bool:
+        return not self.context_done and super().wants_queries(new)
+
+    def observe_attention(self, keys, new_valid, real_in_full, evicting: bool) -> None:
+        if self.context_done:
+            self.queries = self.math = None
+        else:
+            super().observe_attention(keys, new_valid, real_in_full, evicting)
 
 
 class CompressedContextCache:
@@ -122,7 +146,7 @@ class CompressedContextCache:
         ]
         if not any(layer.stored > layer.capacity_now() for layer in layers):
             keeps = [None] * len(layers)
-        elif self.options.layer_budgets == "adaptive":
+        elif getattr(self.options, "layer_budgets", None) == "adaptive":
             quota = sum(layer.context_quota().to(layers[0].device) for layer in layers)
             keeps = highest_entries([layer.context_scores() for layer in layers], quota)
         else:

@@ -153,13 +153,6 @@ class AdaptiveExpectedAttentionLayer(CompressedContext, ExpectedAttentionLayer):
     """An expected-attention layer under ``head_budgets=adaptive``: the statistics of the prompt's queries
     rank its entries once, at its end (:mod:`.adaptive_context`); the tail needs no statistics."""
 
-    def wants_queries(self, new: int) -> bool:
-        return not self.context_done
-
-    def observe_attention(self, keys, new_valid, real_in_full, evicting: bool) -> None:
-        if not self.context_done:
-            super().observe_attention(keys, new_valid, real_in_full, evicting)
-
 
 class QuantizedExpectedAttentionLayer(QuantizedStorage, ExpectedAttentionLayer):
     """An expected-attention layer that holds its entries in quantized storage (``expected-attention+

@@ -12,9 +12,15 @@ import torch
 
 from hf_kvcache.budget import Budget, check_budget_value, tokens
 from hf_kvcache.held import SlotTensor
-from hf_kvcache.registry import register_strategy
+from hf_kvcache.registry import WHEN_SET, register_strategy
+from hf_kvcache.strategies.adaptive_context import (
+    CompressedContext,
+    CompressedContextCache,
+    check_head_budgets,
+)
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from hf_kvcache.strategies.quantized_storage import QuantizedStorage, check_composed_quantization
+from hf_kvcache.strategies.ragged import require_entry_point
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 
 
@@ -25,9 +31,11 @@ class HeavyHitterOptions:
     heavy_budget: Budget = 128
     recent_budget: Budget = 128
     quantization: QuantizedOptions | None = field(default=None, metadata={"composes": "quantized"})
+    head_budgets: str = field(default="uniform", metadata=WHEN_SET)
 
     def __post_init__(self):
         check_composed_quantization(self.quantization)
+        check_head_budgets(self, "heavy-hitter")
         check_budget_value("heavy_budget", self.heavy_budget, 0)
         check_budget_value("recent_budget", self.recent_budget, 0)
         if self.heavy_budget == 0 and self.recent_budget == 0:
@@ -82,6 +90,14 @@ class HeavyHitterLayer(ScoringLayer):
         return self.ordered(self.accumulated)
 
 
+class AdaptiveHeavyHitterLayer(CompressedContext, HeavyHitterLayer):
+    """A heavy-hitter layer under ``head_budgets=adaptive``: the attention every prompt query paid each entry
+    ranks the prompt once, at its end, across the layer's heads (:mod:`.adaptive_context`)."""
+
+    def context_priority(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return self.scores
+
+
 class QuantizedHeavyHitterLayer(QuantizedStorage, HeavyHitterLayer):
     """A heavy-hitter layer that holds its entries in quantized storage (``heavy-hitter+quantized``); its
     sinks are always kept, out of the heavy budget."""
@@ -92,7 +108,7 @@ class QuantizedHeavyHitterLayer(QuantizedStorage, HeavyHitterLayer):
 @register_strategy(
     "heavy-hitter", "H2O: recent tokens plus those with the most accumulated attention, per KV head"
 )
-class HeavyHitterKVCache(ScoringCache):
+class HeavyHitterKVCache(CompressedContextCache, ScoringCache):
     """Heavy-hitter eviction cache (H2O, https://arxiv.org/abs/2306.14048), under SDPA or eager attention.
 
     For each KV head it keeps the ``recent_budget`` newest tokens plus the ``heavy_budget`` older tokens with
@@ -113,6 +129,13 @@ class HeavyHitterKVCache(ScoringCache):
             tokens leave per-channel key groups): the first ``num_sink_tokens`` tokens are then always kept in
             full precision, out of the heavy budget, and the newest ``residual_length`` (at most
             ``recent_budget``) too. ``None``: everything in full precision. Default ``None``.
+        head_budgets: ``'uniform'`` (the budgets per KV head, evicting at every step) or ``'adaptive'``
+            (AdaKV, https://arxiv.org/abs/2407.11550): the prompt is held whole until it ends (the first
+            one-token forward, or :meth:`compress_context`), then each layer keeps its ``recent_budget``
+            newest entries per head plus ``heavy_budget`` times its KV heads of the most accumulated
+            attention, whatever their head, held ragged, and later tokens are appended
+            (:mod:`hf_kvcache.strategies.adaptive_context`; sdpa or eager models, no ``quantization``).
+            Default ``'uniform'``.
 
     Example:
         >>> cache = HeavyHitterKVCache(model, heavy_budget=128, recent_budget=128)
@@ -121,11 +144,18 @@ class HeavyHitterKVCache(ScoringCache):
 
     options_class = HeavyHitterOptions
 
+    def __init__(self, model, *option_args, **option_kwargs):
+        super().__init__(model, *option_args, **option_kwargs)
+        require_entry_point(self, "heavy-hitter")
+
     def make_layer(self, layout) -> HeavyHitterLayer:
         heavy, recent = self.options.heavy_budget, self.options.recent_budget
         quantization = self.options.quantization
         if quantization is None:
-            return HeavyHitterLayer(heavy, self.forward_state, recent=recent)
+            adaptive = self.options.head_budgets == "adaptive"
+            return (AdaptiveHeavyHitterLayer if adaptive else HeavyHitterLayer)(
+                heavy, self.forward_state, recent=recent
+            )
         quantization.check_head_dim(layout.head_dim)
         sinks = quantization.num_sink_tokens
         return QuantizedHeavyHitterLayer(
