@@ -67,7 +67,7 @@ def test_a_pyramid_whose_smallest_layer_holds_everything_is_dynamic_cache(spec):
 
 def test_an_unknown_schedule_is_named():
     with pytest.raises(
-        ValueError, match="layer_budgets must be one of \\['uniform', 'pyramid'\\], got 'cone'"
+        ValueError, match="layer_budgets must be one of \\['uniform', 'pyramid', 'adaptive'\\], got 'cone'"
     ):
         build_cache("tova:layer_budgets=cone", make_tiny_model("llama"))
     with pytest.raises(
