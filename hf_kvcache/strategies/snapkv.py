@@ -16,10 +16,9 @@ from hf_kvcache.budget import Budget, check_budget, check_layer_budgets, tokens
 from hf_kvcache.held import RowTensor
 from hf_kvcache.model_hooks import AttentionMath, attention_modules
 from hf_kvcache.registry import WHEN_SET, check_int, register_strategy
+from hf_kvcache.strategies.adaptive_context import check_head_budgets
 from hf_kvcache.strategies.ragged import RaggedContext, RaggedEntries, highest_entries, require_entry_point
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer, attention_mass
-
-HEAD_BUDGETS = ("uniform", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -34,8 +33,7 @@ class SnapKVOptions:
     head_budgets: str = field(default="uniform", metadata=WHEN_SET)
 
     def __post_init__(self):
-        if self.head_budgets not in HEAD_BUDGETS:
-            raise ValueError(f"head_budgets must be one of {list(HEAD_BUDGETS)}, got {self.head_budgets!r}")
+        check_head_budgets(self, "snapkv")
         check_int("window_size", self.window_size, 1)
         if self.max_prefill is not None:
             least = max(self.window_size, self.budget if isinstance(self.budget, int) else 1)
