@@ -177,16 +177,19 @@ def test_attention_scores_rank_the_prompt_over_all_heads(end, chunk, spec, score
     assert all(getattr(layer, "accumulated", torch.zeros(1, 1, 1)).shape[-1] == 1 for layer in cache.layers)
 
 
-def test_the_ragged_store_is_counted_entry_by_entry():
+@pytest.mark.parametrize(
+    "spec, budget", [(KNORM, BUDGET), ("snapkv:budget=20,window_size=6,head_budgets=adaptive", 20)]
+)
+def test_the_ragged_store_is_counted_entry_by_entry(spec, budget):
     model = make_tiny_model("llama-gqa")
-    cache = build_cache(KNORM, model)
+    cache = build_cache(spec, model)
     with torch.no_grad():
         model(random_ids(LENGTH, seed=3), past_key_values=cache)
         cache.compress_context()
     heads = model.config.num_key_value_heads
     dim = model.config.hidden_size // model.config.num_attention_heads
-    # float32 keys and values of BUDGET entries per head on average, and an int64 count per head.
-    assert all(layer.ragged.nbytes == 2 * BUDGET * heads * dim * 4 + heads * 8 for layer in cache.layers)
+    # float32 keys and values of `budget` entries per head on average, and an int64 count per head.
+    assert all(layer.ragged.nbytes == 2 * budget * heads * dim * 4 + heads * 8 for layer in cache.layers)
     # Besides them: each layer's empty tail and two int64 row counters (real tokens seen and held).
     assert cache.nbytes == sum(layer.ragged.nbytes + 16 for layer in cache.layers)
 

@@ -10,7 +10,8 @@ from transformers import DynamicCache
 from hf_kvcache import build_cache, prefill
 from tests.conftest import assert_left_padded_rows_match_unpadded_runs, make_tiny_model, random_ids
 from tests.helpers import check_generates_in_every_mode, eager_weights
-from tests.test_snapkv import held_positions, reference_scores
+from tests.test_adaptive_context import assert_holds
+from tests.test_snapkv import reference_scores
 
 LENGTH, BUDGET, WINDOW = 50, 20, 6
 SPEC = f"snapkv:budget={BUDGET},window_size={WINDOW},kernel_size=1,head_budgets=adaptive"
@@ -46,40 +47,12 @@ def test_each_layer_keeps_its_highest_window_scores_over_all_heads_held_ragged(e
         model(ids[:, LENGTH:], past_key_values=cache)  # appended after the compressed prompt
         model(ids[:, :LENGTH], past_key_values=reference)
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
-    uneven = False
-    for index in (0, 1):
-        layer, expected = (
-            cache.layers[index],
-            reference_keep(eager_weights(arch, ids[:, :LENGTH], index), groups),
-        )
-        counts = layer.ragged.counts[0].tolist()
-        assert counts == [len(keep) for keep in expected] and sum(counts) == BUDGET * len(counts)
-        uneven |= len(set(counts)) > 1
-        start = 0
-        for head, count in enumerate(counts):
-            held = held_positions(
-                layer.ragged.keys[start : start + count], reference.layers[index].keys[0, head]
-            )
-            assert set(held.tolist()) == expected[head] and torch.equal(held, held.sort().values)
-            start += count
+    expected = [reference_keep(eager_weights(arch, ids[:, :LENGTH], index), groups) for index in (0, 1)]
+    uneven = assert_holds(cache, reference, expected)
+    for layer in cache.layers:
+        assert layer.ragged.counts.sum() == BUDGET * layer.ragged.counts.shape[1]
         assert layer.stored == 1  # the new token, in the tail
     assert uneven  # the split is by score, not even
-
-
-def test_the_ragged_store_is_counted_entry_by_entry():
-    model = make_tiny_model("llama-gqa")
-    cache = build_cache(SPEC, model)
-    with torch.no_grad():
-        model(random_ids(LENGTH, seed=3), past_key_values=cache)
-        cache.compress_context()
-    heads, dim = (
-        model.config.num_key_value_heads,
-        model.config.hidden_size // model.config.num_attention_heads,
-    )
-    # float32 keys and values of BUDGET entries per head on average, and an int64 count per head.
-    assert all(layer.ragged.nbytes == 2 * BUDGET * heads * dim * 4 + heads * 8 for layer in cache.layers)
-    # Besides them: each layer's empty tail and two int64 row counters (real tokens seen and held).
-    assert cache.nbytes == sum(layer.ragged.nbytes + 16 for layer in cache.layers)
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "gemma2"])

@@ -85,9 +85,9 @@ class KeyNormKVCache(CompressedContextCache, EvictionCache):
             bit-packed (spec ``knorm:...+quantized:...``); ``recent`` must cover its residual
             (``residual_length + group_size - 1`` tokens).
             ``None``: everything in full precision. Default ``None``.
-        layer_budgets: ``'uniform'`` (``budget`` in every layer) or ``'pyramid'``: more in early layers,
-            less in late ones, at the same total (PyramidKV, :func:`hf_kvcache.budget.pyramid_budgets`);
-            under adaptive heads also ``'adaptive'``: one budget for every layer's heads together. Default
+        layer_budgets: ``'uniform'`` (``budget`` in every layer), ``'pyramid'`` (PyramidKV's schedule,
+            :func:`hf_kvcache.budget.pyramid_budgets`: more in early layers, less in late ones, at the same
+            total) or, with adaptive heads, ``'adaptive'`` (every layer's heads share one budget). Default
             ``'uniform'``.
         head_budgets: ``'uniform'`` (``budget`` per KV head, evicting at every step) or ``'adaptive'``
             (AdaKV, https://arxiv.org/abs/2407.11550): the prompt is held whole until it ends (the first
