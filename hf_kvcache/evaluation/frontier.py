@@ -26,6 +26,7 @@ DEFAULT_FAMILIES = (
     "snapkv",
     "knorm:recent=16",
     "expected-attention",
+    "expected-attention:head_budgets=adaptive",
     "kvzip",
     "sliding-window+quantized",
     "expected-attention+quantized",
