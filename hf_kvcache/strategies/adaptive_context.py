@@ -122,9 +122,7 @@ class CompressedContext(RaggedContext):
         return not self.context_done and super().wants_queries(new)
 
     def observe_attention(self, keys, new_valid, real_in_full, evicting: bool) -> None:
-        if self.context_done:
-            self.queries = self.math = None
-        else:
+        if not self.context_done:  # afterwards no queries are captured, and nothing is scored
             super().observe_attention(keys, new_valid, real_in_full, evicting)
 
 

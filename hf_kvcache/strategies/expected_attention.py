@@ -214,10 +214,11 @@ class ExpectedAttentionKVCache(CompressedContextCache, ScoringCache):
 
     def make_layer(self, layout) -> ExpectedAttentionLayer:
         options, quantization = self.options, self.options.quantization
-        if options.head_budgets == "adaptive":
-            return AdaptiveExpectedAttentionLayer(options, self.forward_state)
-        if quantization is None:
-            return ExpectedAttentionLayer(options, self.forward_state)
+        if quantization is None:  # adaptive heads never compose with quantization (checked by the options)
+            adaptive = options.head_budgets == "adaptive"
+            return (AdaptiveExpectedAttentionLayer if adaptive else ExpectedAttentionLayer)(
+                options, self.forward_state
+            )
         quantization.check_head_dim(layout.head_dim)
         # Sinks past the quantizer's are held packed; they are never evicted either way.
         sinks = min(quantization.num_sink_tokens, options.num_sink_tokens)

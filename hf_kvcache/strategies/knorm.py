@@ -109,12 +109,9 @@ class KeyNormKVCache(CompressedContextCache, EvictionCache):
 
     def make_layer(self, layout) -> KeyNormLayer:
         options, quantization = self.options, self.options.quantization
-        if options.head_budgets == "adaptive":
-            return AdaptiveKeyNormLayer(
-                options.budget, self.forward_state, options.num_sink_tokens, options.recent
-            )
-        if quantization is None:
-            return KeyNormLayer(options.budget, self.forward_state, options.num_sink_tokens, options.recent)
+        if quantization is None:  # adaptive heads never compose with quantization (checked by the options)
+            layer_class = AdaptiveKeyNormLayer if options.head_budgets == "adaptive" else KeyNormLayer
+            return layer_class(options.budget, self.forward_state, options.num_sink_tokens, options.recent)
         quantization.check_head_dim(layout.head_dim)
         # Sinks past the quantizer's are held packed; they are never evicted either way.
         sinks = min(quantization.num_sink_tokens, options.num_sink_tokens)
