@@ -7,6 +7,7 @@ from transformers import DynamicCache
 
 from hf_kvcache import build_cache, prefill, use_storage_attention
 from hf_kvcache import kernels as kernel_module
+from hf_kvcache.kernels import build as kernel_build
 from hf_kvcache.strategies import packed_attention
 from hf_kvcache.strategies.packed_attention import torch_packed_scores, torch_packed_values
 from hf_kvcache.strategies.packing import TorchCodec, pack_token_groups, quantize_kivi
@@ -140,11 +141,12 @@ def test_other_caches_fall_through_to_the_attention_the_model_was_loaded_with(ll
     assert torch.equal(ours, plain)
 
 
-def test_pre_rope_keys_and_local_layers_attend_over_a_dense_copy(stored_calls):
+@pytest.mark.parametrize("keys", ["post_rope", "pre_rope"])
+def test_local_layers_and_exact_outliers_attend_over_a_dense_copy(keys, stored_calls):
     model = make_tiny_model("gemma3")  # alternating local and global layers
-    decode(model, f"quantized:{QUICK},keys=pre_rope", random_ids(30), new=4)
+    decode(model, f"quantized:{QUICK},keys={keys},outliers=0.25", random_ids(30), new=4)
     assert not stored_calls
-    _, _, cache = decode(model, f"quantized:{QUICK}", random_ids(30), new=4)
+    _, _, cache = decode(model, f"quantized:{QUICK},keys={keys}", random_ids(30), new=4)
     assert {layer.window for layer in stored_calls} == {None}
     assert len(stored_calls) == 3 * sum(layer.window is None for layer in cache.layers)
 
@@ -161,7 +163,7 @@ def test_a_kernel_that_cannot_be_built_warns_once_under_auto_and_is_an_error_und
 ):
     monkeypatch.setenv("HF_KVCACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler")
-    monkeypatch.setattr(kernel_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(kernel_build.shutil, "which", lambda name: None)
     monkeypatch.setattr(packed_attention, "_warned", set())
     kernel_module._load_once.cache_clear()
     try:

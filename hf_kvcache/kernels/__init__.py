@@ -2,61 +2,20 @@
 
 The C++ source ships with the package and is compiled on first use with the system's C++ compiler (``$CXX``,
 else ``g++`` or ``c++``; OpenMP, ``-O3 -march=native``) into ``$HF_KVCACHE_HOME/kernels/``, keyed by the
-source, the flags and the CPU, then loaded with :mod:`ctypes`. No torch headers are involved, so a build
-takes a few seconds. :func:`load_packed_kernels` raises :class:`KernelUnavailable` (saying why) where no
-compiler, OpenMP or working build is available; the caller then runs the same computation in torch.
+source, the flags and the CPU (:mod:`.build`), then loaded with :mod:`ctypes`. No torch headers are
+involved, so a build takes about ten seconds. :func:`load_packed_kernels` raises :class:`KernelUnavailable`
+(saying why) where no compiler, OpenMP or working build is available; the caller then runs the same
+computation in torch.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("packed_attention.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-
-
-class KernelUnavailable(RuntimeError):
-    """The native kernels could not be built or loaded on this machine; the message says why."""
-
-
-def _cpu_signature() -> str:
-    # -march=native code must not run on another CPU that shares the cache directory.
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        return next((line for line in info.splitlines() if line.startswith("flags")), platform.processor())
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def _compiler() -> str:
-    for candidate in (os.environ.get("CXX"), "g++", "c++"):
-        if candidate and shutil.which(candidate):
-            return candidate
-    raise KernelUnavailable("no C++ compiler found (set $CXX, or install g++)")
-
-
-def _build(target: Path) -> None:
-    compiler = _compiler()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build under a private name and rename: concurrent processes never load a half-written library.
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        command = [compiler, *FLAGS, str(SOURCE), "-o", str(built)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise KernelUnavailable(f"{' '.join(command)} failed:\n{result.stderr.strip()[-2000:]}")
-        os.replace(built, target)
-
+from hf_kvcache.kernels.build import KernelUnavailable, load_library
 
 # Below this many multiply-adds a step runs on one thread: waking the others (with passive waiting, a futex
 # per phase) costs more than they save. A decoding step over a few hundred held tokens is that small.
@@ -67,50 +26,30 @@ def _threads_for(work: int) -> int:
     return 1 if work < SERIAL_WORK else torch.get_num_threads()
 
 
+# The C functions' arguments, one letter each (spaces only group them as the C++ file does): p a pointer, s an
+# int64, i an int, f a float.
+ARGUMENT_TYPES = {"p": ctypes.c_void_p, "s": ctypes.c_int64, "i": ctypes.c_int, "f": ctypes.c_float}
+SIGNATURES = {
+    "_scores": ("hfkv_packed_scores", "ppppp sssss ii"),
+    "_values": ("hfkv_packed_values", "ppppp sssss ipi"),
+    "_rope_scores": ("hfkv_rope_scores", "ppppp sssss i pss ps i"),
+    "_decode": ("hfkv_decode", "pppp s pppppp s pp s ppp ssss ii f pss pp s i"),
+    "_dense": ("hfkv_dense_decode", "ppp ss pp sss fi"),
+    "_slots": ("hfkv_slots_decode", "ppp s pppp s pppp s pp s ppp ssss iii fi"),
+}
+
+
 class PackedKernels:
     """The loaded library (see the C++ file): :meth:`scores` and :meth:`values` over grouped-layout codes, a
     whole unmasked step over a quantized layer (:meth:`decode`) and over float32 slots (:meth:`dense_decode`).
     Each call runs on :func:`_threads_for` its work."""
 
     def __init__(self, library: ctypes.CDLL):
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        self._scores, self._values = library.hfkv_packed_scores, library.hfkv_packed_values
-        self._scores.argtypes = [pointer] * 5 + [size] * 5 + [ctypes.c_int] * 2
-        self._values.argtypes = [pointer] * 5 + [size] * 5 + [ctypes.c_int, pointer, ctypes.c_int]
-        self._decode = library.hfkv_decode
-        self._decode.argtypes = (
-            [pointer] * 3
-            + [size]
-            + [pointer] * 6
-            + [size]
-            + [pointer] * 2
-            + [size]
-            + [pointer] * 3
-            + [size] * 4
-            + [ctypes.c_int] * 2
-            + [ctypes.c_float, ctypes.c_int]
-        )
-        self._dense = library.hfkv_dense_decode
-        self._dense.argtypes = (
-            [pointer] * 3 + [size] * 2 + [pointer] * 2 + [size] * 3 + [ctypes.c_float, ctypes.c_int]
-        )
-        self._slots = library.hfkv_slots_decode
-        self._slots.argtypes = (
-            [pointer] * 3
-            + [size]
-            + [pointer] * 4
-            + [size]
-            + [pointer] * 4
-            + [size]
-            + [pointer] * 2
-            + [size]
-            + [pointer] * 3
-            + [size] * 4
-            + [ctypes.c_int] * 3
-            + [ctypes.c_float, ctypes.c_int]
-        )
-        for function in (self._scores, self._values, self._decode, self._dense, self._slots):
+        for attribute, (name, signature) in SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes = [ARGUMENT_TYPES[letter] for letter in signature.replace(" ", "")]
             function.restype = ctypes.c_int
+            setattr(self, attribute, function)
 
     @property
     def functions(self):
@@ -164,6 +103,45 @@ class PackedKernels:
             raise ValueError(f"the packed-attention kernel has no {nbits}-bit codes")
         return out
 
+    def rope_scores(
+        self, codes, query, scale, zero, group_size: int, nbits: int, inv_freq, first: int, signs=None
+    ) -> torch.Tensor:
+        """``q . k`` like :meth:`scores`, for keys stored before their rotary embedding (``keys=pre_rope``):
+        token ``t`` of the store is turned to position ``first + t`` by the frequencies ``inv_freq``
+        ``[rotary_dim / 2]`` after its Hadamard rotation is undone (``signs`` ``[D]``, see
+        :func:`~hf_kvcache.strategies.rotation.hadamard_signs`; ``None``: keys not rotated)."""
+        batch, heads, queries, head_dim = query.shape
+        groups = scale.shape[2]
+        tensors = [
+            self._flat("codes", codes),
+            self._flat("query", query, torch.float32),
+            self._flat("scale", scale, torch.float32),
+            self._flat("zero", zero, torch.float32),
+            self._flat("inv_freq", inv_freq, torch.float32),
+        ]
+        if signs is not None:
+            tensors.append(self._flat("signs", signs, torch.float32))
+        out = tensors[1].new_empty(batch, heads, queries, groups * group_size)
+        status = self._rope_scores(
+            *(t.data_ptr() for t in tensors[:4]),
+            out.data_ptr(),
+            batch * heads,
+            groups,
+            group_size,
+            head_dim,
+            queries,
+            nbits,
+            tensors[4].data_ptr(),
+            tensors[4].numel(),
+            first,
+            None if signs is None else tensors[5].data_ptr(),
+            head_dim & -head_dim,
+            _threads_for(batch * heads * groups * group_size * head_dim * (queries + 8)),
+        )
+        if status:
+            raise ValueError(f"the packed-attention kernel has no {nbits}-bit codes")
+        return out
+
     def values(self, codes, weights, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
         """``weights @ V`` for weights ``[B, H, M, n]`` over the values of grouped-layout ``codes`` (``[B, H,
         n * nbits / 8, D]``, value scale/zero ``[B, H, n, D / G]``): ``[B, H, M, D]``, float32."""
@@ -194,14 +172,33 @@ class PackedKernels:
             raise ValueError(f"the packed-attention kernel has no {nbits}-bit codes")
         return out
 
-    def decode(self, query, sinks, packed, residual, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self,
+        query,
+        sinks,
+        packed,
+        residual,
+        scaling: float,
+        packed_query=None,
+        inv_freq=None,
+        key_signs=None,
+        value_signs=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One unmasked step over sinks, packed tokens and residual, in one call: ``query`` ``[B, H, M, D]``
         grouped by key head, ``sinks``/``residual`` ``(keys, values)`` ``[B, H, N, D]`` in float32, ``packed``
-        a :class:`~hf_kvcache.strategies.packed_store.PackedTokens` whose keys and values have one width.
-        Returns the output ``[B, H, M, D]`` and the weights ``[B, H, M, total]``, float32."""
+        a :class:`~hf_kvcache.strategies.packed_store.PackedTokens` (grouped layout).
+
+        How its space differs from the model's: ``packed_query``, the queries rotated like keys stored rotated
+        after RoPE (``None``: ``query``); ``inv_freq`` ``[rotary_dim / 2]``, keys stored before RoPE (then
+        ``key_signs``, see :func:`~hf_kvcache.strategies.rotation.hadamard_signs`, undoes their rotation);
+        ``value_signs``, values stored rotated. Returns the output ``[B, H, M, D]`` and the weights
+        ``[B, H, M, total]``, float32."""
         batch, heads, queries, head_dim = query.shape
         held = [sinks[0].shape[2], packed.length, residual[0].shape[2]]
         tensors = [self._flat("query", query, torch.float32)]
+        tensors.append(
+            tensors[0] if packed_query is None else self._flat("query", packed_query, torch.float32)
+        )
         tensors += [self._flat("sinks", part) for part in sinks]
         tensors += [
             self._flat("codes", packed.key_codes),
@@ -212,14 +209,18 @@ class PackedKernels:
             self._flat("zero", packed.value_zero, torch.float32),
         ]
         tensors += [self._flat("residual", part) for part in residual]
+        space = [
+            None if t is None else self._flat("space", t, torch.float32)
+            for t in (inv_freq, key_signs, value_signs)
+        ]
         threads, weights, out, partial = self._step_outputs(tensors[0], sum(held))
         pointers = [t.data_ptr() for t in tensors]
         status = self._decode(
-            *pointers[:3],
+            *pointers[:4],
             held[0],
-            *pointers[3:9],
+            *pointers[4:10],
             held[1],
-            *pointers[9:],
+            *pointers[10:],
             held[2],
             weights.data_ptr(),
             out.data_ptr(),
@@ -231,10 +232,18 @@ class PackedKernels:
             packed.key_codec.nbits,
             packed.value_codec.nbits,
             scaling,
+            *[None if t is None else t.data_ptr() for t in space[:1]],
+            0 if inv_freq is None else space[0].numel(),
+            packed.first_position,
+            *[None if t is None else t.data_ptr() for t in space[1:]],
+            head_dim & -head_dim,
             threads,
         )
         if status:
-            raise ValueError("the fused decoding kernel needs keys and values of one width")
+            raise ValueError(
+                f"the fused decoding kernel has no {packed.key_codec.nbits}-bit keys or "
+                f"{packed.value_codec.nbits}-bit values"
+            )
         return out, weights
 
     def slots_decode(
@@ -326,17 +335,7 @@ def load_packed_kernels() -> PackedKernels:
 
 @functools.lru_cache(maxsize=1)
 def _load_once() -> PackedKernels | KernelUnavailable:
-    from hf_kvcache.evaluation.model import cache_home
-
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_signature().encode()
-    ).hexdigest()[:16]
-    target = cache_home() / "kernels" / f"packed_attention-{key}.so"
     try:
-        if not target.exists():
-            _build(target)
-        return PackedKernels(ctypes.CDLL(str(target)))
+        return PackedKernels(load_library())
     except KernelUnavailable as error:
         return error
-    except OSError as error:
-        return KernelUnavailable(f"cannot build or load {target}: {error}")

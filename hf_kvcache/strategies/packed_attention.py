@@ -10,7 +10,11 @@ decode step attends over all three with one softmax:
 * values are quantized per token over groups of channels, so their scales fold into the attention weights:
   ``sum_t p_t v_tc = sum_t (p_t s_t,c/G) code_tc + sum_t p_t z_t,c/G``;
 * a rotated store (``rotation=hadamard``) is read with the query rotated the same way, and the packed part
-  of the output rotated back; sinks and residual are attended as they are.
+  of the output rotated back; sinks and residual are attended as they are;
+* keys stored before their rotary embedding (``keys=pre_rope``) have a rotation per token, which folds into
+  no query: the kernel dequantizes one key group at a time into a tile, undoes the Hadamard rotation with a
+  fast Walsh-Hadamard transform, turns each token to its position and dots it with the queries that share
+  its key head.
 
 The logits of the three parts are concatenated, capped, masked and given the model's attention sinks like the
 model's own attention does, and normalized by one softmax, so the result equals "dequantize, then attend"
@@ -27,7 +31,7 @@ import torch
 
 from hf_kvcache.kernels import KernelUnavailable, load_packed_kernels
 from hf_kvcache.strategies.packing import unpack_token_groups
-from hf_kvcache.strategies.rotation import rotated_tensors
+from hf_kvcache.strategies.rotation import hadamard_signs, rotated_tensors
 
 ATTENTION_BACKENDS = ("auto", "compiled", "torch", "dense")
 # Longer query chunks (prefill) attend over a dequantized copy: there one matrix product per chunk is cheaper
@@ -87,19 +91,62 @@ def compiled_kernels(backend: str, device: torch.device):
         return None
 
 
+def space_arguments(packed, queries: torch.Tensor) -> dict:
+    """How the native kernels read a store whose space differs from the model's (see
+    :meth:`~hf_kvcache.kernels.PackedKernels.decode`): the rotated query for keys rotated after RoPE, the
+    frequencies and the Hadamard signs for keys before RoPE, the signs for rotated values."""
+    rotate_keys, rotate_values = rotated_tensors(packed.rotation_kind)
+    rotated = packed.rotation_kind != "none"
+    signs = hadamard_signs(queries.shape[-1], queries.device) if rotated else None
+    arguments = {"value_signs": signs if rotate_values else None}
+    if packed.key_rope is not None:
+        rope = packed.key_rope
+        arguments["inv_freq"] = getattr(rope.rotary_module, rope.frequencies)
+        arguments["key_signs"] = signs if rotate_keys else None
+    elif rotate_keys:
+        arguments["packed_query"] = queries @ packed.rotation
+    return arguments
+
+
+def pre_rope_scores(packed, queries: torch.Tensor, kernels) -> torch.Tensor:
+    """``q . k`` ``[B, H, M, n]`` over a store whose keys were quantized before their rotary embedding: each
+    token has its own rotation, which folds into no query, so the native kernel turns each dequantized key
+    group to its positions in a tile; without it (``kernels`` ``None``) the keys are dequantized whole."""
+    size, nbits = packed.group_size, packed.key_codec.nbits
+    if kernels is None:
+        keys = unpack_token_groups(packed.key_codes, nbits, size).float()  # [B, H, g, G, D]
+        keys = keys * packed.group_scale.float().unsqueeze(3) + packed.group_zero.float().unsqueeze(3)
+        keys = packed.keys_from_stored(keys.flatten(2, 3))
+        return queries @ keys.float().transpose(-1, -2)
+    space = space_arguments(packed, queries)
+    return kernels.rope_scores(
+        packed.key_codes,
+        queries,
+        packed.group_scale,
+        packed.group_zero,
+        size,
+        nbits,
+        space["inv_freq"],
+        packed.first_position,
+        space["key_signs"],
+    )
+
+
 def _packed_part(packed, queries: torch.Tensor, backend: str):
     """The packed tokens' logits (unscaled) ``[B, H, M, n]`` and a function of their weights giving their
     share of the output."""
     kernels = compiled_kernels(backend, queries.device)
     rotate_keys, rotate_values = rotated_tensors(packed.rotation_kind)
     rotation = packed.rotation
-    if rotate_keys:
-        queries = queries @ rotation
     size = packed.group_size
     scores, values = (torch_packed_scores, torch_packed_values) if kernels is None else kernels.functions
-    logits = scores(
-        packed.key_codes, queries, packed.group_scale, packed.group_zero, size, packed.key_codec.nbits
-    )
+    if packed.key_rope is not None:
+        logits = pre_rope_scores(packed, queries, kernels)
+    else:
+        folded = queries @ rotation if rotate_keys else queries
+        logits = scores(
+            packed.key_codes, folded, packed.group_scale, packed.group_zero, size, packed.key_codec.nbits
+        )
 
     def output(weights: torch.Tensor) -> torch.Tensor:
         out = values(
@@ -112,16 +159,13 @@ def _packed_part(packed, queries: torch.Tensor, backend: str):
 
 def _fused_kernels(layer, queries: torch.Tensor, length: int, attention_mask, softcap, sinks, backend: str):
     """The native kernels when one call can do the whole step: the common case of one unmasked query per
-    head (decoding without padding), no soft-capping or sink logits, unrotated float32 storage with keys and
-    values of one width. Other steps compose the kernels' packed part with torch."""
-    packed = layer.packed
+    head (decoding without padding), no soft-capping or sink logits, float32 storage. Other steps compose the
+    kernels' packed part with torch."""
     if (
         attention_mask is not None
         or softcap is not None
         or sinks is not None
         or length != 1
-        or packed.rotation_kind != "none"
-        or packed.key_codec.nbits != packed.value_codec.nbits
         or layer.key_buffer.dtype != torch.float32
         or not layer.packed_length
     ):
@@ -234,6 +278,7 @@ def attend_quantized(
             layer.packed,
             (layer.key_buffer, layer.value_buffer),
             scaling,
+            **space_arguments(layer.packed, queries),
         )
         out = out.view(batch, query_heads, length, head_dim).transpose(1, 2).to(query.dtype)
         return out, weights.view(batch, query_heads, length, -1).to(query.dtype)

@@ -119,7 +119,7 @@ class QuantizedLayer(StoredAttention, QuantizedTokens, HeldTensors, CacheLayerMi
 
     ``keys`` and ``values`` are every held token, dequantized, in sequence order; ``key_buffer`` and
     ``value_buffer`` ``[B, H, R, D]`` are the residual. Decode steps of a global layer attend over the storage
-    itself (:mod:`.packed_attention`) unless ``attention='dense'``, or keys are stored before RoPE.
+    itself (:mod:`.packed_attention`) unless ``attention='dense'`` or ``outliers`` are kept.
 
     A local (sliding-window) layer keeps no sinks, which would sit outside its window, and lets go of whole
     groups once they are behind it (``dropped`` tokens).
@@ -166,12 +166,9 @@ class QuantizedLayer(StoredAttention, QuantizedTokens, HeldTensors, CacheLayerMi
 
     @property
     def reads_storage(self) -> bool:
-        # Pre-RoPE keys need a rotation per token, which no longer folds into the query, and exact outliers
-        # sit over the codes (an attention over storage would have to add their share).
+        # Exact outliers sit over the codes (an attention over storage would have to add their share).
         exact = self.options.key_outliers or self.options.value_outliers
-        return (
-            self.options.attention != "dense" and self.window is None and self.key_rope is None and not exact
-        )
+        return self.options.attention != "dense" and self.window is None and not exact
 
     def append_tokens(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         check_batch(self, self.key_buffer, key_states)
@@ -309,7 +306,8 @@ class QuantizedKVCache(KVCache):
             embedding of each key's position before quantizing and applies it again on the way out
             (KVQuant, https://arxiv.org/abs/2401.18079): a channel's scale then covers one channel rather
             than a pair mixed by the rotation. The position is the key's index in the cache, which is its
-            RoPE position up to a fixed rotation per left-padded row, so the round trip stays exact.
+            RoPE position up to a fixed rotation per left-padded row, so the round trip stays exact. Decode
+            steps still read the codes in place: the kernel turns each key group to its positions.
             ``quantized`` alone (not under eviction), on models with one rotary embedding. Default
             ``'post_rope'``.
         calibrated_bits: mean bits per code; each layer's keys and values get their own width of 2, 3 or 4,

@@ -28,6 +28,11 @@ def rotated_tensors(kind: str) -> tuple[bool, bool]:
     return kind == "hadamard", kind != "none"
 
 
+def _signs(head_dim: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (head_dim,), generator=generator) * 2 - 1).to(torch.float64)
+
+
 @functools.lru_cache(maxsize=32)
 def _hadamard_float64(head_dim: int, seed: int) -> torch.Tensor:
     block = head_dim & -head_dim  # the largest power of two that divides head_dim
@@ -38,8 +43,15 @@ def _hadamard_float64(head_dim: int, seed: int) -> torch.Tensor:
         )
     # Block-diagonal for head sizes that are not a power of two (80, 96, ...): still orthogonal.
     blocks = torch.block_diag(*[sylvester / block**0.5] * (head_dim // block))
-    signs = torch.randint(0, 2, (head_dim,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    return signs.to(torch.float64).unsqueeze(1) * blocks
+    return _signs(head_dim, seed).unsqueeze(1) * blocks
+
+
+def hadamard_signs(head_dim: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """The factors ``s / sqrt(block)`` ``[D]`` (float32) of the ``"hadamard"`` rotation ``R = diag(s) @ H``:
+    ``x @ R.T`` is the unnormalized fast Walsh-Hadamard transform of each block of ``x``, times them, which is
+    how the native kernel undoes the rotation without a ``D x D`` product."""
+    block = head_dim & -head_dim
+    return (_signs(head_dim, seed) / block**0.5).to(dtype=torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -124,13 +136,18 @@ class StoredSpace:
 
     def _from_stored(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Inverse of :meth:`_to_stored`, in place on dequantized ``keys``/``values`` (output views)."""
-        rotation = self.rotation
-        rotate_keys, rotate_values = rotated_tensors(self.rotation_kind)
-        # An orthogonal matrix's inverse is its transpose; the output views cannot be matmul's `out`.
-        if rotate_keys:
-            keys.copy_(keys.to(rotation.dtype) @ rotation.T)
-        if rotate_values:
-            values.copy_(values.to(rotation.dtype) @ rotation.T)
+        # The output views cannot be matmul's `out`.
+        keys.copy_(self.keys_from_stored(keys))
+        if rotated_tensors(self.rotation_kind)[1]:
+            values.copy_(values.to(self.rotation.dtype) @ self.rotation.T)
+
+    def keys_from_stored(self, keys: torch.Tensor) -> torch.Tensor:
+        """Dequantized keys ``[B, H, n, D]`` of the whole store as the model made them: rotation undone (an
+        orthogonal matrix's inverse is its transpose), then the rotary embedding of their positions applied
+        (``pre_rope``)."""
+        if rotated_tensors(self.rotation_kind)[0]:
+            keys = keys.to(self.rotation.dtype) @ self.rotation.T
         if self.key_rope is not None:
             positions = self._positions(self.first_position, keys.shape[2], keys.device)
-            keys.copy_(self.key_rope.at_positions(keys, positions))
+            keys = self.key_rope.at_positions(keys, positions)
+        return keys
