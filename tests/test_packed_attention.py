@@ -72,16 +72,22 @@ def stored_calls(monkeypatch):
     return record_calls(monkeypatch, QuantizedLayer, "attend_stored")
 
 
+# Keys after RoPE, and keys before it with 3-bit codes after a Hadamard rotation, which each step turns to
+# their positions (:mod:`tests.test_pre_rope_attention`).
+STORED_SPACES = ["nbits=2", "nbits=2,nbits_keys=3,keys=pre_rope,rotation=hadamard"]
+
+
 @pytest.mark.parametrize("arch", sorted({*ARCHITECTURES, *MORE_ARCHITECTURES}))
 @pytest.mark.parametrize("backend", ["torch", "compiled"])
+@pytest.mark.parametrize("space", STORED_SPACES)
 def test_decoding_over_packed_codes_matches_dequantize_then_attend_on_every_architecture(
-    arch, backend, stored_calls
+    arch, backend, space, stored_calls
 ):
     tiny_model = make_tiny_model(arch)
     ids = random_ids(40)
-    dense_tokens, dense_logits, _ = decode(tiny_model, f"quantized:nbits=2,{QUICK},attention=dense", ids)
+    dense_tokens, dense_logits, _ = decode(tiny_model, f"quantized:{space},{QUICK},attention=dense", ids)
     assert not stored_calls
-    tokens, logits, cache = decode(tiny_model, f"quantized:nbits=2,{QUICK},attention={backend}", ids)
+    tokens, logits, cache = decode(tiny_model, f"quantized:{space},{QUICK},attention={backend}", ids)
     assert cache.storage_attention_off is None
     global_layers = sum(layer.window is None for layer in cache.layers)
     assert len(stored_calls) == global_layers * 23  # every decoding step after the prompt, every global layer
@@ -108,6 +114,9 @@ def test_soft_capping_and_attention_sinks_are_applied_like_the_models_eager_atte
         "nbits=2,rotation=hadamard",
         "nbits=3,nbits_values=2,rotation=hadamard-values",
         "nbits=4,num_sink_tokens=0",
+        "nbits=2,keys=pre_rope",
+        "nbits=4,keys=pre_rope,rotation=hadamard-values,num_sink_tokens=0",
+        "nbits=2,nbits_keys=3,keys=pre_rope,rotation=hadamard",
     ],
 )
 @pytest.mark.parametrize("mode", ["greedy", "beam"])

@@ -1,6 +1,7 @@
 """Decoding over keys stored before their rotary embedding (``keys=pre_rope``) reads the packed codes: the
-kernel's scores against float64 keys turned to their positions from the definition, and the entry point
-against "dequantize, then attend" on every architecture that has one rotary embedding."""
+kernel's scores against float64 keys turned to their positions from the definition, and the fused step for
+every stored space. The entry point against "dequantize, then attend" on every architecture and with left
+padding and beam search is in :mod:`tests.test_packed_attention`."""
 
 import pytest
 import torch
@@ -10,15 +11,11 @@ from hf_kvcache.model_hooks import KeyRotator
 from hf_kvcache.strategies.packed_attention import pre_rope_scores
 from hf_kvcache.strategies.packed_store import PackedTokens
 from hf_kvcache.strategies.packing import TorchCodec, unpack_token_groups
-from hf_kvcache.strategies.quantized import QuantizedLayer
 from hf_kvcache.strategies.rotation import rotation_matrix
-from tests.conftest import ARCHITECTURES, MORE_ARCHITECTURES, left_padded_ids, make_tiny_model, random_ids
-from tests.helpers import decode, record_calls
+from tests.conftest import make_tiny_model, random_ids
+from tests.helpers import decode
 
 QUICK = "group_size=8,residual_length=4"
-# Models whose RoPE is not one table (Gemma 3: one per kind of layer is fine) or not there at all refuse
-# keys=pre_rope when the cache is built; every other test architecture serves it.
-PRE_ROPE_ARCHITECTURES = sorted({*ARCHITECTURES, *MORE_ARCHITECTURES})
 
 
 def rotary_module(rotary_dim: int) -> torch.nn.Module:
@@ -80,50 +77,6 @@ def test_torch_pre_rope_scores_equal_float64_keys_turned_to_their_positions(rota
     torch.testing.assert_close(
         pre_rope_scores(packed, queries, None).double(), expected, rtol=1e-4, atol=1e-4
     )
-
-
-@pytest.fixture
-def stored_calls(monkeypatch):
-    """The layers of every attention call that reads a layer's storage."""
-    return record_calls(monkeypatch, QuantizedLayer, "attend_stored")
-
-
-@pytest.mark.parametrize("arch", PRE_ROPE_ARCHITECTURES)
-@pytest.mark.parametrize("backend", ["torch", "compiled"])
-def test_pre_rope_keys_decode_over_their_codes_like_dequantize_then_attend(arch, backend, stored_calls):
-    model = make_tiny_model(arch)
-    ids = random_ids(40)
-    spec = f"quantized:nbits=2,nbits_keys=3,{QUICK},keys=pre_rope,rotation=hadamard"
-    try:
-        dense_tokens, dense_logits, _ = decode(model, f"{spec},attention=dense", ids)
-    except ValueError as error:
-        assert "keys='pre_rope' needs a model" in str(error)
-        pytest.skip(f"{arch} has no single rotary embedding")
-    assert not stored_calls
-    tokens, logits, cache = decode(model, f"{spec},attention={backend}", ids)
-    global_layers = sum(layer.window is None for layer in cache.layers)
-    assert len(stored_calls) == global_layers * 23  # every decoding step after the prompt, every global layer
-    assert torch.equal(tokens, dense_tokens)
-    torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        "nbits=2,keys=pre_rope",
-        "nbits=4,keys=pre_rope,rotation=hadamard-values,num_sink_tokens=0",
-        "nbits=2,nbits_keys=3,keys=pre_rope,rotation=hadamard",
-    ],
-)
-@pytest.mark.parametrize("mode", ["greedy", "beam"])
-def test_pre_rope_storage_decodes_left_padded_batches_like_the_dense_path(options, mode, stored_calls):
-    model = make_tiny_model("llama", num_key_value_heads=2)  # grouped-query attention
-    ids, mask = left_padded_ids(30, pads=(0, 5, 11), seed=3)
-    dense, dense_logits, _ = decode(model, f"quantized:{options},{QUICK},attention=dense", ids, mask, mode)
-    tokens, logits, _ = decode(model, f"quantized:{options},{QUICK}", ids, mask, mode)
-    assert stored_calls
-    assert torch.equal(tokens, dense)
-    torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -30,9 +30,8 @@ def _threads_for(work: int) -> int:
 # int64, i an int, f a float.
 ARGUMENT_TYPES = {"p": ctypes.c_void_p, "s": ctypes.c_int64, "i": ctypes.c_int, "f": ctypes.c_float}
 SIGNATURES = {
-    "_scores": ("hfkv_packed_scores", "ppppp sssss ii"),
+    "_scores": ("hfkv_packed_scores", "ppppp sssss i pss ps i"),
     "_values": ("hfkv_packed_values", "ppppp sssss ipi"),
-    "_rope_scores": ("hfkv_rope_scores", "ppppp sssss i pss ps i"),
     "_decode": ("hfkv_decode", "pppp s pppppp s pp s ppp ssss ii f pss pp s i"),
     "_dense": ("hfkv_dense_decode", "ppp ss pp sss fi"),
     "_slots": ("hfkv_slots_decode", "ppp s pppp s pppp s pp s ppp ssss iii fi"),
@@ -79,29 +78,7 @@ class PackedKernels:
     def scores(self, codes, query, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
         """``q . k`` of queries ``[B, H, M, D]`` with the keys of grouped-layout ``codes`` (``[B, H, n * nbits
         / 8, D]``, key scale/zero ``[B, H, n / G, D]``): ``[B, H, M, n]``, float32."""
-        batch, heads, queries, head_dim = query.shape
-        groups = scale.shape[2]
-        tensors = [
-            self._flat("codes", codes),
-            self._flat("query", query, torch.float32),
-            self._flat("scale", scale, torch.float32),
-            self._flat("zero", zero, torch.float32),
-        ]
-        out = tensors[1].new_empty(batch, heads, queries, groups * group_size)
-        status = self._scores(
-            *(t.data_ptr() for t in tensors),
-            out.data_ptr(),
-            batch * heads,
-            groups,
-            group_size,
-            head_dim,
-            queries,
-            nbits,
-            _threads_for(batch * heads * queries * groups * group_size * head_dim),
-        )
-        if status:
-            raise ValueError(f"the packed-attention kernel has no {nbits}-bit codes")
-        return out
+        return self._grouped_scores(codes, query, scale, zero, group_size, nbits)
 
     def rope_scores(
         self, codes, query, scale, zero, group_size: int, nbits: int, inv_freq, first: int, signs=None
@@ -110,6 +87,9 @@ class PackedKernels:
         token ``t`` of the store is turned to position ``first + t`` by the frequencies ``inv_freq``
         ``[rotary_dim / 2]`` after its Hadamard rotation is undone (``signs`` ``[D]``, see
         :func:`~hf_kvcache.strategies.rotation.hadamard_signs`; ``None``: keys not rotated)."""
+        return self._grouped_scores(codes, query, scale, zero, group_size, nbits, (inv_freq, first, signs))
+
+    def _grouped_scores(self, codes, query, scale, zero, group_size: int, nbits: int, rope=None):
         batch, heads, queries, head_dim = query.shape
         groups = scale.shape[2]
         tensors = [
@@ -117,26 +97,25 @@ class PackedKernels:
             self._flat("query", query, torch.float32),
             self._flat("scale", scale, torch.float32),
             self._flat("zero", zero, torch.float32),
-            self._flat("inv_freq", inv_freq, torch.float32),
         ]
-        if signs is not None:
-            tensors.append(self._flat("signs", signs, torch.float32))
         out = tensors[1].new_empty(batch, heads, queries, groups * group_size)
-        status = self._rope_scores(
-            *(t.data_ptr() for t in tensors[:4]),
+        shape = (batch * heads, groups, group_size, head_dim, queries, nbits)
+        work = batch * heads * queries * groups * group_size * head_dim
+        inv_freq, first, signs = rope or (None, 0, None)
+        if rope is not None:  # turning a key to its position costs about what 8 queries' dot products do
+            work += 8 * work // queries
+            inv_freq = self._flat("inv_freq", inv_freq, torch.float32)
+            signs = None if signs is None else self._flat("signs", signs, torch.float32)
+        status = self._scores(
+            *(t.data_ptr() for t in tensors),
             out.data_ptr(),
-            batch * heads,
-            groups,
-            group_size,
-            head_dim,
-            queries,
-            nbits,
-            tensors[4].data_ptr(),
-            tensors[4].numel(),
+            *shape,
+            None if inv_freq is None else inv_freq.data_ptr(),
+            0 if inv_freq is None else inv_freq.numel(),
             first,
-            None if signs is None else tensors[5].data_ptr(),
+            None if signs is None else signs.data_ptr(),
             head_dim & -head_dim,
-            _threads_for(batch * heads * groups * group_size * head_dim * (queries + 8)),
+            _threads_for(work),
         )
         if status:
             raise ValueError(f"the packed-attention kernel has no {nbits}-bit codes")

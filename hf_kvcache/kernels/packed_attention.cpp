@@ -38,6 +38,21 @@ inline void unpack_run(const uint8_t* __restrict bytes, int64_t count, float* __
     }
 }
 
+// Calls body(bh, g, tile, scale, zero) for key group g of row bh, for every group of every row, spread over
+// the team: tile [G, D] holds the group's codes unpacked, scale and zero its per-channel [D] key scale/zero.
+template <int NB, typename Body>
+inline void for_each_key_group(const uint8_t* codes, const float* ks, const float* kz, int64_t BH, int64_t groups,
+                               int64_t G, int64_t D, Body body) {
+    const int64_t group_bytes = G * NB / 8 * D;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t bh = 0; bh < BH; bh++)
+        for (int64_t g = 0; g < groups; g++) {
+            float tile[G * D];
+            unpack_run<NB>(codes + (bh * groups + g) * group_bytes, G * D, tile);
+            body(bh, g, tile, ks + (bh * groups + g) * D, kz + (bh * groups + g) * D);
+        }
+}
+
 // DC > 0: the head size known at compile time (the common sizes); DC == 0: read from D.
 // out[bh, m, col0 + t] = scaling * q . k_t, rows of ld floats.
 template <int NB, int DC>
@@ -45,36 +60,31 @@ void scores(const uint8_t* codes, const float* q, const float* ks, const float* 
             int64_t groups, int64_t G, int64_t Druntime, int64_t M, int64_t ld = -1, int64_t col0 = 0,
             float scaling = 1.f) {
     const int64_t D = DC > 0 ? DC : Druntime;
-    const int64_t group_bytes = G * NB / 8 * D;
     if (ld < 0) ld = groups * G;
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t bh = 0; bh < BH; bh++)
-        for (int64_t g = 0; g < groups; g++) {
-            float tile[G * D], folded[M * D], offset[M];
-            unpack_run<NB>(codes + (bh * groups + g) * group_bytes, G * D, tile);
-            const float* scale = ks + (bh * groups + g) * D;
-            const float* zero = kz + (bh * groups + g) * D;
+    for_each_key_group<NB>(codes, ks, kz, BH, groups, G, D, [&](int64_t bh, int64_t g, const float* tile,
+                                                              const float* scale, const float* zero) {
+        float folded[M * D], offset[M];
+        for (int64_t m = 0; m < M; m++) {
+            const float* qm = q + (bh * M + m) * D;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t c = 0; c < D; c++) {
+                folded[m * D + c] = qm[c] * scale[c];
+                acc += qm[c] * zero[c];
+            }
+            offset[m] = acc;
+        }
+        for (int64_t t = 0; t < G; t++) {
+            const float* k = tile + t * D;
             for (int64_t m = 0; m < M; m++) {
-                const float* qm = q + (bh * M + m) * D;
+                const float* qm = folded + m * D;
                 float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-                for (int64_t c = 0; c < D; c++) {
-                    folded[m * D + c] = qm[c] * scale[c];
-                    acc += qm[c] * zero[c];
-                }
-                offset[m] = acc;
-            }
-            for (int64_t t = 0; t < G; t++) {
-                const float* k = tile + t * D;
-                for (int64_t m = 0; m < M; m++) {
-                    const float* qm = folded + m * D;
-                    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-                    for (int64_t c = 0; c < D; c++) acc += qm[c] * k[c];
-                    out[(bh * M + m) * ld + col0 + g * G + t] = (acc + offset[m]) * scaling;
-                }
+                for (int64_t c = 0; c < D; c++) acc += qm[c] * k[c];
+                out[(bh * M + m) * ld + col0 + g * G + t] = (acc + offset[m]) * scaling;
             }
         }
+    });
 }
 
 // The unnormalized Walsh-Hadamard transform of each block of `block` channels, the inverse of the stored
@@ -119,65 +129,60 @@ template <int NB, int DC>
 void rope_scores(const uint8_t* codes, const float* q, const float* ks, const float* kz, float* out, int64_t BH,
                  int64_t groups, int64_t G, int64_t Druntime, int64_t M, const Space& space, int64_t ld = -1,
                  int64_t col0 = 0, float scaling = 1.f) {
-    const int64_t D = DC > 0 ? DC : Druntime;
-    const int64_t group_bytes = G * NB / 8 * D, half = space.half;
+    const int64_t D = DC > 0 ? DC : Druntime, half = space.half;
     const float* signs = space.key_signs;
     const float* offsets = space.angles + 2 * groups * half;  // cos [half, G], then sin
     if (ld < 0) ld = groups * G;
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t bh = 0; bh < BH; bh++)
-        for (int64_t g = 0; g < groups; g++) {
-            float tile[G * D], rows[D * G], acc[G];
-            unpack_run<NB>(codes + (bh * groups + g) * group_bytes, G * D, tile);
-            const float* scale = ks + (bh * groups + g) * D;
-            const float* zero = kz + (bh * groups + g) * D;
-            if (G % 8 == 0 && D % 8 == 0) {  // in blocks of 8 x 8, which both stay in a few cache lines
-                for (int64_t u0 = 0; u0 < G; u0 += 8)
-                    for (int64_t c0 = 0; c0 < D; c0 += 8)
-                        for (int64_t c = c0; c < c0 + 8; c++) {
-                            const float sc = scale[c], zc = zero[c];
+    for_each_key_group<NB>(codes, ks, kz, BH, groups, G, D, [&](int64_t bh, int64_t g, const float* tile,
+                                                              const float* scale, const float* zero) {
+        float rows[D * G], acc[G];
+        if (G % 8 == 0 && D % 8 == 0) {  // in blocks of 8 x 8, which both stay in a few cache lines
+            for (int64_t u0 = 0; u0 < G; u0 += 8)
+                for (int64_t c0 = 0; c0 < D; c0 += 8)
+                    for (int64_t c = c0; c < c0 + 8; c++) {
+                        const float sc = scale[c], zc = zero[c];
 #pragma omp simd
-                            for (int64_t u = u0; u < u0 + 8; u++) rows[c * G + u] = tile[u * D + c] * sc + zc;
-                        }
-            } else {
-                for (int64_t u = 0; u < G; u++)
-                    for (int64_t c = 0; c < D; c++) rows[c * G + u] = tile[u * D + c] * scale[c] + zero[c];
-            }
-            if (signs != nullptr) {
-                hadamard_rows(rows, D, G, G, space.block);
-                for (int64_t c = 0; c < D; c++) {
-                    const float s = signs[c];
+                        for (int64_t u = u0; u < u0 + 8; u++) rows[c * G + u] = tile[u * D + c] * sc + zc;
+                    }
+        } else {
+            for (int64_t u = 0; u < G; u++)
+                for (int64_t c = 0; c < D; c++) rows[c * G + u] = tile[u * D + c] * scale[c] + zero[c];
+        }
+        if (signs != nullptr) {
+            hadamard_rows(rows, D, G, G, space.block);
+            for (int64_t c = 0; c < D; c++) {
+                const float s = signs[c];
 #pragma omp simd
-                    for (int64_t u = 0; u < G; u++) rows[c * G + u] *= s;
-                }
-            }
-            for (int64_t i = 0; i < half; i++) {
-                float* a = rows + i * G;
-                float* b = rows + (i + half) * G;
-                const float sc = space.angles[g * half + i], ss = space.angles[(groups + g) * half + i];
-                const float* oc = offsets + i * G;
-                const float* os = offsets + (half + i) * G;
-#pragma omp simd
-                for (int64_t u = 0; u < G; u++) {
-                    const float cu = sc * oc[u] - ss * os[u], su = ss * oc[u] + sc * os[u];
-                    const float x = a[u], y = b[u];
-                    a[u] = x * cu - y * su;
-                    b[u] = y * cu + x * su;
-                }
-            }
-            for (int64_t m = 0; m < M; m++) {
-                const float* qm = q + (bh * M + m) * D;
-                for (int64_t u = 0; u < G; u++) acc[u] = 0.f;
-                for (int64_t c = 0; c < D; c++) {
-                    const float w = qm[c];
-                    const float* r = rows + c * G;
-#pragma omp simd
-                    for (int64_t u = 0; u < G; u++) acc[u] += w * r[u];
-                }
-                float* o = out + (bh * M + m) * ld + col0 + g * G;
-                for (int64_t u = 0; u < G; u++) o[u] = acc[u] * scaling;
+                for (int64_t u = 0; u < G; u++) rows[c * G + u] *= s;
             }
         }
+        for (int64_t i = 0; i < half; i++) {
+            float* a = rows + i * G;
+            float* b = rows + (i + half) * G;
+            const float sc = space.angles[g * half + i], ss = space.angles[(groups + g) * half + i];
+            const float* oc = offsets + i * G;
+            const float* os = offsets + (half + i) * G;
+#pragma omp simd
+            for (int64_t u = 0; u < G; u++) {
+                const float cu = sc * oc[u] - ss * os[u], su = ss * oc[u] + sc * os[u];
+                const float x = a[u], y = b[u];
+                a[u] = x * cu - y * su;
+                b[u] = y * cu + x * su;
+            }
+        }
+        for (int64_t m = 0; m < M; m++) {
+            const float* qm = q + (bh * M + m) * D;
+            for (int64_t u = 0; u < G; u++) acc[u] = 0.f;
+            for (int64_t c = 0; c < D; c++) {
+                const float w = qm[c];
+                const float* r = rows + c * G;
+#pragma omp simd
+                for (int64_t u = 0; u < G; u++) acc[u] += w * r[u];
+            }
+            float* o = out + (bh * M + m) * ld + col0 + g * G;
+            for (int64_t u = 0; u < G; u++) o[u] = acc[u] * scaling;
+        }
+    });
 }
 
 // The angle tables of a Space with keys before RoPE (see Space), for `groups` key groups of G tokens, or
@@ -377,27 +382,20 @@ int dispatch_value_bits(int value_bits, const float* q, const float* qp, const f
     }
 }
 
+// Scores of keys stored after RoPE (space.inv_freq null), else before it (see rope_scores).
 template <int NB>
 int dispatch_scores(const uint8_t* c, const float* q, const float* ks, const float* kz, float* o, int64_t BH,
-                    int64_t groups, int64_t G, int64_t D, int64_t M, int threads) {
-#pragma omp parallel num_threads(threads)
-    {
-        if (D == 64) scores<NB, 64>(c, q, ks, kz, o, BH, groups, G, D, M);
-        else if (D == 128) scores<NB, 128>(c, q, ks, kz, o, BH, groups, G, D, M);
-        else scores<NB, 0>(c, q, ks, kz, o, BH, groups, G, D, M);
-    }
-    return 0;
-}
-
-template <int NB>
-int dispatch_rope_scores(const uint8_t* c, const float* q, const float* ks, const float* kz, float* o, int64_t BH,
-                         int64_t groups, int64_t G, int64_t D, int64_t M, Space space, int threads) {
+                    int64_t groups, int64_t G, int64_t D, int64_t M, Space space, int threads) {
     float* tables = angle_tables(space, groups, G);
 #pragma omp parallel num_threads(threads)
     {
-        if (D == 64) rope_scores<NB, 64>(c, q, ks, kz, o, BH, groups, G, D, M, space);
-        else if (D == 128) rope_scores<NB, 128>(c, q, ks, kz, o, BH, groups, G, D, M, space);
-        else rope_scores<NB, 0>(c, q, ks, kz, o, BH, groups, G, D, M, space);
+        if (space.inv_freq != nullptr) {
+            if (D == 64) rope_scores<NB, 64>(c, q, ks, kz, o, BH, groups, G, D, M, space);
+            else if (D == 128) rope_scores<NB, 128>(c, q, ks, kz, o, BH, groups, G, D, M, space);
+            else rope_scores<NB, 0>(c, q, ks, kz, o, BH, groups, G, D, M, space);
+        } else if (D == 64) scores<NB, 64>(c, q, ks, kz, o, BH, groups, G, D, M);
+        else if (D == 128) scores<NB, 128>(c, q, ks, kz, o, BH, groups, G, D, M);
+        else scores<NB, 0>(c, q, ks, kz, o, BH, groups, G, D, M);
     }
     delete[] tables;
     return 0;
@@ -507,32 +505,21 @@ int dispatch_slots_bits(int nbits, const float* q, const float* sk, const float*
 
 extern "C" {
 
-// Returns 0, or -1 for a width this file does not know.
+// Returns 0, or -1 for a width this file does not know. Keys stored before RoPE (see rope_scores): inv_freq
+// [half] (rotary channels 2 * half <= D; null: keys after RoPE), first: the position of the store's first
+// token; signs [D] (already divided by sqrt(block)) or null without a Hadamard rotation of the keys.
 int hfkv_packed_scores(const uint8_t* codes, const float* q, const float* ks, const float* kz, float* out,
-                       int64_t BH, int64_t groups, int64_t G, int64_t D, int64_t M, int nbits, int threads) {
-    switch (nbits) {
-        case 2: return dispatch_scores<2>(codes, q, ks, kz, out, BH, groups, G, D, M, threads);
-        case 3: return dispatch_scores<3>(codes, q, ks, kz, out, BH, groups, G, D, M, threads);
-        case 4: return dispatch_scores<4>(codes, q, ks, kz, out, BH, groups, G, D, M, threads);
-        case 8: return dispatch_scores<8>(codes, q, ks, kz, out, BH, groups, G, D, M, threads);
-        default: return -1;
-    }
-}
-
-// Keys stored before RoPE (see rope_scores): inv_freq [half] (rotary channels 2 * half <= D), first: the
-// position of the store's first token; signs [D] (already divided by sqrt(block)) or null without a Hadamard
-// rotation of the keys. Returns 0, or -1 for a width this file does not know.
-int hfkv_rope_scores(const uint8_t* codes, const float* q, const float* ks, const float* kz, float* out,
-                     int64_t BH, int64_t groups, int64_t G, int64_t D, int64_t M, int nbits, const float* inv_freq,
-                     int64_t half, int64_t first, const float* signs, int64_t block, int threads) {
+                       int64_t BH, int64_t groups, int64_t G, int64_t D, int64_t M, int nbits,
+                       const float* inv_freq, int64_t half, int64_t first, const float* signs, int64_t block,
+                       int threads) {
     Space space;
     space.inv_freq = inv_freq, space.half = half, space.first = first, space.key_signs = signs;
     space.block = block;
     switch (nbits) {
-        case 2: return dispatch_rope_scores<2>(codes, q, ks, kz, out, BH, groups, G, D, M, space, threads);
-        case 3: return dispatch_rope_scores<3>(codes, q, ks, kz, out, BH, groups, G, D, M, space, threads);
-        case 4: return dispatch_rope_scores<4>(codes, q, ks, kz, out, BH, groups, G, D, M, space, threads);
-        case 8: return dispatch_rope_scores<8>(codes, q, ks, kz, out, BH, groups, G, D, M, space, threads);
+        case 2: return dispatch_scores<2>(codes, q, ks, kz, out, BH, groups, G, D, M, space, threads);
+        case 3: return dispatch_scores<3>(codes, q, ks, kz, out, BH, groups, G, D, M, space, threads);
+        case 4: return dispatch_scores<4>(codes, q, ks, kz, out, BH, groups, G, D, M, space, threads);
+        case 8: return dispatch_scores<8>(codes, q, ks, kz, out, BH, groups, G, D, M, space, threads);
         default: return -1;
     }
 }
