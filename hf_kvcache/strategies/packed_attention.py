@@ -95,10 +95,9 @@ def space_arguments(packed, queries: torch.Tensor) -> dict:
     """How the native kernels read a store whose space differs from the model's (see
     :meth:`~hf_kvcache.kernels.PackedKernels.decode`): the rotated query for keys rotated after RoPE, the
     frequencies and the Hadamard signs for keys before RoPE, the signs for rotated values."""
-    rotate_keys, rotate_values = rotated_tensors(packed.rotation_kind)
-    rotated = packed.rotation_kind != "none"
-    signs = hadamard_signs(queries.shape[-1], queries.device) if rotated else None
-    arguments = {"value_signs": signs if rotate_values else None}
+    rotate_keys, rotate_values = rotated_tensors(packed.rotation_kind)  # keys are rotated only with values
+    signs = hadamard_signs(queries.shape[-1], queries.device) if rotate_values else None
+    arguments = {"value_signs": signs}
     if packed.key_rope is not None:
         rope = packed.key_rope
         arguments["inv_freq"] = getattr(rope.rotary_module, rope.frequencies)

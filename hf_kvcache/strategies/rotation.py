@@ -46,10 +46,12 @@ def _hadamard_float64(head_dim: int, seed: int) -> torch.Tensor:
     return _signs(head_dim, seed).unsqueeze(1) * blocks
 
 
+@functools.lru_cache(maxsize=64)
 def hadamard_signs(head_dim: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     """The factors ``s / sqrt(block)`` ``[D]`` (float32) of the ``"hadamard"`` rotation ``R = diag(s) @ H``:
     ``x @ R.T`` is the unnormalized fast Walsh-Hadamard transform of each block of ``x``, times them, which is
-    how the native kernel undoes the rotation without a ``D x D`` product."""
+    how the native kernel undoes the rotation without a ``D x D`` product. Shared and read-only, like
+    :func:`rotation_matrix`: decoding asks for it at every step of every layer."""
     block = head_dim & -head_dim
     return (_signs(head_dim, seed) / block**0.5).to(dtype=torch.float32, device=device)
 
@@ -136,8 +138,10 @@ class StoredSpace:
 
     def _from_stored(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Inverse of :meth:`_to_stored`, in place on dequantized ``keys``/``values`` (output views)."""
-        # The output views cannot be matmul's `out`.
-        keys.copy_(self.keys_from_stored(keys))
+        # The output views cannot be matmul's `out`; keys stored as the model made them stay where they are.
+        restored = self.keys_from_stored(keys)
+        if restored is not keys:
+            keys.copy_(restored)
         if rotated_tensors(self.rotation_kind)[1]:
             values.copy_(values.to(self.rotation.dtype) @ self.rotation.T)
 
