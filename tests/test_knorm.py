@@ -1,5 +1,7 @@
 """Key-norm eviction against a step-by-step simulation over the model's exact keys."""
 
+import math
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -11,8 +13,14 @@ from tests.helpers import stream
 
 def simulate_keynorm(keys: torch.Tensor, chunks: list[int], budget: int, sinks: int, recent: int) -> list:
     """Per KV head, the token indices kept after feeding ``chunks`` tokens at a time: after each forward,
-    while more than ``budget`` are held, drop the unprotected one whose key has the largest norm."""
-    norms = keys[0].double().norm(dim=-1)  # [H, T]
+    while more than ``budget`` are held, drop the unprotected one whose key has the largest norm, rounded to
+    12 significant bits; of equal ones, the oldest."""
+
+    def rounded(norm: float) -> float:
+        mantissa, exponent = math.frexp(norm)
+        return math.ldexp(round(mantissa * 4096) / 4096, exponent)
+
+    norms = keys[0].double().norm(dim=-1).apply_(rounded)  # [H, T]
     kept, seen = [[] for _ in range(norms.shape[0])], 0
     for size in chunks:
         seen += size
@@ -24,10 +32,19 @@ def simulate_keynorm(keys: torch.Tensor, chunks: list[int], budget: int, sinks: 
     return kept
 
 
-@pytest.mark.parametrize("arch, chunks", [("llama-gqa", [1] * 40), ("phi3", [16, 9, *[1] * 15])])
-def test_kept_keys_follow_the_simulation(arch, chunks):
+@pytest.mark.parametrize(
+    "arch, chunks, repeated",
+    [
+        ("llama-gqa", [1] * 40, False),
+        ("phi3", [16, 9, *[1] * 15], False),
+        ("llama-gqa", [24, *[1] * 16], True),
+    ],
+)
+def test_kept_keys_follow_the_simulation(arch, chunks, repeated):
+    """``repeated``: five tokens over and over, so that layer 0 holds many keys whose norms are equal in exact
+    arithmetic and differ in their last bits as computed; the newest of each such tie must be kept."""
     model = make_tiny_model(arch)
-    ids = random_ids(40, seed=11)
+    ids = random_ids(5, seed=11).repeat(1, 8) if repeated else random_ids(40, seed=11)
     budget, sinks, recent = 14, 2, 4
     cache = KeyNormKVCache(model, budget=budget, num_sink_tokens=sinks, recent=recent)
     with torch.no_grad():

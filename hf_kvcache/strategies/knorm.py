@@ -46,12 +46,26 @@ class KeyNormOptions:
         check_recent_covers_residual(self.recent, self.quantization)
 
 
+# Significant bits a key norm keeps when ranked. The same token at two positions has one norm in exact
+# arithmetic (RoPE preserves it), but the two computed norms differ in their last bits, and differently on
+# each device: rounded, they tie, and the tie goes to the newer entry on every device.
+NORM_BITS = 12
+
+
+def rounded_norms(keys: torch.Tensor) -> torch.Tensor:
+    """L2 norms ``[B, H, T]`` of ``keys`` ``[B, H, T, D]`` in float32, rounded to :data:`NORM_BITS`
+    significant bits."""
+    mantissa, exponent = torch.frexp(keys.float().norm(dim=-1))
+    return torch.ldexp(torch.round(mantissa * 2**NORM_BITS) / 2**NORM_BITS, exponent)
+
+
 class KeyNormLayer(EvictingLayer):
     """Ranks entries by the negated L2 norm of their keys: a low-norm key draws high attention (the paper's
-    finding), so the smallest norms are kept."""
+    finding), so the smallest norms are kept. Norms equal to 12 significant bits tie; ties go to the newer
+    entry."""
 
     def priority(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return -keys.float().norm(dim=-1)
+        return -rounded_norms(keys)
 
 
 class AdaptiveKeyNormLayer(CompressedContext, KeyNormLayer):
