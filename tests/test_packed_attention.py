@@ -9,8 +9,13 @@ from hf_kvcache import build_cache, prefill, use_storage_attention
 from hf_kvcache import kernels as kernel_module
 from hf_kvcache.kernels import build as kernel_build
 from hf_kvcache.strategies import packed_attention
-from hf_kvcache.strategies.packed_attention import torch_packed_scores, torch_packed_values
-from hf_kvcache.strategies.packing import TorchCodec, pack_token_groups, quantize_kivi
+from hf_kvcache.strategies.packing import (
+    TorchCodec,
+    pack_token_groups,
+    quantize_kivi,
+    torch_packed_scores,
+    torch_packed_values,
+)
 from hf_kvcache.strategies.quantized import QuantizedLayer, QuantizedOptions
 from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer
 from tests.conftest import ARCHITECTURES, MORE_ARCHITECTURES, left_padded_ids, make_tiny_model, random_ids
@@ -66,6 +71,27 @@ def test_packed_scores_and_outputs_equal_float64_sums_over_dequantized_codes(
     torch.testing.assert_close(output.double(), expected_output, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("space", ["nbits=3", "nbits=2,nbits_keys=3,keys=pre_rope,rotation=hadamard"])
+def test_the_torch_sums_unpack_a_bounded_slice_of_groups_at_a_time(space, monkeypatch):
+    """Slices of one group (several per step) give the scores and outputs of one slice over all groups, and
+    no unpacked tensor is larger than the bound."""
+    from hf_kvcache.strategies import packing
+
+    model, ids = make_tiny_model("llama-gqa"), random_ids(60)
+    whole_tokens, whole_logits, _ = decode(model, f"quantized:{space},{QUICK},attention=torch", ids, new=8)
+    bound = 2 * 8 * 16  # one group: 2 KV heads, 8 tokens, head size 16
+    monkeypatch.setattr(packing, "UNPACKED_ELEMENTS", bound)
+    largest, unpack = [], packing.unpack_codes
+    monkeypatch.setattr(
+        packing, "unpack_codes", lambda *a: largest.append((out := unpack(*a)).numel()) or out
+    )
+    tokens, logits, _ = decode(model, f"quantized:{space},{QUICK},attention=torch", ids, new=8)
+    assert torch.equal(tokens, whole_tokens)
+    torch.testing.assert_close(logits, whole_logits, rtol=1e-5, atol=1e-5)
+    # 7 decoding steps after the prompt, 2 layers, keys and values, 6 or more groups each.
+    assert max(largest) == bound and len(largest) >= 7 * 2 * 2 * 6
+
+
 @pytest.fixture
 def stored_calls(monkeypatch):
     """How many attention calls read a layer's storage."""
@@ -91,6 +117,18 @@ def test_decoding_over_packed_codes_matches_dequantize_then_attend_on_every_arch
     assert cache.storage_attention_off is None
     global_layers = sum(layer.window is None for layer in cache.layers)
     assert len(stored_calls) == global_layers * 23  # every decoding step after the prompt, every global layer
+    assert torch.equal(tokens, dense_tokens)
+    torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("space", ["nbits=2,rotation=hadamard", "nbits=2,keys=pre_rope,rotation=hadamard"])
+def test_a_float64_model_reads_a_rotated_store_like_the_dense_path(space, stored_calls):
+    """A float64 model's store keeps its rotation in float64, while the sums over codes run in float32."""
+    model = make_tiny_model("llama-gqa").double()
+    ids = random_ids(40)
+    dense_tokens, dense_logits, _ = decode(model, f"quantized:{space},{QUICK},attention=dense", ids)
+    tokens, logits, _ = decode(model, f"quantized:{space},{QUICK},attention=torch", ids)
+    assert len(stored_calls) == 2 * 23
     assert torch.equal(tokens, dense_tokens)
     torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
 

@@ -30,7 +30,12 @@ import warnings
 import torch
 
 from hf_kvcache.kernels import KernelUnavailable, load_packed_kernels
-from hf_kvcache.strategies.packing import unpack_token_groups
+from hf_kvcache.strategies.packing import (
+    group_slices,
+    torch_packed_scores,
+    torch_packed_values,
+    unpack_token_groups,
+)
 from hf_kvcache.strategies.rotation import hadamard_signs, rotated_tensors
 
 ATTENTION_BACKENDS = ("auto", "compiled", "torch", "dense")
@@ -38,28 +43,6 @@ ATTENTION_BACKENDS = ("auto", "compiled", "torch", "dense")
 # than the per-group work of the packed path.
 MAX_STORED_QUERIES = 16
 _warned: set[str] = set()
-
-
-def torch_packed_scores(codes, query, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
-    """``q . k`` of queries ``[B, H, M, D]`` (float32) with grouped-layout key codes: ``[B, H, M, n]``."""
-    batch, heads, queries, _ = query.shape
-    keys = unpack_token_groups(codes, nbits, group_size).float()  # [B, H, g, G, D]
-    folded = query.unsqueeze(2) * scale.float().unsqueeze(3)  # [B, H, g, M, D]
-    logits = folded @ keys.transpose(-1, -2)  # [B, H, g, M, G]
-    logits += (query @ zero.float().transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
-    return logits.permute(0, 1, 3, 2, 4).reshape(batch, heads, queries, -1)
-
-
-def torch_packed_values(codes, weights, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
-    """``weights @ V`` for weights ``[B, H, M, n]`` (float32) over grouped-layout value codes: ``[B, H, M,
-    D]``."""
-    batch, heads, queries, length = weights.shape
-    values = unpack_token_groups(codes, nbits, group_size).float()  # [B, H, g, G, D]
-    values = values.view(batch, heads, length, -1, group_size)  # [B, H, n, D / G, G]
-    folded = weights.unsqueeze(-1) * scale.float().unsqueeze(2)  # [B, H, M, n, D / G]
-    out = torch.einsum("bhmnc,bhncj->bhmcj", folded, values)
-    out += (weights @ zero.float()).unsqueeze(-1)
-    return out.reshape(batch, heads, queries, -1)
 
 
 def compiled_kernels(backend: str, device: torch.device):
@@ -103,7 +86,7 @@ def space_arguments(packed, queries: torch.Tensor) -> dict:
         arguments["inv_freq"] = getattr(rope.rotary_module, rope.frequencies)
         arguments["key_signs"] = signs if rotate_keys else None
     elif rotate_keys:
-        arguments["packed_query"] = queries @ packed.rotation
+        arguments["packed_query"] = queries @ packed.rotation.to(queries.dtype)
     return arguments
 
 
@@ -112,11 +95,15 @@ def pre_rope_scores(packed, queries: torch.Tensor, kernels) -> torch.Tensor:
     token has its own rotation, which folds into no query, so the native kernel turns each dequantized key
     group to its positions in a tile; without it (``kernels`` ``None``) the keys are dequantized whole."""
     size, nbits = packed.group_size, packed.key_codec.nbits
-    if kernels is None:
-        keys = unpack_token_groups(packed.key_codes, nbits, size).float()  # [B, H, g, G, D]
-        keys = keys * packed.group_scale.float().unsqueeze(3) + packed.group_zero.float().unsqueeze(3)
-        keys = packed.keys_from_stored(keys.flatten(2, 3))
-        return queries @ keys.float().transpose(-1, -2)
+    if kernels is None:  # a bounded number of groups at a time, like the torch sums (packing.py)
+        parts, rows = [], size * nbits // 8
+        for first, end in group_slices(packed.key_codes, size, nbits):
+            keys = unpack_token_groups(packed.key_codes[:, :, first * rows : end * rows], nbits, size).float()
+            scale, zero = packed.group_scale[:, :, first:end], packed.group_zero[:, :, first:end]
+            keys = keys * scale.float().unsqueeze(3) + zero.float().unsqueeze(3)  # [B, H, g, G, D]
+            keys = packed.keys_from_stored(keys.flatten(2, 3), start=first * size)
+            parts.append(queries @ keys.float().transpose(-1, -2))
+        return torch.cat(parts, dim=-1)
     space = space_arguments(packed, queries)
     return kernels.rope_scores(
         packed.key_codes,
@@ -136,7 +123,8 @@ def _packed_part(packed, queries: torch.Tensor, backend: str):
     share of the output."""
     kernels = compiled_kernels(backend, queries.device)
     rotate_keys, rotate_values = rotated_tensors(packed.rotation_kind)
-    rotation = packed.rotation
+    # The sums run in float32; a float64 model's store keeps its rotation in float64.
+    rotation = packed.rotation.to(queries.dtype) if packed.rotation is not None else None
     size = packed.group_size
     scores, values = (torch_packed_scores, torch_packed_values) if kernels is None else kernels.functions
     if packed.key_rope is not None:

@@ -269,3 +269,51 @@ def make_codec(nbits: int, backend: str) -> TorchCodec:
     if backend == "quanto":
         return QuantoCodec(nbits)
     raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
+
+
+# The torch sums unpack codes into float32, 4 to 16 times their bytes: they unpack a bounded number of
+# groups at a time, so that their transient memory is a fixed size, not a float32 copy of a layer's history.
+UNPACKED_ELEMENTS = 1 << 24
+
+
+def group_slices(codes: torch.Tensor, group_size: int, nbits: int) -> list[tuple[int, int]]:
+    """Ranges ``[first, end)`` of the token groups of packed ``codes`` ``[B, H, rows, D]`` that unpack to at
+    most :data:`UNPACKED_ELEMENTS` elements each (at least one group)."""
+    batch, heads, rows, head_dim = codes.shape
+    groups = rows // (group_size * nbits // 8)
+    step = max(1, UNPACKED_ELEMENTS // (batch * heads * group_size * head_dim))
+    return [(first, min(groups, first + step)) for first in range(0, groups, step)]
+
+
+def torch_packed_scores(codes, query, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
+    """``q . k`` of queries ``[B, H, M, D]`` (float32) with grouped-layout key codes (scales and zeros
+    ``[B, H, g, D]``, per channel and group of tokens): ``[B, H, M, n]``, the reference the native kernel
+    matches."""
+    batch, heads, queries, _ = query.shape
+    rows, parts = group_size * nbits // 8, []
+    for first, end in group_slices(codes, group_size, nbits):
+        keys = unpack_token_groups(codes[:, :, first * rows : end * rows], nbits, group_size).float()
+        folded = query.unsqueeze(2) * scale[:, :, first:end].float().unsqueeze(3)  # [B, H, g, M, D]
+        logits = folded @ keys.transpose(-1, -2)  # [B, H, g, M, G]
+        logits += (query @ zero[:, :, first:end].float().transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
+        parts.append(logits.permute(0, 1, 3, 2, 4).reshape(batch, heads, queries, -1))
+    return torch.cat(parts, dim=-1)
+
+
+def torch_packed_values(codes, weights, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
+    """``weights @ V`` for weights ``[B, H, M, n]`` (float32) over grouped-layout value codes (scales and
+    zeros ``[B, H, n, D / G]``, per token and group of channels): ``[B, H, M, D]``."""
+    batch, heads, queries, _ = weights.shape
+    rows, out = group_size * nbits // 8, None
+    for first, end in group_slices(codes, group_size, nbits):
+        tokens = slice(first * group_size, end * group_size)
+        values = unpack_token_groups(codes[:, :, first * rows : end * rows], nbits, group_size).float()
+        values = values.view(
+            batch, heads, -1, values.shape[-1] // group_size, group_size
+        )  # [B, H, n, D/G, G]
+        part_weights = weights[..., tokens]
+        folded = part_weights.unsqueeze(-1) * scale[:, :, tokens].float().unsqueeze(2)  # [B, H, M, n, D/G]
+        part = torch.einsum("bhmnc,bhncj->bhmcj", folded, values)
+        part += (part_weights @ zero[:, :, tokens].float()).unsqueeze(-1)
+        out = part if out is None else out + part
+    return out.reshape(batch, heads, queries, -1)

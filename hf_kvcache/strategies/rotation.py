@@ -145,13 +145,13 @@ class StoredSpace:
         if rotated_tensors(self.rotation_kind)[1]:
             values.copy_(values.to(self.rotation.dtype) @ self.rotation.T)
 
-    def keys_from_stored(self, keys: torch.Tensor) -> torch.Tensor:
-        """Dequantized keys ``[B, H, n, D]`` of the whole store as the model made them: rotation undone (an
-        orthogonal matrix's inverse is its transpose), then the rotary embedding of their positions applied
-        (``pre_rope``)."""
+    def keys_from_stored(self, keys: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Dequantized keys ``[B, H, n, D]`` of the store from its token ``start`` (default 0) as the model
+        made them: rotation undone (an orthogonal matrix's inverse is its transpose), then the rotary
+        embedding of their positions applied (``pre_rope``)."""
         if rotated_tensors(self.rotation_kind)[0]:
             keys = keys.to(self.rotation.dtype) @ self.rotation.T
         if self.key_rope is not None:
-            positions = self._positions(self.first_position, keys.shape[2], keys.device)
+            positions = self._positions(self.first_position + start, keys.shape[2], keys.device)
             keys = self.key_rope.at_positions(keys, positions)
         return keys
