@@ -12,6 +12,12 @@ named ``<spec> [compiled]``), timed in the same rounds; compilation and the one 
 token count dynamic happen in untimed warm-up steps, and the compiled tokens are checked against eager. Only
 the public API is used, so the same script times another checkout of the package
 (``PYTHONPATH=/path/to/checkout``), which is how before/after figures are taken.
+
+On a GPU: ``--device cuda --dtype bfloat16``, and ``--geometry llama-3.1-8b`` (or ``llama-3.2-1b``) builds a
+model of that published shape with random weights on the device (no download; decode cost does not depend on
+the weights' values) fed seeded random tokens, ``--batch`` rows of them. On CUDA each cache also reports
+its prefill's peak allocation and what stays allocated after it, above what was allocated before it
+(``torch.cuda.max_memory_allocated``), and one decoding step's peak above the memory held before it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,56 @@ from pathlib import Path
 import torch
 
 from hf_kvcache.evaluation.harness import DEFAULT_STRATEGIES
+
+# Published shapes of two Llama models (config.json on the Hub), built with random weights.
+_LLAMA_3 = dict(num_attention_heads=32, num_key_value_heads=8)
+GEOMETRIES = {
+    "llama-3.2-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64, tie_word_embeddings=True
+    ),
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def random_weight_model(geometry: str, device: str, dtype: torch.dtype):
+    """A Llama of ``geometry``'s shape with random weights, initialised on ``device`` (fast on a GPU)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    config = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, rope_parameters=rope,
+                         **_LLAMA_3, **GEOMETRIES[geometry])  # fmt: skip
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+class DeviceMemory:
+    """Peak and resident bytes of a region above what was allocated when it began (CUDA only; else None)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+            self.resident = torch.cuda.memory_allocated() - self.base
+        else:
+            self.peak = self.resident = None
 
 
 def count_aten_ops(model, cache, token) -> tuple[int, torch.Tensor]:
@@ -43,7 +99,14 @@ WARMUP_STEPS = 3  # untimed: first calls, and under --compile the compilation an
 
 @torch.no_grad()
 def measure(
-    model, ids: torch.Tensor, specs: list[str], rounds: int, steps: int, profile: bool, compile: bool = False
+    model,
+    ids: torch.Tensor,
+    specs: list[str],
+    rounds: int,
+    steps: int,
+    profile: bool,
+    compile: bool = False,
+    chunk_size: int = 512,
 ) -> dict:
     from hf_kvcache import build_cache, cache_nbytes, prefill
 
@@ -53,12 +116,14 @@ def measure(
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(specs))
         compiled_forward = torch.compile(model.forward)
         forwards.update({spec + COMPILED: compiled_forward for spec in specs})
-    caches, tokens, results, prefill_s, produced = {}, {}, {}, {}, {}
+    caches, tokens, results, prefill_s, produced, memory = {}, {}, {}, {}, {}, {}
     for name in forwards:
         cache = build_cache(name.removesuffix(COMPILED), model)
         start = time.perf_counter()
-        prefill(model, ids, cache, chunk_size=512)
+        with DeviceMemory(ids.device) as prefill_memory:
+            prefill(model, ids, cache, chunk_size=chunk_size)
         prefill_s[name] = time.perf_counter() - start
+        memory[name] = {"prefill_peak_bytes": prefill_memory.peak, "resident_bytes": prefill_memory.resident}
         tokens[name] = model(ids[:, -1:], past_key_values=cache).logits[:, -1:].argmax(-1)
         caches[name], produced[name] = cache, []
         print(f"  {ids.shape[1]}: prefilled {name}", file=sys.stderr, flush=True)
@@ -67,12 +132,15 @@ def measure(
         model.forward = forwards[name]  # replaced, not called directly: the model's hooks still run around it
         logits = model(tokens[name], past_key_values=caches[name]).logits
         tokens[name] = logits[:, -1:].argmax(-1)
-        produced[name].append(int(tokens[name][0, 0]))
+        produced[name].append(int(tokens[name][0, 0]))  # also waits for the device
 
     for name in forwards:
         start = time.perf_counter()
-        for _ in range(WARMUP_STEPS):
+        for _ in range(WARMUP_STEPS - 1):
             step(name)
+        with DeviceMemory(ids.device) as step_memory:
+            step(name)
+        memory[name]["decode_step_peak_bytes"] = step_memory.peak
         if name.endswith(COMPILED):
             print(f"  compiled {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     timings = {name: [] for name in forwards}
@@ -92,6 +160,7 @@ def measure(
             "rounds": values,
             "held_bytes": cache_nbytes(caches[spec]),
             "prefill_s": prefill_s[spec],  # one run each, not interleaved: indicative only
+            **memory[spec],
         }
         if spec.endswith(COMPILED):
             eager = produced[spec.removesuffix(COMPILED)]
@@ -113,6 +182,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="count aten operators per decoding step")
     parser.add_argument("--compile", action="store_true", help="also decode through torch.compile")
     parser.add_argument("--label", default="", help="a name for this run in the JSON (e.g. 'before')")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), help="random weights of this shape")
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded together")
+    parser.add_argument("--chunk-size", type=int, default=512, help="prefill chunk")
     parser.add_argument("--out", default="eval/results/decode.json")
     args = parser.parse_args()
 
@@ -120,25 +194,48 @@ def main() -> None:
     from hf_kvcache.evaluation import load_corpus, load_model
     from hf_kvcache.evaluation.corpus import corpus_token_ids
 
-    model, tokenizer = load_model()
-    ids = corpus_token_ids(tokenizer, load_corpus(), max(args.lengths))
+    dtype = getattr(torch, args.dtype)
+    if args.geometry:
+        model = random_weight_model(args.geometry, args.device, dtype)
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(
+            1000, model.config.vocab_size, (args.batch, max(args.lengths)), generator=generator
+        )
+    else:
+        model, tokenizer = load_model(dtype=dtype, device=args.device)
+        ids = corpus_token_ids(tokenizer, load_corpus(), max(args.lengths)).repeat(args.batch, 1)
+    ids = ids.to(args.device)
     report = {"label": args.label, "package": hf_kvcache.__file__, "settings": vars(args), "lengths": {}}
+    if args.device.startswith("cuda"):
+        report["hardware"] = torch.cuda.get_device_name(args.device)
     for length in args.lengths:
         rows = measure(
-            model, ids[:, :length], args.strategies, args.rounds, args.steps, args.profile, args.compile
+            model,
+            ids[:, :length],
+            args.strategies,
+            args.rounds,
+            args.steps,
+            args.profile,
+            args.compile,
+            args.chunk_size,
         )
         report["lengths"][str(length)] = rows
         for spec, row in rows.items():
             ops = f"  {row['aten_ops_per_step']} aten ops" if "aten_ops_per_step" in row else ""
             if "tokens_as_eager" in row:
                 ops = f"  {row['tokens_as_eager']} tokens as eager"
+            if row["prefill_peak_bytes"] is not None:
+                held, peak, step = (
+                    row[key] / 2**30 for key in ("held_bytes", "prefill_peak_bytes", "decode_step_peak_bytes")
+                )
+                ops += f"  held {held:.2f} GiB, prefill peak {peak:.2f}, step peak {step:.2f}"
             print(
                 f"{length:>6} {spec:<72} {row['ms_per_token']:7.1f} ms/token "
                 f"({row['min']:.1f}-{row['max']:.1f}){ops}  prefill {row['prefill_s']:.1f} s",
                 flush=True,
             )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))  # after every length: a cut run keeps them
 
 
 if __name__ == "__main__":
