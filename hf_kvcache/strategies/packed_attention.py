@@ -93,9 +93,10 @@ def space_arguments(packed, queries: torch.Tensor) -> dict:
 def pre_rope_scores(packed, queries: torch.Tensor, kernels) -> torch.Tensor:
     """``q . k`` ``[B, H, M, n]`` over a store whose keys were quantized before their rotary embedding: each
     token has its own rotation, which folds into no query, so the native kernel turns each dequantized key
-    group to its positions in a tile; without it (``kernels`` ``None``) the keys are dequantized whole."""
+    group to its positions in a tile; without it (``kernels`` ``None``) the keys are dequantized and turned a
+    bounded slice of groups at a time."""
     size, nbits = packed.group_size, packed.key_codec.nbits
-    if kernels is None:  # a bounded number of groups at a time, like the torch sums (packing.py)
+    if kernels is None:
         parts, rows = [], size * nbits // 8
         for first, end in group_slices(packed.key_codes, size, nbits):
             keys = unpack_token_groups(packed.key_codes[:, :, first * rows : end * rows], nbits, size).float()

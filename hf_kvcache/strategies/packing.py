@@ -304,13 +304,11 @@ def torch_packed_values(codes, weights, scale, zero, group_size: int, nbits: int
     """``weights @ V`` for weights ``[B, H, M, n]`` (float32) over grouped-layout value codes (scales and
     zeros ``[B, H, n, D / G]``, per token and group of channels): ``[B, H, M, D]``."""
     batch, heads, queries, _ = weights.shape
-    rows, out = group_size * nbits // 8, None
+    rows, channel_groups, out = group_size * nbits // 8, codes.shape[-1] // group_size, None
     for first, end in group_slices(codes, group_size, nbits):
         tokens = slice(first * group_size, end * group_size)
         values = unpack_token_groups(codes[:, :, first * rows : end * rows], nbits, group_size).float()
-        values = values.view(
-            batch, heads, -1, values.shape[-1] // group_size, group_size
-        )  # [B, H, n, D/G, G]
+        values = values.view(batch, heads, -1, channel_groups, group_size)  # [B, H, n, D / G, G]
         part_weights = weights[..., tokens]
         folded = part_weights.unsqueeze(-1) * scale[:, :, tokens].float().unsqueeze(2)  # [B, H, M, n, D/G]
         part = torch.einsum("bhmnc,bhncj->bhmcj", folded, values)
