@@ -16,7 +16,8 @@ the public API is used, so the same script times another checkout of the package
 On a GPU: ``--device cuda --dtype bfloat16``, and ``--geometry llama-3.1-8b`` (or ``llama-3.2-1b``) builds a
 model of that published shape with random weights on the device (no download; decode cost does not depend on
 the weights' values) fed seeded random tokens, ``--batch`` rows of them. On CUDA each cache also reports
-its prefill's peak allocation and what stays allocated after it, above what was allocated before it
+its prefill's peak allocation and what stays allocated after it (the prompt and the first forward after
+it, where kvzip compresses), above what was allocated before it
 (``torch.cuda.max_memory_allocated``), and one decoding step's peak above the memory held before it.
 """
 
@@ -117,14 +118,21 @@ def measure(
         compiled_forward = torch.compile(model.forward)
         forwards.update({spec + COMPILED: compiled_forward for spec in specs})
     caches, tokens, results, prefill_s, produced, memory = {}, {}, {}, {}, {}, {}
-    for name in forwards:
-        cache = build_cache(name.removesuffix(COMPILED), model)
+    for name in list(forwards):
         start = time.perf_counter()
-        with DeviceMemory(ids.device) as prefill_memory:
-            prefill(model, ids, cache, chunk_size=chunk_size)
+        try:  # a spec this model cannot run is reported, and the others are still measured
+            cache = build_cache(name.removesuffix(COMPILED), model)
+            with DeviceMemory(ids.device) as prefill_memory:
+                prefill(model, ids, cache, chunk_size=chunk_size)
+                # kvzip compresses at the first forward after the prompt: its cost belongs here.
+                tokens[name] = model(ids[:, -1:], past_key_values=cache).logits[:, -1:].argmax(-1)
+        except (ValueError, TypeError, RuntimeError) as error:
+            print(f"  {ids.shape[1]}: {name} failed: {error}", file=sys.stderr, flush=True)
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+            del forwards[name]
+            continue
         prefill_s[name] = time.perf_counter() - start
         memory[name] = {"prefill_peak_bytes": prefill_memory.peak, "resident_bytes": prefill_memory.resident}
-        tokens[name] = model(ids[:, -1:], past_key_values=cache).logits[:, -1:].argmax(-1)
         caches[name], produced[name] = cache, []
         print(f"  {ids.shape[1]}: prefilled {name}", file=sys.stderr, flush=True)
 
@@ -221,6 +229,9 @@ def main() -> None:
         )
         report["lengths"][str(length)] = rows
         for spec, row in rows.items():
+            if "error" in row:
+                print(f"{length:>6} {spec:<72} {row['error']}", flush=True)
+                continue
             ops = f"  {row['aten_ops_per_step']} aten ops" if "aten_ops_per_step" in row else ""
             if "tokens_as_eager" in row:
                 ops = f"  {row['tokens_as_eager']} tokens as eager"
