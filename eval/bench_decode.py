@@ -15,10 +15,10 @@ the public API is used, so the same script times another checkout of the package
 
 On a GPU: ``--device cuda --dtype bfloat16``, and ``--geometry llama-3.1-8b`` (or ``llama-3.2-1b``) builds a
 model of that published shape with random weights on the device (no download; decode cost does not depend on
-the weights' values) fed seeded random tokens, ``--batch`` rows of them. On CUDA each cache also reports
-its prefill's peak allocation and what stays allocated after it (the prompt and the first forward after
-it, where kvzip compresses), above what was allocated before it
-(``torch.cuda.max_memory_allocated``), and one decoding step's peak above the memory held before it.
+the weights' values) fed seeded random tokens, ``--batch`` rows of them. Each cache also reports its
+prefill's peak memory (the prompt and the first forward after it, where kvzip compresses) and one decoding
+step's, above what was allocated before each (``PeakMemory``: CUDA's allocator peak; on CPU the process's
+resident-set high-water mark, process-wide).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from hf_kvcache.evaluation.harness import DEFAULT_STRATEGIES
+from hf_kvcache.evaluation.memory import PeakMemory
 
 # Published shapes of two Llama models (config.json on the Hub), built with random weights.
 _LLAMA_3 = dict(num_attention_heads=32, num_key_value_heads=8)
@@ -61,28 +62,6 @@ def random_weight_model(geometry: str, device: str, dtype: torch.dtype):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
-
-
-class DeviceMemory:
-    """Peak and resident bytes of a region above what was allocated when it began (CUDA only; else None)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-            self.resident = torch.cuda.memory_allocated() - self.base
-        else:
-            self.peak = self.resident = None
 
 
 def count_aten_ops(model, cache, token) -> tuple[int, torch.Tensor]:
@@ -122,7 +101,7 @@ def measure(
         start = time.perf_counter()
         try:  # a spec this model cannot run is reported, and the others are still measured
             cache = build_cache(name.removesuffix(COMPILED), model)
-            with DeviceMemory(ids.device) as prefill_memory:
+            with PeakMemory(ids.device) as prefill_memory:
                 prefill(model, ids, cache, chunk_size=chunk_size)
                 # kvzip compresses at the first forward after the prompt: its cost belongs here.
                 tokens[name] = model(ids[:, -1:], past_key_values=cache).logits[:, -1:].argmax(-1)
@@ -132,7 +111,7 @@ def measure(
             del forwards[name]
             continue
         prefill_s[name] = time.perf_counter() - start
-        memory[name] = {"prefill_peak_bytes": prefill_memory.peak, "resident_bytes": prefill_memory.resident}
+        memory[name] = {"prefill_peak_bytes": prefill_memory.growth, "peak_memory_kind": prefill_memory.kind}
         caches[name], produced[name] = cache, []
         print(f"  {ids.shape[1]}: prefilled {name}", file=sys.stderr, flush=True)
 
@@ -146,9 +125,9 @@ def measure(
         start = time.perf_counter()
         for _ in range(WARMUP_STEPS - 1):
             step(name)
-        with DeviceMemory(ids.device) as step_memory:
+        with PeakMemory(ids.device) as step_memory:
             step(name)
-        memory[name]["decode_step_peak_bytes"] = step_memory.peak
+        memory[name]["decode_step_peak_bytes"] = step_memory.growth
         if name.endswith(COMPILED):
             print(f"  compiled {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     timings = {name: [] for name in forwards}
@@ -235,11 +214,10 @@ def main() -> None:
             ops = f"  {row['aten_ops_per_step']} aten ops" if "aten_ops_per_step" in row else ""
             if "tokens_as_eager" in row:
                 ops = f"  {row['tokens_as_eager']} tokens as eager"
-            if row["prefill_peak_bytes"] is not None:
-                held, peak, step = (
-                    row[key] / 2**30 for key in ("held_bytes", "prefill_peak_bytes", "decode_step_peak_bytes")
-                )
-                ops += f"  held {held:.2f} GiB, prefill peak {peak:.2f}, step peak {step:.2f}"
+            held, peak, step = (
+                row[key] / 2**30 for key in ("held_bytes", "prefill_peak_bytes", "decode_step_peak_bytes")
+            )
+            ops += f"  held {held:.2f} GiB, prefill peak {peak:.2f}, step peak {step:.2f}"
             print(
                 f"{length:>6} {spec:<72} {row['ms_per_token']:7.1f} ms/token "
                 f"({row['min']:.1f}-{row['max']:.1f}){ops}  prefill {row['prefill_s']:.1f} s",
