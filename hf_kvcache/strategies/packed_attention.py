@@ -30,12 +30,7 @@ import warnings
 import torch
 
 from hf_kvcache.kernels import KernelUnavailable, load_packed_kernels
-from hf_kvcache.strategies.packing import (
-    group_slices,
-    torch_packed_scores,
-    torch_packed_values,
-    unpack_token_groups,
-)
+from hf_kvcache.strategies.packing import torch_packed_scores, torch_packed_values, unpacked_group_slices
 from hf_kvcache.strategies.rotation import hadamard_signs, rotated_tensors
 
 ATTENTION_BACKENDS = ("auto", "compiled", "torch", "dense")
@@ -97,9 +92,8 @@ def pre_rope_scores(packed, queries: torch.Tensor, kernels) -> torch.Tensor:
     bounded slice of groups at a time."""
     size, nbits = packed.group_size, packed.key_codec.nbits
     if kernels is None:
-        parts, rows = [], size * nbits // 8
-        for first, end in group_slices(packed.key_codes, size, nbits):
-            keys = unpack_token_groups(packed.key_codes[:, :, first * rows : end * rows], nbits, size).float()
+        parts = []
+        for first, end, keys in unpacked_group_slices(packed.key_codes, size, nbits):
             scale, zero = packed.group_scale[:, :, first:end], packed.group_zero[:, :, first:end]
             keys = keys * scale.float().unsqueeze(3) + zero.float().unsqueeze(3)  # [B, H, g, G, D]
             keys = packed.keys_from_stored(keys.flatten(2, 3), start=first * size)

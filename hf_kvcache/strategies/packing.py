@@ -276,13 +276,17 @@ def make_codec(nbits: int, backend: str) -> TorchCodec:
 UNPACKED_ELEMENTS = 1 << 24
 
 
-def group_slices(codes: torch.Tensor, group_size: int, nbits: int) -> list[tuple[int, int]]:
-    """Ranges ``[first, end)`` of the token groups of packed ``codes`` ``[B, H, rows, D]`` that unpack to at
-    most :data:`UNPACKED_ELEMENTS` elements each (at least one group)."""
+def unpacked_group_slices(codes: torch.Tensor, group_size: int, nbits: int):
+    """Yield ``(first, end, unpacked)``: the token groups ``[first, end)`` of packed ``codes`` ``[B, H, rows,
+    D]`` and their codes as float32 ``[B, H, end - first, G, D]``, at most :data:`UNPACKED_ELEMENTS`
+    elements (at least one group) at a time."""
     batch, heads, rows, head_dim = codes.shape
-    groups = rows // (group_size * nbits // 8)
+    per_group = group_size * nbits // 8
     step = max(1, UNPACKED_ELEMENTS // (batch * heads * group_size * head_dim))
-    return [(first, min(groups, first + step)) for first in range(0, groups, step)]
+    for first in range(0, rows // per_group, step):
+        end = min(rows // per_group, first + step)
+        part = codes[:, :, first * per_group : end * per_group]
+        yield first, end, unpack_token_groups(part, nbits, group_size).float()
 
 
 def torch_packed_scores(codes, query, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
@@ -290,9 +294,8 @@ def torch_packed_scores(codes, query, scale, zero, group_size: int, nbits: int) 
     ``[B, H, g, D]``, per channel and group of tokens): ``[B, H, M, n]``, the reference the native kernel
     matches."""
     batch, heads, queries, _ = query.shape
-    rows, parts = group_size * nbits // 8, []
-    for first, end in group_slices(codes, group_size, nbits):
-        keys = unpack_token_groups(codes[:, :, first * rows : end * rows], nbits, group_size).float()
+    parts = []
+    for first, end, keys in unpacked_group_slices(codes, group_size, nbits):
         folded = query.unsqueeze(2) * scale[:, :, first:end].float().unsqueeze(3)  # [B, H, g, M, D]
         logits = folded @ keys.transpose(-1, -2)  # [B, H, g, M, G]
         logits += (query @ zero[:, :, first:end].float().transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
@@ -304,10 +307,9 @@ def torch_packed_values(codes, weights, scale, zero, group_size: int, nbits: int
     """``weights @ V`` for weights ``[B, H, M, n]`` (float32) over grouped-layout value codes (scales and
     zeros ``[B, H, n, D / G]``, per token and group of channels): ``[B, H, M, D]``."""
     batch, heads, queries, _ = weights.shape
-    rows, channel_groups, out = group_size * nbits // 8, codes.shape[-1] // group_size, None
-    for first, end in group_slices(codes, group_size, nbits):
+    channel_groups, out = codes.shape[-1] // group_size, None
+    for first, end, values in unpacked_group_slices(codes, group_size, nbits):
         tokens = slice(first * group_size, end * group_size)
-        values = unpack_token_groups(codes[:, :, first * rows : end * rows], nbits, group_size).float()
         values = values.view(batch, heads, -1, channel_groups, group_size)  # [B, H, n, D / G, G]
         part_weights = weights[..., tokens]
         folded = part_weights.unsqueeze(-1) * scale[:, :, tokens].float().unsqueeze(2)  # [B, H, M, n, D/G]
