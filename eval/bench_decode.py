@@ -6,7 +6,8 @@ For each length, one process prefills a cache per strategy (``hf_kvcache.prefill
 first tokens of the corpus, then times ``--steps`` greedy decoding steps per cache per round, one cache after
 another, for ``--rounds`` rounds: every strategy meets the same machine load, and the medians and min-max of
 ms/token are reported. ``--profile`` also counts the aten operators one decoding step runs (torch profiler),
-next to the full cache's; each cache's prefill time is printed too (one run each, so only indicative).
+next to the full cache's, and on CUDA the kernels it launches and their summed device time; each cache's
+prefill time is printed too (one run each, so only indicative).
 ``--compile`` adds, for every strategy, a second cache decoded through ``torch.compile(model.forward)`` (rows
 named ``<spec> [compiled]``), timed in the same rounds; compilation and the one recompilation that makes the
 token count dynamic happen in untimed warm-up steps, and the compiled tokens are checked against eager. Only
@@ -64,13 +65,29 @@ def random_weight_model(geometry: str, device: str, dtype: torch.dtype):
     return model.eval()
 
 
-def count_aten_ops(model, cache, token) -> tuple[int, torch.Tensor]:
-    """Aten operators one decoding step runs, and the step's next token."""
+def profile_step(model, cache, token) -> tuple[dict, torch.Tensor]:
+    """One decoding step under the torch profiler: the aten operators it runs and, on CUDA, the kernels it
+    launches and their summed device time next to the step's wall time (a step whose kernels take a small
+    part of its wall time is bound by the host, not the GPU). Also the step's next token."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    on_cuda = token.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
         token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
-    return sum(1 for event in prof.events() if event.name.startswith("aten::")), token
+        if on_cuda:
+            torch.cuda.synchronize(token.device)
+        wall_ms = 1000 * (time.perf_counter() - start)
+    events = prof.events()
+    figures = {"aten_ops_per_step": sum(1 for event in events if event.name.startswith("aten::"))}
+    if on_cuda:
+        host = [event for event in events if event.device_type == torch.autograd.DeviceType.CPU]
+        launched = sum(1 for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
+        figures["kernels_per_step"] = launched or sum(len(event.kernels) for event in host)
+        figures["kernel_ms_per_step"] = sum(event.self_device_time_total for event in host) / 1000
+        figures["profiled_step_ms"] = wall_ms  # slowed by the profiler itself
+    return figures, token
 
 
 COMPILED = " [compiled]"
@@ -154,8 +171,11 @@ def measure(
             same = sum(a == b for a, b in zip(eager, produced[spec], strict=True))
             results[spec]["tokens_as_eager"] = f"{same}/{len(eager)}"
         elif profile:
-            ops, tokens[spec] = count_aten_ops(model, caches[spec], tokens[spec])
-            results[spec]["aten_ops_per_step"] = ops
+            try:  # a profiler failure costs its figures, not the timings
+                figures, tokens[spec] = profile_step(model, caches[spec], tokens[spec])
+                results[spec].update(figures)
+            except RuntimeError as error:
+                results[spec]["profile_error"] = str(error)
     return results
 
 
@@ -166,7 +186,11 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8, help="decoding steps per cache per round")
-    parser.add_argument("--profile", action="store_true", help="count aten operators per decoding step")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="count aten operators per decoding step (on CUDA also kernels and their time)",
+    )
     parser.add_argument("--compile", action="store_true", help="also decode through torch.compile")
     parser.add_argument("--label", default="", help="a name for this run in the JSON (e.g. 'before')")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -212,6 +236,8 @@ def main() -> None:
                 print(f"{length:>6} {spec:<72} {row['error']}", flush=True)
                 continue
             ops = f"  {row['aten_ops_per_step']} aten ops" if "aten_ops_per_step" in row else ""
+            if "kernels_per_step" in row:
+                ops += f", {row['kernels_per_step']} kernels taking {row['kernel_ms_per_step']:.1f} ms"
             if "tokens_as_eager" in row:
                 ops = f"  {row['tokens_as_eager']} tokens as eager"
             held, peak, step = (
