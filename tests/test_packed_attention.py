@@ -200,7 +200,7 @@ def test_local_layers_and_exact_outliers_attend_over_a_dense_copy(keys, stored_c
 
 def test_unknown_attention_backend_is_refused_with_the_choices():
     with pytest.raises(
-        ValueError, match=r"attention must be one of \['auto', 'compiled', 'torch', 'dense'\]"
+        ValueError, match=r"attention must be one of \['auto', 'compiled', 'triton', 'torch', 'dense'\]"
     ):
         QuantizedOptions(attention="fused")
 

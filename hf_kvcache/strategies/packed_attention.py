@@ -30,10 +30,11 @@ import warnings
 import torch
 
 from hf_kvcache.kernels import KernelUnavailable, load_packed_kernels
+from hf_kvcache.kernels.triton_packed import require_triton, triton_sums, unsupported_group_size
 from hf_kvcache.strategies.packing import torch_packed_scores, torch_packed_values, unpacked_group_slices
 from hf_kvcache.strategies.rotation import hadamard_signs, rotated_tensors
 
-ATTENTION_BACKENDS = ("auto", "compiled", "torch", "dense")
+ATTENTION_BACKENDS = ("auto", "compiled", "triton", "torch", "dense")
 # Longer query chunks (prefill) attend over a dequantized copy: there one matrix product per chunk is cheaper
 # than the per-group work of the packed path.
 MAX_STORED_QUERIES = 16
@@ -45,7 +46,7 @@ def compiled_kernels(backend: str, device: torch.device):
 
     Under ``torch.compile`` the answer is ``None``: dynamo cannot trace a foreign call, and the torch
     computation it traces instead is fused by Inductor into generated code of its own."""
-    if backend == "torch" or torch.compiler.is_compiling():
+    if backend in ("torch", "triton") or torch.compiler.is_compiling():
         return None
     if device.type != "cpu":
         if backend == "compiled":
@@ -121,7 +122,11 @@ def _packed_part(packed, queries: torch.Tensor, backend: str):
     # The sums run in float32; a float64 model's store keeps its rotation in float64.
     rotation = packed.rotation.to(queries.dtype) if packed.rotation is not None else None
     size = packed.group_size
-    scores, values = (torch_packed_scores, torch_packed_values) if kernels is None else kernels.functions
+    if kernels is not None:
+        scores, values = kernels.functions
+    else:  # the Triton sums on a GPU, else torch's; pre-RoPE keys are turned by torch (pre_rope_scores)
+        sums = triton_sums(backend, size, queries.device)
+        scores, values = sums or (torch_packed_scores, torch_packed_values)
     if packed.key_rope is not None:
         logits = pre_rope_scores(packed, queries, kernels)
     else:
@@ -298,16 +303,25 @@ class StoredAttention:
     """
 
     @staticmethod
-    def require_compiled_kernels(model: torch.nn.Module) -> None:
-        """For ``attention='compiled'``: fail when the cache is built, not mid-generation, if the kernel
-        cannot serve ``model`` (not on CPU, or no kernel builds here)."""
+    def require_attention_backend(model: torch.nn.Module, options) -> None:
+        """Fail when the cache is built, not mid-generation, if ``options.attention`` cannot serve ``model``:
+        ``'compiled'`` off the CPU or where no kernel builds, ``'triton'`` off CUDA, without Triton, or with a
+        group size its tiles cannot take."""
         devices = sorted({parameter.device.type for parameter in model.parameters()})
-        if devices != ["cpu"]:
-            raise ValueError(
-                f"attention='compiled' runs the native CPU kernel; the model is on {devices}. "
-                "Use attention='auto' or 'torch' there"
-            )
-        load_packed_kernels()
+        if options.attention == "triton":
+            for device in devices:
+                require_triton(torch.device(device))
+            if unsupported_group_size(options.group_size):
+                raise ValueError(
+                    f"attention='triton' cannot read this store: {unsupported_group_size(options.group_size)}"
+                )
+        elif options.attention == "compiled":
+            if devices != ["cpu"]:
+                raise ValueError(
+                    f"attention='compiled' runs the native CPU kernel; the model is on {devices}. "
+                    "Use attention='auto' or 'torch' there"
+                )
+            load_packed_kernels()
 
     def store_for_attention(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool | None:
         """Store the new tokens and return ``True`` if the coming attention call reads the storage; ``None``

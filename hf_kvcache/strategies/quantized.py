@@ -317,9 +317,11 @@ class QuantizedKVCache(KVCache):
             model and setting. Default None.
         attention: how decode steps read the packed history (:mod:`.packed_attention`): ``"compiled"``, a
             native kernel that folds the scales into the query and the weights and never builds a dequantized
-            copy (built on first use with the system's C++ compiler, CPU); ``"torch"``, the same sums in
-            torch; ``"auto"``, compiled where it builds, else torch with one warning; ``"dense"``, dequantize
-            the history and run the model's own attention. Default ``'auto'``.
+            copy (built on first use with the system's C++ compiler, CPU); ``"triton"``, Triton kernels
+            that do the same on a CUDA device (:mod:`hf_kvcache.kernels.triton_packed`; ``group_size`` a
+            power of two from 16); ``"torch"``, the same sums in torch; ``"auto"``, compiled on CPU where it
+            builds (else torch with one warning), Triton on CUDA where it is installed (else torch);
+            ``"dense"``, dequantize the history and run the model's own attention. Default ``'auto'``.
         outliers: fraction ``F`` of each token's entries (per KV head) kept exact in a sparse store, the
             ``ceil(F * D)`` farthest from their quantization group's center, which would stretch its range
             (KVQuant's dense-and-sparse scheme, https://arxiv.org/abs/2401.18079; :mod:`.outliers`). Decoding
@@ -337,8 +339,7 @@ class QuantizedKVCache(KVCache):
     def build_layers(self, model: PreTrainedModel, layout: AttentionLayout) -> list[QuantizedLayer]:
         require_layer_types(layout, (FULL_ATTENTION, *LOCAL_ATTENTION), type(self).__name__)
         self.options.check_head_dim(layout.head_dim)
-        if self.options.attention == "compiled":
-            StoredAttention.require_compiled_kernels(model)
+        StoredAttention.require_attention_backend(model, self.options)
         ropes = key_ropes(model, layout) if self.options.keys == "pre_rope" else [None] * layout.num_layers
         options = [self.options] * layout.num_layers
         if self.options.calibrated_bits is not None:

@@ -1,0 +1,149 @@
+"""Triton kernels for a decoding step over packed codes on a GPU.
+
+The same two sums as :func:`~hf_kvcache.strategies.packing.torch_packed_scores` and
+:func:`~hf_kvcache.strategies.packing.torch_packed_values`, with the same arguments and results, but each
+token group is unpacked and dequantized in registers and never written to memory: the torch sums launch
+several kernels per bounded slice of groups and move a float32 copy of the codes through memory, which on
+CUDA made a decoding step over packed codes slower than one over the full cache although it reads a fifth of
+the bytes.
+
+Codes are ``[B, H, rows, D]`` ``uint8`` in :func:`~hf_kvcache.strategies.packing.pack_token_groups`' layout:
+within each group of ``G`` tokens, token ``t`` of an ``nbits``-bit code (2, 4, 8) sits in row ``t % m`` at
+bits ``(t // m) * nbits``, ``m = G * nbits / 8``; 3-bit codes are a 2-bit plane of ``G / 4`` rows and a 1-bit
+plane of ``G / 8`` rows. The products run in IEEE float32 (no TF32), so they match the torch sums to float32
+rounding.
+
+Triton is imported when a kernel is first needed, not at import. ``TRITON_INTERPRET=1`` (set before that
+first use) runs the kernels on CPU tensors in Triton's interpreter, which is how the tests check them without
+a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+SUPPORTED_NBITS = (2, 3, 4, 8)
+QUERY_BLOCK = 16  # tl.dot's smallest tile side
+# Programs in flight per streaming multiprocessor that the value sum aims for when it splits the tokens.
+PROGRAMS_PER_SM = 4
+
+
+def triton_available() -> bool:
+    """Whether Triton can be imported here (it ships with torch's CUDA wheels)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``), which takes CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unsupported_group_size(group_size: int) -> str | None:
+    """Why the kernels cannot read groups of ``group_size`` tokens, or ``None``: a group is one tile side,
+    so a power of two of at least 16."""
+    if group_size < 16 or group_size & (group_size - 1):
+        return f"group_size={group_size}: the Triton kernels take powers of two from 16"
+    return None
+
+
+def require_triton(device: torch.device) -> None:
+    """For ``attention='triton'``: a clear error unless the kernels can run on ``device``."""
+    if not triton_available():
+        raise ValueError(
+            "attention='triton' needs Triton, which is not installed (it comes with torch's CUDA wheels, or "
+            "`pip install triton`). Use attention='auto' or 'torch'"
+        )
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"attention='triton' runs Triton kernels on a CUDA device; this layer is on {device}. Use "
+            "attention='auto' or 'torch' there (or TRITON_INTERPRET=1 for Triton's interpreter on CPU)"
+        )
+
+
+def triton_sums(backend: str, group_size: int, device: torch.device):
+    """The pair ``(scores, values)`` of Triton sums for a packed step, or ``None`` where they do not apply:
+    ``attention='auto'`` takes them on CUDA when Triton is there; ``'triton'`` always (see
+    :func:`require_triton`). Under ``torch.compile`` the torch sums are traced instead."""
+    if backend not in ("auto", "triton") or torch.compiler.is_compiling():
+        return None
+    if backend == "auto" and (device.type != "cuda" or not triton_available()):
+        return None
+    require_triton(device)
+    if unsupported_group_size(group_size):
+        if backend == "triton":
+            raise ValueError(
+                f"attention='triton' cannot read this store: {unsupported_group_size(group_size)}"
+            )
+        return None
+    return triton_packed_scores, triton_packed_values
+
+
+@functools.cache
+def _kernels():
+    """Triton and the jitted kernels, imported at first use (so that ``TRITON_INTERPRET`` set by then is
+    honoured)."""
+    from hf_kvcache.kernels import triton_source
+
+    return triton_source.triton, triton_source.scores_kernel, triton_source.values_kernel
+
+
+def _inner_contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    # The kernels step the last dimension by one element.
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
+def _tile(triton, head_dim: int, group_size: int) -> dict:
+    block_d = triton.next_power_of_2(head_dim)
+    return {"BLOCK_M": QUERY_BLOCK, "BLOCK_D": block_d, "num_warps": 8 if group_size * block_d > 4096 else 4}
+
+
+def triton_packed_scores(codes, query, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
+    """``q . k`` of float32 queries ``[B, H, M, D]`` with grouped-layout key codes (scales and zeros ``[B, H,
+    g, D]``): float32 ``[B, H, M, g * group_size]``, as :func:`torch_packed_scores` returns."""
+    triton, scores_kernel, _ = _kernels()
+    codes, query, scale, zero = _inner_contiguous(codes, query, scale, zero)
+    batch, heads, queries, head_dim = query.shape
+    groups = codes.shape[2] // (group_size * nbits // 8)
+    out = torch.empty(batch, heads, queries, groups * group_size, dtype=torch.float32, device=query.device)
+    if groups:
+        scores_kernel[(batch * heads, groups)](
+            codes, query, scale, zero, out, heads, queries, head_dim,
+            *codes.stride()[:3], *query.stride()[:3], *scale.stride()[:3], *zero.stride()[:3],
+            *out.stride()[:3], G=group_size, NBITS=nbits, **_tile(triton, head_dim, group_size),
+        )  # fmt: skip
+    return out
+
+
+def _splits(device: torch.device, rows: int, groups: int) -> int:
+    """How many programs share one row's tokens in the value sum: enough to keep the GPU busy."""
+    if device.type == "cuda":
+        processors = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        processors = 1
+    return max(1, min(groups, -(-PROGRAMS_PER_SM * processors // rows)))
+
+
+def triton_packed_values(codes, weights, scale, zero, group_size: int, nbits: int) -> torch.Tensor:
+    """``weights @ V`` for float32 weights ``[B, H, M, n]`` over grouped-layout value codes (scales and zeros
+    ``[B, H, n, D / G]``): float32 ``[B, H, M, D]``, as :func:`torch_packed_values` returns. The tokens are
+    split across programs whose partial sums are added at the end."""
+    triton, _, values_kernel = _kernels()
+    codes, weights, scale, zero = _inner_contiguous(codes, weights, scale, zero)
+    batch, heads, queries, _ = weights.shape
+    head_dim = codes.shape[-1]
+    groups = codes.shape[2] // (group_size * nbits // 8)
+    splits = _splits(weights.device, batch * heads, groups) if groups else 1
+    per_split = -(-groups // splits) if groups else 0
+    splits = -(-groups // per_split) if groups else 1
+    out = torch.zeros(splits, batch, heads, queries, head_dim, dtype=torch.float32, device=weights.device)
+    if groups:
+        values_kernel[(batch * heads, splits)](
+            codes, weights, scale, zero, out, heads, queries, head_dim, groups, per_split,
+            *codes.stride()[:3], *weights.stride()[:3], *scale.stride()[:3], *zero.stride()[:3],
+            *out.stride()[:4], G=group_size, NBITS=nbits, **_tile(triton, head_dim, group_size),
+        )  # fmt: skip
+    return out.sum(0)
