@@ -7,8 +7,9 @@
 #
 # It expects the machine's own torch; transformers of the pinned range may come as a wheel in .whl/.
 # TEST_TIMEOUT and BENCH_TIMEOUT bound the parts (on an H200 the tests took 125 s, the 8B run at 8k about
-# 100 s, at 32k longer); RUN_8B=0 leaves out the 8B run, BATCH_RUN=0 the 16-row run. Each benchmark also
-# profiles one decoding step per cache (kernels launched and their device time against the step's wall time).
+# 100 s, at 32k longer); RUN_8B=0 leaves out the 8B run (LENGTHS_8B its lengths), BATCH_RUN=0 the 16-row
+# run, TESTS names other test files. Each benchmark also profiles one decoding step per cache (kernels
+# launched and their device time against the step's wall time).
 set -u
 OUT=${OUT:-/tmp/hf-kvcache-device}
 mkdir -p "$OUT"
@@ -24,7 +25,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 
 # Built once here, so that the test workers do not each compile the CPU kernel the CPU references use.
 python3 -c "from hf_kvcache.kernels.build import load_library; load_library()" || echo "no CPU kernel"
-timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda.py -rf 2>&1 \
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -n 8 ${TESTS:-tests/test_cuda.py tests/test_triton_attention.py} -rf 2>&1 \
     | tee "$OUT/test_cuda.log" | tail -25
 
 SETTINGS=(
@@ -38,14 +39,17 @@ SETTINGS=(
     "kvzip:budget=0.25,prompt=none"
     "kvzip:budget=0.5,prompt=none+quantized:nbits=4,nbits_keys=8,rotation=hadamard-values"
 )
+if [ "${BATCH_RUN:-1}" = 1 ]; then
+    # attention=torch: the torch sums the Triton kernels replace on CUDA, measured in the same rounds.
+    timeout "${BENCH_TIMEOUT:-150}" python3 eval/bench_decode.py --device cuda --dtype bfloat16 --profile \
+        --geometry llama-3.2-1b --batch 16 --lengths 32768 --rounds 3 --steps 10 --chunk-size 2048 \
+        --strategies "${SETTINGS[@]:0:5}" "quantized:nbits=2,attention=torch" \
+        --out "$OUT/decode_cuda_1b_batch16.json" 2>"$OUT/bench_1b.err"
+    tail -3 "$OUT/bench_1b.err"
+fi
 if [ "${RUN_8B:-1}" = 1 ]; then
     timeout "${BENCH_TIMEOUT:-220}" python3 eval/bench_decode.py --device cuda --dtype bfloat16 --profile \
-        --geometry llama-3.1-8b --lengths 8192 32768 --rounds 3 --steps 10 --chunk-size 4096 \
+        --geometry llama-3.1-8b --lengths ${LENGTHS_8B:-8192 32768} --rounds 3 --steps 10 --chunk-size 4096 \
         --strategies "${SETTINGS[@]}" "snapkv:budget=0.25" --out "$OUT/decode_cuda_8b.json" 2>"$OUT/bench_8b.err"
     tail -3 "$OUT/bench_8b.err"
 fi
-[ "${BATCH_RUN:-1}" = 1 ] || exit 0
-timeout "${BENCH_TIMEOUT:-120}" python3 eval/bench_decode.py --device cuda --dtype bfloat16 --profile \
-    --geometry llama-3.2-1b --batch 16 --lengths 32768 --rounds 3 --steps 10 --chunk-size 2048 \
-    --strategies "${SETTINGS[@]:0:5}" --out "$OUT/decode_cuda_1b_batch16.json" 2>"$OUT/bench_1b.err"
-tail -3 "$OUT/bench_1b.err"
