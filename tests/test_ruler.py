@@ -160,6 +160,7 @@ def test_ruler_metric_runs_through_compare_and_plots(tiny_model_dir, filler_file
         # RULER's score is the mean fraction of items found; "all found" counts whole trials.
         assert record["values"]["ruler_score"] == pytest.approx(sum(c["partial"] for c in cells) / 4)
         assert record["values"]["ruler_all_found"] == sum(c["correct"] for c in cells) / 4
+        assert all(len(c["scores"]) == 1 and c["scores"][0] == c["partial"] for c in cells)
     assert (tmp_path / "ruler.png").stat().st_size > 0
     table = (tmp_path / "ruler.md").read_text().splitlines()
     header = next(line for line in table if line.startswith("| strategy"))
@@ -167,11 +168,41 @@ def test_ruler_metric_runs_through_compare_and_plots(tiny_model_dir, filler_file
         header
         == "| strategy | niah_single 256 | niah_single 384 | common_words 256 | common_words 384 | mean |"
     )
-    rows = [line for line in table if line.startswith("| `")]
+    against_at = table.index("| strategy | ÷ reference | 95 % interval |")
+    rows = [line for line in table[:against_at] if line.startswith("| `")]
     assert [row.split(" | ")[0] for row in rows] == ["| `full`", f"| `{records[1]['spec']}`"]
     first = records[0]["values"]["cells"][0]
     assert rows[0].split(" | ")[1] == f"{first['partial']:.0%} ({first['correct']}/1)"
     assert "ruler score" in (tmp_path / "results.md").read_text()
+    against = table[against_at + 2]
+    assert against.startswith(f"| `{records[1]['spec']}` | ")
+
+
+def cells_of(*scores):
+    return [{"task": "niah_single", "length": 1024 * (i + 1), "scores": s} for i, s in enumerate(scores)]
+
+
+def test_the_bootstrap_interval_resamples_the_same_trials_for_both_strategies():
+    from hf_kvcache.evaluation.ruler import paired_ratio_interval
+
+    # Identical per-trial scores: every paired resample gives 1 (an unpaired one would range widely).
+    same = cells_of([0.0, 1.0, 0.0, 1.0], [1.0, 0.5, 0.0, 0.0])
+    assert paired_ratio_interval(same, same) == (1.0, 1.0)
+    # Half of the reference in every trial: exactly one half.
+    half = cells_of([0.0, 0.5, 0.0, 0.5], [0.5, 0.25, 0.0, 0.0])
+    assert paired_ratio_interval(same, half) == pytest.approx((0.5, 0.5))
+    # One cell of two trials, reference [1, 1] and [0, 1]: resampled ratios are 0, 1/2 or 1 with
+    # probabilities 1/4, 1/2, 1/4, so the 2.5 % and 97.5 % quantiles are 0 and 1.
+    assert paired_ratio_interval(cells_of([1.0, 1.0]), cells_of([0.0, 1.0])) == (0.0, 1.0)
+
+
+def test_no_interval_without_per_trial_scores_or_with_other_trials():
+    from hf_kvcache.evaluation.ruler import paired_ratio_interval
+
+    reference = cells_of([1.0, 0.0], [1.0, 1.0])
+    assert paired_ratio_interval(reference, [{"task": "niah_single", "length": 1024, "partial": 0.5}]) is None
+    assert paired_ratio_interval(reference, cells_of([1.0, 0.0, 1.0], [1.0, 1.0, 1.0])) is None
+    assert paired_ratio_interval(reference, cells_of([1.0, 0.0])) is None  # a cell missing
 
 
 def test_ruler_headline_of_a_record_written_before_scores_existed():
