@@ -31,16 +31,22 @@ def unpacked_group(base, row_stride, channels, channel_ok, G: tl.constexpr, NBIT
 
 
 @triton.jit
+def row_and_channels(row, heads, head_dim, BLOCK_D: tl.constexpr):
+    """A program's batch row and KV head, and its channel indices with their mask."""
+    # int64 offsets: a long history in a wide batch passes 2**31 elements
+    b, h = (row // heads).to(tl.int64), (row % heads).to(tl.int64)
+    channels = tl.arange(0, BLOCK_D)
+    return b, h, channels, channels < head_dim
+
+
+@triton.jit
 def scores_kernel(codes, query, scale, zero, out, heads, queries, head_dim,
                   code_b, code_h, code_r, query_b, query_h, query_m, scale_b, scale_h, scale_g,
                   zero_b, zero_h, zero_g, out_b, out_h, out_m,
                   G: tl.constexpr, NBITS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     row, group = tl.program_id(0), tl.program_id(1)
-    # int64 offsets: a long history in a wide batch passes 2**31 elements
-    b, h = (row // heads).to(tl.int64), (row % heads).to(tl.int64)
-    channels = tl.arange(0, BLOCK_D)
-    channel_ok = channels < head_dim
+    b, h, channels, channel_ok = row_and_channels(row, heads, head_dim, BLOCK_D)
     base = codes + b * code_b + h * code_h + group * (G * NBITS // 8) * code_r
     keys = unpacked_group(base, code_r, channels, channel_ok, G, NBITS)  # [G, D]
     group_scale = tl.load(scale + b * scale_b + h * scale_h + group * scale_g + channels, mask=channel_ok)
@@ -66,10 +72,7 @@ def values_kernel(codes, weights, scale, zero, out, heads, queries, head_dim, gr
                   G: tl.constexpr, NBITS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     row, split = tl.program_id(0), tl.program_id(1)
-    # int64 offsets: a long history in a wide batch passes 2**31 elements
-    b, h = (row // heads).to(tl.int64), (row % heads).to(tl.int64)
-    channels = tl.arange(0, BLOCK_D)
-    channel_ok = channels < head_dim
+    b, h, channels, channel_ok = row_and_channels(row, heads, head_dim, BLOCK_D)
     channel_group = channels // G  # values have a scale per token and group of G channels
     first_group = split * groups_per_split
     end_group = tl.minimum(first_group + groups_per_split, groups)
