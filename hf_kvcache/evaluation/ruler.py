@@ -91,10 +91,10 @@ def paired_ratio_interval(
 def ratio_table(records: list[dict]) -> str:
     """Each strategy's RULER mean as a fraction of the reference's (``full`` if it was run, else the first
     strategy), with the paired bootstrap interval of :func:`paired_ratio_interval`."""
-    reference = next((r for r in records if r["spec"] == "full"), records[0])
-    reference_mean = RulerMetric().headline(reference["values"])["ruler_score"]
     if len(records) < 2:
         return ""
+    reference = next((r for r in records if r["spec"] == "full"), records[0])
+    reference_mean = RulerMetric().headline(reference["values"])["ruler_score"]
     lines = [
         "",
         f"Against `{reference['spec']}`: the RULER mean as a fraction of its mean, with a 95 % paired "

@@ -26,12 +26,12 @@ import os
 
 import torch
 
-SUPPORTED_NBITS = (2, 3, 4, 8)
 QUERY_BLOCK = 16  # tl.dot's smallest tile side
 # Programs in flight per streaming multiprocessor that the value sum aims for when it splits the tokens.
 PROGRAMS_PER_SM = 4
 
 
+@functools.cache  # asked on every packed step under attention='auto'
 def triton_available() -> bool:
     """Whether Triton can be imported here (it ships with torch's CUDA wheels)."""
     return importlib.util.find_spec("triton") is not None
@@ -50,8 +50,9 @@ def unsupported_group_size(group_size: int) -> str | None:
     return None
 
 
-def require_triton(device: torch.device) -> None:
-    """For ``attention='triton'``: a clear error unless the kernels can run on ``device``."""
+def require_triton(device: torch.device, group_size: int) -> None:
+    """For ``attention='triton'``: a clear error unless the kernels can run on ``device`` and read groups of
+    ``group_size`` tokens."""
     if not triton_available():
         raise ValueError(
             "attention='triton' needs Triton, which is not installed (it comes with torch's CUDA wheels, or "
@@ -62,6 +63,8 @@ def require_triton(device: torch.device) -> None:
             f"attention='triton' runs Triton kernels on a CUDA device; this layer is on {device}. Use "
             "attention='auto' or 'torch' there (or TRITON_INTERPRET=1 for Triton's interpreter on CPU)"
         )
+    if unsupported_group_size(group_size):
+        raise ValueError(f"attention='triton' cannot read this store: {unsupported_group_size(group_size)}")
 
 
 def triton_sums(backend: str, group_size: int, device: torch.device):
@@ -70,15 +73,11 @@ def triton_sums(backend: str, group_size: int, device: torch.device):
     :func:`require_triton`). Under ``torch.compile`` the torch sums are traced instead."""
     if backend not in ("auto", "triton") or torch.compiler.is_compiling():
         return None
-    if backend == "auto" and (device.type != "cuda" or not triton_available()):
+    if backend == "auto" and (
+        device.type != "cuda" or not triton_available() or unsupported_group_size(group_size)
+    ):
         return None
-    require_triton(device)
-    if unsupported_group_size(group_size):
-        if backend == "triton":
-            raise ValueError(
-                f"attention='triton' cannot read this store: {unsupported_group_size(group_size)}"
-            )
-        return None
+    require_triton(device, group_size)
     return triton_packed_scores, triton_packed_values
 
 

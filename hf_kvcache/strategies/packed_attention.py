@@ -30,7 +30,7 @@ import warnings
 import torch
 
 from hf_kvcache.kernels import KernelUnavailable, load_packed_kernels
-from hf_kvcache.kernels.triton_packed import require_triton, triton_sums, unsupported_group_size
+from hf_kvcache.kernels.triton_packed import require_triton, triton_sums
 from hf_kvcache.strategies.packing import torch_packed_scores, torch_packed_values, unpacked_group_slices
 from hf_kvcache.strategies.rotation import hadamard_signs, rotated_tensors
 
@@ -310,11 +310,7 @@ class StoredAttention:
         devices = sorted({parameter.device.type for parameter in model.parameters()})
         if options.attention == "triton":
             for device in devices:
-                require_triton(torch.device(device))
-            if unsupported_group_size(options.group_size):
-                raise ValueError(
-                    f"attention='triton' cannot read this store: {unsupported_group_size(options.group_size)}"
-                )
+                require_triton(torch.device(device), options.group_size)
         elif options.attention == "compiled":
             if devices != ["cpu"]:
                 raise ValueError(
