@@ -40,10 +40,11 @@ SETTINGS=(
     "kvzip:budget=0.5,prompt=none+quantized:nbits=4,nbits_keys=8,rotation=hadamard-values"
 )
 if [ "${BATCH_RUN:-1}" = 1 ]; then
-    # attention=torch: the torch sums the Triton kernels replace on CUDA, measured in the same rounds.
+    # attention=torch: the torch sums the Triton kernels replace on CUDA, measured in the same rounds;
+    # attention=triton on pre-RoPE keys: the Triton RoPE kernel, which attention=auto does not take yet.
     timeout "${BENCH_TIMEOUT:-150}" python3 eval/bench_decode.py --device cuda --dtype bfloat16 --profile \
         --geometry llama-3.2-1b --batch 16 --lengths 32768 --rounds 3 --steps 10 --chunk-size 2048 \
-        --strategies "${SETTINGS[@]:0:5}" "quantized:nbits=2,attention=torch" \
+        --strategies "${SETTINGS[@]:0:5}" "quantized:nbits=2,attention=torch" "${SETTINGS[4]},attention=triton" \
         --out "$OUT/decode_cuda_1b_batch16.json" 2>"$OUT/bench_1b.err"
     tail -3 "$OUT/bench_1b.err"
 fi

@@ -8,6 +8,7 @@ kernel code, indexing and masks, without the speed. Skipped where Triton is not 
 
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,11 +25,17 @@ pytestmark = [
 
 from hf_kvcache import build_cache  # noqa: E402
 from hf_kvcache.kernels import triton_packed  # noqa: E402
+from hf_kvcache.model_hooks import KeyRotator  # noqa: E402
+from hf_kvcache.strategies import packed_attention  # noqa: E402
 from hf_kvcache.strategies.packed_attention import ATTENTION_BACKENDS  # noqa: E402
+from hf_kvcache.strategies.packed_store import PackedTokens  # noqa: E402
+from hf_kvcache.strategies.packing import TorchCodec  # noqa: E402
 from hf_kvcache.strategies.quantized import QuantizedLayer  # noqa: E402
+from hf_kvcache.strategies.rotation import hadamard_signs  # noqa: E402
 from tests.conftest import make_tiny_model, random_ids  # noqa: E402
 from tests.helpers import decode, record_calls  # noqa: E402
 from tests.test_packed_attention import STORED_SPACES, packed_history  # noqa: E402
+from tests.test_pre_rope_attention import float64_keys, rotary_module  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 # Groups of 16 tokens: the tiny models' heads have 16 channels, which value groups must divide.
@@ -92,20 +99,69 @@ def test_an_empty_history_gives_empty_scores_and_a_zero_output():
     assert torch.equal(output.cpu(), torch.zeros(1, 2, 1, 16))
 
 
+@pytest.mark.parametrize("nbits", [2, 3, 4, 8])
+@pytest.mark.parametrize(("head_dim", "group_size"), [(16, 16), (64, 32), (128, 64)])
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+@pytest.mark.parametrize("queries", [1, 20])
+def test_triton_rope_scores_equal_float64_keys_turned_to_their_positions(
+    nbits, head_dim, group_size, rotation, queries
+):
+    # Angles in float32, as the model's rotary embedding computes them: exact to their rounding at 40.
+    generator = torch.Generator().manual_seed(nbits + head_dim)
+    keys = torch.randn(2, 3, 3 * group_size, head_dim, generator=generator)
+    codec = TorchCodec(nbits)
+    rope = KeyRotator(rotary_module(head_dim))
+    packed = PackedTokens(group_size, (codec, codec), False, keys[..., :0, :], rotation, rope)
+    packed.append(keys, torch.randn(keys.shape, generator=generator), position=40)
+    query = torch.randn(2, 3, queries, head_dim, generator=generator)
+    expected = query.double() @ float64_keys(packed, head_dim, 40).transpose(-1, -2)
+    signs = hadamard_signs(head_dim, DEVICE) if rotation == "hadamard" else None
+    stored = [t.to(DEVICE) for t in (packed.key_codes, query, packed.group_scale, packed.group_zero)]
+    inv_freq = rope.rotary_module.inv_freq.to(DEVICE)
+    scores = triton_packed.triton_rope_scores(*stored, group_size, nbits, inv_freq, 40, signs)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores.cpu().double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_triton_rope_kernel_names_what_it_cannot_turn():
+    inv_freq = rotary_module(32).inv_freq
+    assert triton_packed.unsupported_rope(64, inv_freq) == (
+        "a rotary embedding over 32 of 64 channels (partial rotary)"
+    )
+    assert triton_packed.unsupported_rope(96, rotary_module(96).inv_freq) == (
+        "head_dim=96: the Triton RoPE kernel takes powers of two from 16"
+    )
+    assert triton_packed.unsupported_rope(64, rotary_module(64).inv_freq) is None
+    codes, query, scale = (
+        torch.zeros(1, 1, 16, 96, dtype=torch.uint8),
+        torch.zeros(1, 1, 1, 96),
+        torch.ones(1, 1, 1, 96),
+    )
+    with pytest.raises(ValueError, match=r"cannot read these keys: head_dim=96: the Triton RoPE kernel"):
+        triton_packed.triton_rope_scores(codes, query, scale, scale, 16, 8, rotary_module(96).inv_freq, 0)
+
+
 @pytest.mark.parametrize("arch", ["llama-gqa", "phi3", "gemma3", "gpt-oss"])
 @pytest.mark.parametrize("space", STORED_SPACES)
 def test_decoding_through_the_triton_sums_matches_dequantize_then_attend(arch, space, monkeypatch):
     stored_calls = record_calls(monkeypatch, QuantizedLayer, "attend_stored")
     kernel_calls = []
+
+    def counted(name, function):
+        return lambda *arguments: kernel_calls.append(name) or function(*arguments)
+
     for name in ("triton_packed_scores", "triton_packed_values"):
-        original = getattr(triton_packed, name)
-        monkeypatch.setattr(triton_packed, name, lambda *a, f=original: kernel_calls.append(f) or f(*a))
+        monkeypatch.setattr(triton_packed, name, counted(name, getattr(triton_packed, name)))
+    rope = SimpleNamespace(rope_scores=counted("rope_scores", packed_attention.TRITON_ROPE.rope_scores))
+    monkeypatch.setattr(packed_attention, "TRITON_ROPE", rope)
     model, ids = make_tiny_model(arch).to(DEVICE), random_ids(40).to(DEVICE)
     dense_tokens, dense_logits, _ = decode(model, f"quantized:{space},{GROUPS},attention=dense", ids, new=10)
     tokens, logits, _ = decode(model, f"quantized:{space},{GROUPS},attention=triton", ids, new=10)
     assert stored_calls, "no decoding step read the packed storage"
-    pre_rope = "pre_rope" in space  # its keys are turned to their positions by torch; values by Triton
-    assert len(kernel_calls) == len(stored_calls) * (1 if pre_rope else 2)
+    # Pre-RoPE keys are turned by the Triton RoPE kernel; phi3's partial rotary embedding by torch.
+    scores = "rope_scores" if "pre_rope" in space else "triton_packed_scores"
+    expected = ["triton_packed_values"] + ([] if "pre_rope" in space and arch == "phi3" else [scores])
+    assert sorted(kernel_calls) == sorted(expected * len(stored_calls))
     assert torch.equal(tokens, dense_tokens)
     torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
 

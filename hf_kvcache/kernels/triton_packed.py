@@ -5,7 +5,8 @@ The same two sums as :func:`~hf_kvcache.strategies.packing.torch_packed_scores` 
 token group is unpacked and dequantized in registers and never written to memory: the torch sums launch
 several kernels per bounded slice of groups and move a float32 copy of the codes through memory, which on
 CUDA made a decoding step over packed codes slower than one over the full cache although it reads a fifth of
-the bytes.
+the bytes. A third, :func:`triton_rope_scores`, does the logits for keys stored before their rotary embedding
+(``keys=pre_rope``), as the native kernel's ``rope_scores`` does on CPU.
 
 Codes are ``[B, H, rows, D]`` ``uint8`` in :func:`~hf_kvcache.strategies.packing.pack_token_groups`' layout:
 within each group of ``G`` tokens, token ``t`` of an ``nbits``-bit code (2, 4, 8) sits in row ``t % m`` at
@@ -90,6 +91,47 @@ def _kernels():
     return triton_source.triton, triton_source.scores_kernel, triton_source.values_kernel
 
 
+def unsupported_rope(head_dim: int, inv_freq: torch.Tensor) -> str | None:
+    """Why :func:`triton_rope_scores` cannot turn keys of ``head_dim`` channels by ``inv_freq``, or ``None``:
+    it takes a rotary embedding over every channel of a head whose size is a power of two from 16 (a key
+    tile is split in halves, and turned back from a Hadamard rotation, in registers)."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim={head_dim}: the Triton RoPE kernel takes powers of two from 16"
+    if 2 * inv_freq.numel() != head_dim:
+        return f"a rotary embedding over {2 * inv_freq.numel()} of {head_dim} channels (partial rotary)"
+    return None
+
+
+def triton_rope_scores(
+    codes, query, scale, zero, group_size: int, nbits: int, inv_freq, first: int, signs=None
+) -> torch.Tensor:
+    """``q . k`` like :func:`triton_packed_scores`, for keys stored before their rotary embedding
+    (``keys=pre_rope``): each program dequantizes one key group, undoes its Hadamard rotation (``signs``
+    ``[D]``, see :func:`~hf_kvcache.strategies.rotation.hadamard_signs`; ``None``: not rotated), turns token
+    ``t`` to position ``first + t`` by ``inv_freq`` ``[D / 2]`` and dots it with the queries. The same
+    arguments and result as the native kernel's ``rope_scores``; see :func:`unsupported_rope` for what it
+    takes."""
+    from hf_kvcache.kernels import triton_source
+
+    codes, query, scale, zero = _inner_contiguous(codes, query, scale, zero)
+    batch, heads, queries, head_dim = query.shape
+    if unsupported_rope(head_dim, inv_freq):
+        raise ValueError(f"triton_rope_scores cannot read these keys: {unsupported_rope(head_dim, inv_freq)}")
+    groups = codes.shape[2] // (group_size * nbits // 8)
+    out = torch.empty(batch, heads, queries, groups * group_size, dtype=torch.float32, device=query.device)
+    inv_freq = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
+    # The kernel reads `signs` only when ROTATED; any float32 pointer stands in otherwise.
+    signs_or_any = inv_freq if signs is None else signs.to(device=query.device, dtype=torch.float32)
+    if groups:
+        triton_source.rope_scores_kernel[(batch * heads, groups)](
+            codes, query, scale, zero, out, inv_freq, signs_or_any, first, heads, queries,
+            *codes.stride()[:3], *query.stride()[:3], *scale.stride()[:3], *zero.stride()[:3],
+            *out.stride()[:3], G=group_size, NBITS=nbits, D=head_dim, LOG2_D=head_dim.bit_length() - 1,
+            ROTATED=signs is not None, BLOCK_M=QUERY_BLOCK, num_warps=_warps(group_size * head_dim),
+        )  # fmt: skip
+    return out
+
+
 def _inner_contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
     # The kernels step the last dimension by one element.
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
@@ -97,7 +139,12 @@ def _inner_contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def _tile(triton, head_dim: int, group_size: int) -> dict:
     block_d = triton.next_power_of_2(head_dim)
-    return {"BLOCK_M": QUERY_BLOCK, "BLOCK_D": block_d, "num_warps": 8 if group_size * block_d > 4096 else 4}
+    return {"BLOCK_M": QUERY_BLOCK, "BLOCK_D": block_d, "num_warps": _warps(group_size * block_d)}
+
+
+def _warps(tile: int) -> int:
+    """Warps per program for a ``[G, D]`` key or value tile of ``tile`` elements."""
+    return 8 if tile > 4096 else 4
 
 
 def triton_packed_scores(codes, query, scale, zero, group_size: int, nbits: int) -> torch.Tensor:

@@ -26,11 +26,12 @@ up to float rounding. Two backends compute the packed part: ``compiled`` (the na
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import torch
 
 from hf_kvcache.kernels import KernelUnavailable, load_packed_kernels
-from hf_kvcache.kernels.triton_packed import require_triton, triton_sums
+from hf_kvcache.kernels.triton_packed import require_triton, triton_rope_scores, triton_sums, unsupported_rope
 from hf_kvcache.strategies.packing import torch_packed_scores, torch_packed_values, unpacked_group_slices
 from hf_kvcache.strategies.rotation import hadamard_signs, rotated_tensors
 
@@ -39,6 +40,7 @@ ATTENTION_BACKENDS = ("auto", "compiled", "triton", "torch", "dense")
 # than the per-group work of the packed path.
 MAX_STORED_QUERIES = 16
 _warned: set[str] = set()
+TRITON_ROPE = SimpleNamespace(rope_scores=triton_rope_scores)  # read like the native kernels
 
 
 def compiled_kernels(backend: str, device: torch.device):
@@ -88,9 +90,10 @@ def space_arguments(packed, queries: torch.Tensor) -> dict:
 
 def pre_rope_scores(packed, queries: torch.Tensor, kernels) -> torch.Tensor:
     """``q . k`` ``[B, H, M, n]`` over a store whose keys were quantized before their rotary embedding: each
-    token has its own rotation, which folds into no query, so the native kernel turns each dequantized key
-    group to its positions in a tile; without it (``kernels`` ``None``) the keys are dequantized and turned a
-    bounded slice of groups at a time."""
+    token has its own rotation, which folds into no query, so a kernel (``kernels.rope_scores``: the native
+    one, or :func:`triton_rope_scores` as ``TRITON_ROPE``) turns each dequantized key group to its positions
+    in a tile; without one (``kernels`` ``None``) the keys are dequantized and turned a bounded slice of
+    groups at a time."""
     size, nbits = packed.group_size, packed.key_codec.nbits
     if kernels is None:
         parts = []
@@ -124,10 +127,15 @@ def _packed_part(packed, queries: torch.Tensor, backend: str):
     size = packed.group_size
     if kernels is not None:
         scores, values = kernels.functions
-    else:  # the Triton sums on a GPU, else torch's; pre-RoPE keys are turned by torch (pre_rope_scores)
+    else:  # the Triton sums on a GPU, else torch's
         sums = triton_sums(backend, size, queries.device)
         scores, values = sums or (torch_packed_scores, torch_packed_values)
     if packed.key_rope is not None:
+        # Asked for by name only: the RoPE kernel has run in Triton's interpreter, not yet compiled on a GPU.
+        # Partial rotary embeddings and other head sizes are turned by torch.
+        inv_freq = space_arguments(packed, queries)["inv_freq"]
+        if kernels is None and backend == "triton" and not unsupported_rope(queries.shape[-1], inv_freq):
+            kernels = TRITON_ROPE
         logits = pre_rope_scores(packed, queries, kernels)
     else:
         folded = queries @ rotation if rotate_keys else queries
