@@ -106,3 +106,32 @@ def test_a_head_that_keeps_nothing_still_decodes_from_a_packed_store():
     tail = torch.randn(1, 2, 1, 16, generator=generator)
     out = store.attend(query, tail, tail, None, 0.25)
     torch.testing.assert_close(out[0, 0, 0], tail[0, 0, 0])  # head 0 sees only its tail entry
+
+
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+def test_attention_over_a_packed_store_equals_attention_over_its_entries_from_the_definition(rotation):
+    """The store is read with the query rotated and the output rotated back, never its entries: the result
+    equals float64 attention over the entries quantize-dequantized from the definition."""
+    from hf_kvcache.strategies.quantized import QuantizedOptions
+    from hf_kvcache.strategies.ragged import RaggedEntries
+
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, groups, length, dim = 2, 2, 2, 10, 16
+    keys, values = (torch.randn(batch, heads, length, dim, generator=generator) for _ in "kv")
+    keep = torch.rand(batch, heads, length, generator=generator) < 0.6
+    store = RaggedEntries(QuantizedOptions(nbits=4, group_size=8, rotation=rotation))
+    store.fill(keys, values, keep)
+    query = torch.randn(batch, heads * groups, 1, dim, generator=generator)
+    tail_keys, tail_values = (torch.randn(batch, heads, 1, dim, generator=generator) for _ in "kv")
+    out = store.attend(query, tail_keys, tail_values, None, 0.25)
+    for row in range(batch):
+        for head in range(heads):
+            held = [reference_entries(x[row, head][keep[row, head]], 4, 8, rotation) for x in (keys, values)]
+            held_keys, held_values = (
+                torch.cat([x, tail[row, head].double()])
+                for x, tail in zip(held, (tail_keys, tail_values), strict=True)
+            )
+            q = query[row, head * groups : (head + 1) * groups, 0].double()
+            expected = torch.softmax(q @ held_keys.T * 0.25, -1) @ held_values
+            got = out[row, 0, head * groups : (head + 1) * groups].double()
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # float32 sums

@@ -99,6 +99,14 @@ class RaggedEntries(HeldTensors):
 
     def entries(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[n, D]`` of entries ``start:stop``, in float32 (dequantized when packed)."""
+        keys, values = self.stored_entries(start, stop)
+        rotation = None if self.quantization is None else self._rotation(keys)
+        if rotation is None:
+            return keys, values
+        return keys @ rotation.T, values @ rotation.T  # orthogonal: its inverse is its transpose
+
+    def stored_entries(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`entries`, in the space they are stored in (a rotated store's rotation not undone)."""
         if self.quantization is None:
             return self.keys[start:stop].float(), self.values[start:stop].float()
         options, out = self.quantization, []
@@ -107,9 +115,7 @@ class RaggedEntries(HeldTensors):
             # Explicit sizes: a head may keep no entry at all under a shared budget.
             groups = codes.view(codes.shape[0], codes.shape[1] // options.group_size, options.group_size)
             scale, zero = (getattr(self, f"{name}_{part}")[start:stop].float() for part in ("scale", "zero"))
-            x = (groups * scale.unsqueeze(-1) + zero.unsqueeze(-1)).flatten(1)
-            rotation = self._rotation(x)  # orthogonal: its inverse is its transpose
-            out.append(x if rotation is None else x @ rotation.T)
+            out.append((groups * scale.unsqueeze(-1) + zero.unsqueeze(-1)).flatten(1))
         return out[0], out[1]
 
     def segments(self) -> list[tuple[int, int]]:
@@ -154,15 +160,19 @@ class RaggedEntries(HeldTensors):
         group = query_heads // heads
         out = torch.empty(batch, query_heads, length, head_dim, dtype=torch.float32, device=query.device)
         spans = self.segments()
+        # A rotated store (entries x R) is read with the queries rotated alike and its share of the output
+        # rotated back: two [G q, D] products per head instead of two [n, D] ones.
+        rotation = None if self.quantization is None else self._rotation(out)
         for row in range(batch):
             for head in range(heads):
                 start, stop = spans[row * heads + head]
                 heads_of = slice(head * group, (head + 1) * group)
                 queries = query[row, heads_of].float()  # [G, q, D]
                 # Logits of the store and of the tail side by side: no copy of the store's entries per step.
-                store_keys, store_values = self.entries(start, stop)
+                store_keys, store_values = self.stored_entries(start, stop)
+                stored_queries = queries if rotation is None else queries @ rotation
                 tail = tail_keys[row, head].float()
-                logits = torch.cat([queries @ store_keys.T, queries @ tail.T], dim=-1)[
+                logits = torch.cat([stored_queries @ store_keys.T, queries @ tail.T], dim=-1)[
                     None
                 ]  # [1, G, q, n + t]
                 mask = None
@@ -175,9 +185,9 @@ class RaggedEntries(HeldTensors):
                 own_sinks = None if sinks is None else sinks[heads_of]
                 weights = attention_weights(logits, mask, scaling, softcap, own_sinks)[0]
                 held = stop - start
-                out[row, heads_of] = (
-                    weights[..., :held] @ store_values + weights[..., held:] @ tail_values[row, head].float()
-                )
+                stored_out = weights[..., :held] @ store_values
+                stored_out = stored_out if rotation is None else stored_out @ rotation.T
+                out[row, heads_of] = stored_out + weights[..., held:] @ tail_values[row, head].float()
         return out.transpose(1, 2).to(query.dtype)
 
 
