@@ -7,6 +7,7 @@ import torch
 from transformers import AutoTokenizer, DynamicCache
 
 from hf_kvcache import build_cache, prefill
+from hf_kvcache.strategies import ragged
 from hf_kvcache.strategies.kvzip import KVzipCache
 from hf_kvcache.strategies.ragged import RaggedEntries, highest_entries
 from hf_kvcache.strategies.reconstruction import reconstruction_prompt_ids
@@ -106,8 +107,8 @@ def test_a_left_padded_row_keeps_what_it_keeps_alone():
         torch.testing.assert_close(rows, single.ragged.keys, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("math", ["plain", "softcap and sinks", "padding mask"])
-def test_attention_over_a_ragged_store_equals_dense_attention_with_the_evicted_masked(math):
+@pytest.mark.parametrize("math", ["plain", "softcap and sinks", "padding mask", "several passes"])
+def test_attention_over_a_ragged_store_equals_dense_attention_with_the_evicted_masked(math, monkeypatch):
     generator = torch.Generator().manual_seed(0)
     batch, heads, groups, length, tail, queries, dim = 2, 2, 3, 12, 4, 3, 8
     keys, values = (torch.randn(batch, heads, length, dim, generator=generator) for _ in "kv")
@@ -124,6 +125,9 @@ def test_attention_over_a_ragged_store_equals_dense_attention_with_the_evicted_m
         visible = ~causal.expand(batch, 1, -1, -1).clone()
         visible[1, :, :, 0] = False
         mask, hidden_tail = visible, ~visible[:, :, None]
+    if math == "several passes":  # (row, head) pairs padded and attended together only while they fit
+        monkeypatch.setattr(ragged, "PADDED_ELEMENTS", dim * length)
+        assert len(ragged._passes(keep.sum(-1).flatten().tolist(), dim)) > 1
     store = RaggedEntries()
     store.fill(keys, values, keep)
     out = store.attend(query, tail_keys, tail_values, mask, 0.3, softcap=softcap, sinks=sinks)
@@ -244,3 +248,11 @@ def test_adaptive_budgets_need_the_attention_entry_point(monkeypatch):
     ):
         build_cache("kvzip", model)
     assert build_cache("kvzip:head_budgets=uniform,layer_budgets=uniform", model).layers
+
+
+def test_heads_are_attended_in_passes_whose_padded_entries_fit_the_bound(monkeypatch):
+    monkeypatch.setattr(ragged, "PADDED_ELEMENTS", 100)
+    # pairs * widest count * 10 channels: [3, 4] fit (2 * 4 * 10 = 80), adding 6 would not (3 * 6 * 10);
+    # 12 alone exceeds the bound and is a pass of its own; an empty head costs nothing.
+    assert ragged._passes([3, 4, 6, 12, 0, 1], head_dim=10) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert ragged._passes([], head_dim=10) == []

@@ -212,7 +212,8 @@ def attention_weights(
     logits = _masked(logits, attention_mask)
     if sinks is None:
         return torch.softmax(logits, dim=-1)
-    sink = sinks.float().view(1, -1, 1, 1).expand(batch, -1, length, 1)
+    # sinks [H_q], or [B, H_q] where the batch entries are different heads (a ragged store's pairs)
+    sink = sinks.float().reshape(-1, logits.shape[1], 1, 1).expand(batch, -1, length, 1)
     return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
 
 

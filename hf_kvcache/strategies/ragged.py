@@ -12,6 +12,7 @@ one KV head at a time (:meth:`RaggedEntries.attend`); ``sdpa`` and ``eager`` alo
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -156,39 +157,71 @@ class RaggedEntries(HeldTensors):
         ``tail_keys``/``tail_values`` ``[B, H, t, D]``, the entries that came after (masked by the model's
         ``attention_mask`` over ``t`` columns, causal when ``None``). Returns ``[B, q, H_q, D]``."""
         batch, query_heads, length, head_dim = query.shape
-        heads = self.counts.shape[1]
+        heads, tail = self.counts.shape[1], tail_keys.shape[-2]
         group = query_heads // heads
-        out = torch.empty(batch, query_heads, length, head_dim, dtype=torch.float32, device=query.device)
-        spans = self.segments()
-        # A rotated store (entries x R) is read with the queries rotated alike and its share of the output
-        # rotated back: two [G q, D] products per head instead of two [n, D] ones.
-        rotation = None if self.quantization is None else self._rotation(out)
-        for row in range(batch):
-            for head in range(heads):
-                start, stop = spans[row * heads + head]
-                heads_of = slice(head * group, (head + 1) * group)
-                queries = query[row, heads_of].float()  # [G, q, D]
-                # Logits of the store and of the tail side by side: no copy of the store's entries per step.
-                store_keys, store_values = self.stored_entries(start, stop)
-                stored_queries = queries if rotation is None else queries @ rotation
-                tail = tail_keys[row, head].float()
-                logits = torch.cat([stored_queries @ store_keys.T, queries @ tail.T], dim=-1)[
-                    None
-                ]  # [1, G, q, n + t]
-                mask = None
-                if attention_mask is not None:
-                    tail_mask = attention_mask[row : row + 1, :1, :, : tail_keys.shape[-2]]
-                    visible = torch.ones_like(tail_mask[..., :1]).expand(-1, -1, -1, stop - start)
-                    if tail_mask.dtype != torch.bool:
-                        visible = torch.zeros_like(visible)
-                    mask = torch.cat([visible, tail_mask], dim=-1)
-                own_sinks = None if sinks is None else sinks[heads_of]
-                weights = attention_weights(logits, mask, scaling, softcap, own_sinks)[0]
-                held = stop - start
-                stored_out = weights[..., :held] @ store_values
-                stored_out = stored_out if rotation is None else stored_out @ rotation.T
-                out[row, heads_of] = stored_out + weights[..., held:] @ tail_values[row, head].float()
-        return out.transpose(1, 2).to(query.dtype)
+        # One (row, KV head) pair per batch entry of the products below; a head's query heads side by side.
+        queries = query.float().reshape(batch * heads, group * length, head_dim)
+        tail_keys, tail_values = (
+            t.float().reshape(batch * heads, tail, head_dim) for t in (tail_keys, tail_values)
+        )
+        tail_mask = _tail_mask(attention_mask, length, tail, query.device)  # [B or 1, 1, q, t]
+        rotation = None if self.quantization is None else self._rotation(queries)
+        out = torch.empty_like(queries)
+        counts = self.counts.flatten().tolist()
+        offsets = [0, *itertools.accumulate(counts)]
+        for first, end in _passes(counts, head_dim):
+            pairs = torch.arange(first, end, device=query.device)
+            keys, values = self.stored_entries(offsets[first], offsets[end])
+            # Each pair's entries padded to the longest pair's count, the padding masked out.
+            width = max(counts[first:end])
+            held = torch.arange(width, device=query.device) < self.counts.flatten()[first:end, None]  # [P, W]
+            padded_keys = keys.new_zeros(end - first, width, head_dim).index_put_((held,), keys)
+            padded_values = values.new_zeros(end - first, width, head_dim).index_put_((held,), values)
+            # A rotated store (x R) is read with the query rotated alike and the output rotated back.
+            stored_queries = queries[first:end] if rotation is None else queries[first:end] @ rotation
+            logits = torch.cat(
+                [stored_queries @ padded_keys.transpose(1, 2), queries[first:end] @ tail_keys[first:end].mT],
+                -1,
+            ).view(end - first, group, length, width + tail)
+            rows_mask = tail_mask[pairs // heads] if tail_mask.shape[0] > 1 else tail_mask
+            held_mask = held[:, None, None, :].expand(-1, -1, length, -1)
+            if rows_mask.dtype != torch.bool:  # additive: 0 where visible
+                held_mask = torch.zeros(
+                    held_mask.shape, dtype=rows_mask.dtype, device=query.device
+                ).masked_fill(~held_mask, torch.finfo(rows_mask.dtype).min)
+            mask = torch.cat([held_mask, rows_mask.expand(end - first, -1, -1, -1)], -1)
+            own_sinks = None if sinks is None else sinks.view(heads, group)[pairs % heads]
+            weights = attention_weights(logits, mask, scaling, softcap, own_sinks).flatten(1, 2)
+            stored_out = weights[..., :width] @ padded_values
+            stored_out = stored_out if rotation is None else stored_out @ rotation.T
+            out[first:end] = stored_out + weights[..., width:] @ tail_values[first:end]
+        return out.view(batch, query_heads, length, head_dim).transpose(1, 2).to(query.dtype)
+
+
+# At most this many padded elements per pass of RaggedEntries.attend (64 MiB of float32 keys, as many values),
+# so that a step's transient memory stays bounded however unevenly the heads split their budget.
+PADDED_ELEMENTS = 1 << 24
+
+
+def _passes(counts: list[int], head_dim: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of (row, head) pairs whose entries, padded to the range's largest count, fit in
+    :data:`PADDED_ELEMENTS` (a pair that alone does not is a range of its own)."""
+    passes, first, widest = [], 0, 0
+    for pair, count in enumerate(counts):
+        if pair > first and (pair - first + 1) * max(widest, count) * head_dim > PADDED_ELEMENTS:
+            passes.append((first, pair))
+            first, widest = pair, 0
+        widest = max(widest, count)
+    return [*passes, (first, len(counts))] if counts else []
+
+
+def _tail_mask(attention_mask: torch.Tensor | None, length: int, tail: int, device) -> torch.Tensor:
+    """The model's mask over the tail's ``tail`` columns ``[B, 1, q, t]`` (boolean: visible, or additive), or,
+    without one, the causal mask of ``length`` queries that are the tail's last ``[1, 1, q, t]``."""
+    if attention_mask is not None:
+        return attention_mask[:, :1, :, :tail]
+    last_visible = torch.arange(length, device=device)[:, None] + tail - length
+    return (torch.arange(tail, device=device) <= last_visible)[None, None]
 
 
 def require_entry_point(cache, strategy: str) -> None:
