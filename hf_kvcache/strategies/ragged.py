@@ -6,8 +6,9 @@ largest count. :class:`RaggedEntries` holds them back to back instead: the entri
 ``h`` are ``counts[b, h]`` consecutive rows of ``keys`` and ``values`` ``[total, D]``, heads in order within a
 row, rows in order, each head's entries in age order. ``nbytes`` then shows what is really held.
 
-Attention over such a store goes through hf-kvcache's attention entry point (:mod:`hf_kvcache.attention`),
-one KV head at a time (:meth:`RaggedEntries.attend`); ``sdpa`` and ``eager`` alone could not read it.
+Attention over such a store goes through hf-kvcache's attention entry point (:mod:`hf_kvcache.attention`):
+:meth:`RaggedEntries.attend` pads each head's entries to the longest head's count for the products, a bounded
+number of heads at a time, and masks the padding; ``sdpa`` and ``eager`` alone could not read the store.
 """
 
 from __future__ import annotations
