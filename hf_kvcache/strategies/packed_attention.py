@@ -133,8 +133,11 @@ def _packed_part(packed, queries: torch.Tensor, backend: str):
     if packed.key_rope is not None:
         # Asked for by name only: the RoPE kernel has run in Triton's interpreter, not yet compiled on a GPU.
         # Partial rotary embeddings and other head sizes are turned by torch.
-        inv_freq = space_arguments(packed, queries)["inv_freq"]
-        if kernels is None and backend == "triton" and not unsupported_rope(queries.shape[-1], inv_freq):
+        # (the frequencies are looked up only when the kernel was asked for)
+        readable = backend == "triton" and not unsupported_rope(
+            queries.shape[-1], space_arguments(packed, queries)["inv_freq"]
+        )
+        if kernels is None and readable:
             kernels = TRITON_ROPE
         logits = pre_rope_scores(packed, queries, kernels)
     else:

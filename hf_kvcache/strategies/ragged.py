@@ -168,14 +168,15 @@ class RaggedEntries(HeldTensors):
         tail_mask = _tail_mask(attention_mask, length, tail, query.device)  # [B or 1, 1, q, t]
         rotation = None if self.quantization is None else self._rotation(queries)
         out = torch.empty_like(queries)
-        counts = self.counts.flatten().tolist()
+        count_per_pair = self.counts.flatten()
+        counts = count_per_pair.tolist()
         offsets = [0, *itertools.accumulate(counts)]
         for first, end in _passes(counts, head_dim):
             pairs = torch.arange(first, end, device=query.device)
             keys, values = self.stored_entries(offsets[first], offsets[end])
             # Each pair's entries padded to the longest pair's count, the padding masked out.
             width = max(counts[first:end])
-            held = torch.arange(width, device=query.device) < self.counts.flatten()[first:end, None]  # [P, W]
+            held = torch.arange(width, device=query.device) < count_per_pair[first:end, None]  # [P, W]
             padded_keys = keys.new_zeros(end - first, width, head_dim).index_put_((held,), keys)
             padded_values = values.new_zeros(end - first, width, head_dim).index_put_((held,), values)
             # A rotated store (x R) is read with the query rotated alike and the output rotated back.
