@@ -86,6 +86,61 @@ def test_adaptive_budgets_keep_the_highest_scores_of_all_layers_and_heads_held_r
         cache.layers[0].held()
 
 
+def protect(scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
+    """``scores`` with the first ``sinks`` and last ``recent`` entries raised above any attention weight."""
+    raised = scores.clone()
+    raised[..., :sinks] = raised[..., raised.shape[-1] - recent :] = 10.0
+    return raised
+
+
+@pytest.mark.parametrize("layer_budgets", ["adaptive", "uniform"])
+def test_protected_sinks_and_recent_entries_are_kept_in_every_head_out_of_the_budget(layer_budgets):
+    ids = random_ids(CONTEXT, seed=4)
+    spec = f"kvzip:budget={BUDGET},chunk_size={CHUNK},prompt=none,layer_budgets={layer_budgets}"
+    cache = compressed(f"{spec},num_sink_tokens=2,recent=3", ids)
+    scores = protect(reference_scores(ids, [], CHUNK), 2, 3)  # [layers, H, N]
+    pools = [scores] if layer_budgets == "adaptive" else list(scores)
+    thresholds = [pool.flatten().topk(BUDGET * pool[..., 0].numel()).values[-1] for pool in pools]
+    for index, layer in enumerate(cache.layers):
+        keep = scores[index] >= thresholds[0 if layer_budgets == "adaptive" else index]
+        assert keep[:, :2].all() and keep[:, -3:].all()
+        assert torch.equal(layer.ragged.counts[0], keep.sum(-1))
+    unprotected = compressed(spec, ids)
+    pairs = zip(cache.layers, unprotected.layers, strict=True)
+    assert any(not torch.equal(a.ragged.counts, b.ragged.counts) for a, b in pairs)
+
+
+def test_uniform_head_budgets_keep_the_protected_entries_then_the_highest_scores():
+    ids = random_ids(CONTEXT, seed=3)
+    spec = f"kvzip:budget={BUDGET},chunk_size={CHUNK},prompt=none,head_budgets=uniform,layer_budgets=uniform"
+    cache = compressed(f"{spec},num_sink_tokens=1,recent=0.1", ids)  # 0.1 of 40: the 4 newest
+    scores = protect(reference_scores(ids, [], CHUNK), 1, 4)
+    for layer, layer_scores in zip(cache.layers, scores, strict=True):
+        kept = layer.slot_positions[0].sort(dim=-1).values
+        assert torch.equal(kept.long(), layer_scores.topk(BUDGET, dim=-1).indices.sort(dim=-1).values)
+
+
+def test_a_left_padded_row_protects_its_first_real_tokens():
+    ids, mask = left_padded_ids(CONTEXT, pads=(0, 8), seed=6)
+    model = make_tiny_model("llama-gqa")
+    spec = f"kvzip:budget={BUDGET},chunk_size={CHUNK},prompt=none,num_sink_tokens=3,recent=2"
+    batch, alone = compressed(spec, ids, mask, model), compressed(spec, ids[1:, 8:], model=model)
+    reference = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[1:, 8:], past_key_values=reference)
+    for index, (together, single) in enumerate(zip(batch.layers, alone.layers, strict=True)):
+        heads = together.ragged.counts.shape[1]
+        own = together.ragged.segments()[heads:]
+        rows = torch.cat([together.ragged.keys[start:stop] for start, stop in own])
+        torch.testing.assert_close(rows, single.ragged.keys, rtol=1e-4, atol=1e-5)
+        # In age order, each head's entries start with the row's first 3 tokens and end with its newest 2.
+        expected = reference.layers[index].keys[0]  # [H, N, D]
+        for head, (start, stop) in enumerate(single.ragged.segments()):
+            kept = single.ragged.keys[start:stop]
+            torch.testing.assert_close(kept[:3], expected[head, :3], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(kept[-2:], expected[head, -2:], rtol=1e-4, atol=1e-5)
+
+
 def test_head_budgets_split_each_layers_budget_by_score():
     ids = random_ids(CONTEXT, seed=5)
     cache = compressed(f"kvzip:budget={BUDGET},chunk_size={CHUNK},prompt=none,layer_budgets=uniform", ids)
@@ -215,6 +270,10 @@ def test_the_reconstruction_prompt_uses_the_chat_template_when_there_is_one(tiny
         ("kvzip:head_budgets=even", "head_budgets must be one of \\['adaptive', 'uniform'\\], got 'even'"),
         ("kvzip:head_budgets=uniform", "layer_budgets=adaptive .* needs head_budgets=adaptive"),
         ("kvzip:chunk_size=0", "chunk_size must be an integer >= 1 .* got 0"),
+        (
+            "kvzip:budget=4,num_sink_tokens=2,recent=3",
+            "budget must be an integer >= 5 \\(the num_sink_tokens=2 \\+ recent=3 it protects\\), got 4",
+        ),
         ("kvzip:budget=1.5", "budget=1.5 is a fraction of the tokens seen, which must lie in \\(0, 1\\]"),
     ],
 )

@@ -28,6 +28,8 @@ from hf_kvcache.strategies.scoring import ScoringCache, ScoringLayer, attention_
 
 DEFAULT_PROMPT = "Repeat the previous context exactly."
 BUDGET_SPLITS = ("adaptive", "uniform")
+# The score of a protected entry: above any attention weight, so a budget takes protected entries first.
+PROTECTED = 2.0
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,16 @@ class KVzipOptions:
     chunk_size: int = 512
     head_budgets: str = "adaptive"
     layer_budgets: str = "adaptive"
+    # The paper protects nothing; spelled in a canonical spec only when set, so that specs stay stable.
+    num_sink_tokens: int = field(default=0, metadata=WHEN_SET)
+    recent: Budget = field(default=0, metadata=WHEN_SET)
     # Spelled in a canonical spec only when set: the default prompt is a sentence.
     prompt: str | None = field(default=DEFAULT_PROMPT, metadata=WHEN_SET)
     tokenizer: str | None = field(default=None, metadata=WHEN_SET)
     quantization: QuantizedOptions | None = field(default=None, metadata={"composes": "quantized"})
 
     def __post_init__(self):
-        check_budget(self)
+        check_budget(self, sinks="num_sink_tokens", recent="recent")
         check_ragged_quantization(self.quantization)
         if self.head_budgets not in BUDGET_SPLITS:
             raise ValueError(f"head_budgets must be one of {list(BUDGET_SPLITS)}, got {self.head_budgets!r}")
@@ -67,8 +72,9 @@ class KVzipLayer(RaggedContext, ScoringLayer):
     """Holds every entry until the cache compresses, then keeps the entries the reconstruction queries
     attended to most (the largest weight any of them gave, over the query heads of the KV head): ``budget``
     per KV head (``uniform``), or ``budget`` times the heads per layer, wherever they score highest
-    (``adaptive``, held in :class:`~hf_kvcache.strategies.ragged.RaggedEntries`). Tokens that come after the
-    compression are appended (the *tail*: the slots of the eviction contract, equal for every head).
+    (``adaptive``, held in :class:`~hf_kvcache.strategies.ragged.RaggedEntries`); the protected entries
+    (``sinks``, ``recent``) first, out of the same budget. Tokens that come after the compression are
+    appended (the *tail*: the slots of the eviction contract, equal for every head).
 
     While the cache reconstructs, an update scores and hands attention the held entries plus the new ones,
     but stores nothing: each reconstruction pass sees the context, the prompt and its own chunk only.
@@ -80,7 +86,7 @@ class KVzipLayer(RaggedContext, ScoringLayer):
         # Adaptive budgets and packed entries attend through the entry point, which must then be installed.
         self.quantization = options.quantization
         self.reads_storage = options.head_budgets == "adaptive" or options.quantization is not None
-        super().__init__(options.budget, state)
+        super().__init__(options.budget, state, options.num_sink_tokens, options.recent)
 
     def reset(self) -> None:
         super().reset()
@@ -118,7 +124,7 @@ class KVzipLayer(RaggedContext, ScoringLayer):
 
     # --- compression ----------------------------------------------------------------------------------------
     def capacity_now(self) -> int:
-        return tokens(self.budget, self.seen)
+        return super().capacity(0)  # the budget, never under what is protected (this class's is unbounded)
 
     def compress(self, keep: torch.Tensor | None = None) -> None:
         """Keep the entries of highest reconstruction score: ``keep`` ``[B, H, N]`` where the cache chose them
@@ -138,10 +144,14 @@ class KVzipLayer(RaggedContext, ScoringLayer):
         return self.real_seen.clamp(max=min(self.capacity_now(), self.peak.shape[-1]))
 
     def real_scores(self) -> torch.Tensor:
-        """The reconstruction scores ``[B, H, N]``, -1 on padding entries (a real entry scores at least 0)."""
+        """The reconstruction scores ``[B, H, N]``: -1 on padding entries (a real entry scores at least 0)
+        and :data:`PROTECTED` on each row's first ``sinks`` real entries and its newest ``recent``."""
         length = self.peak.shape[-1]
+        column = torch.arange(length, device=self.device)
         padding = (length - self.real_seen.clamp(max=length))[:, None, None]
-        return self.peak.masked_fill(torch.arange(length, device=self.device) < padding, -1.0)
+        protected = (column < padding + self.sinks) | (column >= length - tokens(self.recent, length))
+        scores = self.peak.masked_fill(protected & (column >= padding), PROTECTED)
+        return scores.masked_fill(column < padding, -1.0)
 
 
 def shared_budget(layers: list[KVzipLayer]) -> list[torch.Tensor]:
@@ -193,6 +203,12 @@ class KVzipCache(ScoringCache):
             ``'uniform'`` (each layer keeps ``budget`` per head on average) or ``'pyramid'`` (a fixed
             schedule: more in early layers, less in late ones, at the same total; PyramidKV,
             :func:`hf_kvcache.budget.pyramid_budgets`). Default ``'adaptive'``.
+        num_sink_tokens: each row's first real tokens, kept in every head whatever they score (out of the
+            budget). Default 0.
+        recent: the context's newest tokens, kept in every head whatever they score (out of the budget), in
+            tokens or as a fraction of the context. The text right after the context leans on them: at a
+            fifth of a 4k context, ``recent=64`` lowers the continuation's perplexity by about 1 % (README).
+            The paper protects nothing. Default 0.
         prompt: the instruction before the repeated context, in the tokenizer's chat template when it has one,
             else as plain text; ``None``: the context is repeated right after itself (no tokenizer needed).
             Default ``'Repeat the previous context exactly.'``.
