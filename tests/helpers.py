@@ -81,6 +81,10 @@ QUANTIZATION_VARIANTS = [
     "rotation=hadamard,keys=pre_rope",
     "sliding-window:window_length=20+quantized:nbits=2,group_size=8,residual_length=4,outliers=0.1",
     "kvzip:budget=0.5,prompt=none+quantized:nbits=4,nbits_values=2,group_size=8,rotation=hadamard",
+    # Scales and zero points in float8: the grouped store with pre-RoPE keys, the slots, the ragged store.
+    "quantized:nbits=3,nbits_values=2,group_size=8,residual_length=8,rotation=hadamard,keys=pre_rope,scales=float8",
+    "heavy-hitter:heavy_budget=8,recent_budget=8+quantized:nbits=2,group_size=8,residual_length=4,scales=float8",
+    "kvzip:budget=0.5,prompt=none+quantized:nbits=4,group_size=8,rotation=hadamard,scales=float8",
 ]
 
 # --- what the harness tests run: tiny model, filler text, few tokens -----------------------------------

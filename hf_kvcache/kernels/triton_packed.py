@@ -133,7 +133,9 @@ def triton_rope_scores(
 
 
 def _inner_contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    # The kernels step the last dimension by one element.
+    # The kernels step the last dimension by one element, and read float8 scales (``scales=float8``) in
+    # float32: a copy of 1 / group_size of the codes' elements.
+    tensors = [t.float() if t.is_floating_point() and t.element_size() == 1 else t for t in tensors]
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 

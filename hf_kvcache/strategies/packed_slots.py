@@ -32,6 +32,7 @@ from hf_kvcache.budget import tokens
 from hf_kvcache.held import RowTensor
 from hf_kvcache.strategies.packed_attention import attention_weights, compiled_kernels
 from hf_kvcache.strategies.packed_store import PackedTokens
+from hf_kvcache.strategies.packing import byte_view
 
 # The stamp of an empty slot: above every token's, so that the oldest token is the smallest stamp.
 EMPTY_SLOT = torch.iinfo(torch.int32).max
@@ -252,7 +253,7 @@ class PackedSlots:
             index = target.view(batch, heads, count, *([1] * (tensor.dim() - 3))).expand(
                 -1, -1, -1, *tensor.shape[3:]
             )
-            tensor.scatter_(2, index, parts[name].to(tensor.dtype))
+            byte_view(tensor).scatter_(2, index, byte_view(parts[name].to(tensor.dtype)))
         new_stamps = torch.arange(self.next_stamp, self.next_stamp + count, dtype=torch.int32, device=device)
         stamps.scatter_(2, target, new_stamps.expand(batch, heads, count).contiguous())
         self.next_stamp, self.packed_live = self.next_stamp + count, self.packed_live + count

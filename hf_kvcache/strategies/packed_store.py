@@ -45,6 +45,7 @@ from hf_kvcache.strategies.packing import (
     make_codec,
     pack_token_groups,
     quantize_kivi,
+    scale_dtype,
     unpack_codes,
     unpack_token_groups,
 )
@@ -87,8 +88,10 @@ class PackedTokens(StoredSpace, HeldTensors):
         rotation: str = "none",
         key_rope: KeyRotator | None = None,
         outliers: tuple[int, int] = (0, 0),
+        scale_dtype: torch.dtype | None = None,
     ):
         self.group_size, self.scattered, self.rotation_kind = group_size, scattered, rotation
+        self.entry_dtype = like.dtype  # of the tokens (and exact outliers); scales may be narrower
         self.outliers = outliers  # exact entries per token and head: (keys, values)
         # keys=pre_rope (grouped layout only): keys are stored with the rotary embedding of their position
         # undone; token 0 of the store sits at `first_position`.
@@ -98,9 +101,9 @@ class PackedTokens(StoredSpace, HeldTensors):
         for name, codec in (("key_codes", self.key_codec), ("value_codes", self.value_codec)):
             packed_dim = head_dim * codec.nbits // 8 if scattered else head_dim
             setattr(self, name, like.new_empty(batch, heads, 0, packed_dim, dtype=torch.uint8))
-        self.value_scale = like.new_empty(batch, heads, 0, head_dim // group_size)
+        self.value_scale = like.new_empty(batch, heads, 0, head_dim // group_size, dtype=scale_dtype)
         self.value_zero = self.value_scale.clone()
-        self.group_scale = like.new_empty(batch, heads, 0, head_dim)
+        self.group_scale = like.new_empty(batch, heads, 0, head_dim, dtype=scale_dtype)
         self.group_zero = self.group_scale.clone()
         self.key_group = self.group_members = None
         if scattered:
@@ -133,9 +136,8 @@ class PackedTokens(StoredSpace, HeldTensors):
         keys, values = self._to_stored(keys, values, position)
         exact = []
         if any(self.outliers):
-            dtype = self.group_scale.dtype
-            keys, *key_exact = split_outliers(keys, self.outliers[0], size, True, dtype)
-            values, *value_exact = split_outliers(values, self.outliers[1], size, False, dtype)
+            keys, *key_exact = split_outliers(keys, self.outliers[0], size, True, self.entry_dtype)
+            values, *value_exact = split_outliers(values, self.outliers[1], size, False, self.entry_dtype)
             exact = key_exact + value_exact
         key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = quantize_kivi(
             self.key_codec, self.value_codec, keys, values, size, self.group_scale.dtype
@@ -221,17 +223,20 @@ class PackedTokens(StoredSpace, HeldTensors):
         if self.scattered:
             keys.copy_(unpack_codes(self.key_codes, key_bits))
             group = self.key_group.long()
-            keys.mul_(gather_entries(self.group_scale, group)).add_(gather_entries(self.group_zero, group))
+            scale, zero = (gather_entries(t, group) for t in (self.group_scale, self.group_zero))
+            keys.mul_(scale.to(keys.dtype)).add_(zero.to(keys.dtype))
             values.copy_(unpack_codes(self.value_codes, value_bits))
         else:
             key_groups = keys.view(batch, heads, length // size, size, head_dim)
             key_groups.copy_(unpack_token_groups(self.key_codes, key_bits, size))
-            key_groups.mul_(self.group_scale.unsqueeze(3)).add_(self.group_zero.unsqueeze(3))
+            scale, zero = (t.to(keys.dtype).unsqueeze(3) for t in (self.group_scale, self.group_zero))
+            key_groups.mul_(scale).add_(zero)
             values.view(batch, heads, length // size, size, head_dim).copy_(
                 unpack_token_groups(self.value_codes, value_bits, size)
             )
         value_groups = values.view(batch, heads, length, head_dim // size, size)
-        value_groups.mul_(self.value_scale.unsqueeze(-1)).add_(self.value_zero.unsqueeze(-1))
+        scale, zero = (t.to(values.dtype).unsqueeze(-1) for t in (self.value_scale, self.value_zero))
+        value_groups.mul_(scale).add_(zero)
         if any(self.outliers):
             restore_outliers(keys, self.key_outlier_index, self.key_outlier_value)
             restore_outliers(values, self.value_outlier_index, self.value_outlier_value)
@@ -275,15 +280,9 @@ class QuantizedTokens:
             outlier_count(options.key_outliers, head_dim),
             outlier_count(options.value_outliers, head_dim),
         )
-        self.packed = PackedTokens(
-            options.group_size,
-            self.codecs,
-            self.scattered,
-            key_states,
-            options.rotation,
-            self.key_rope,
-            outliers,
-        )
+        scales = scale_dtype(options.scales, key_states.dtype)
+        layout = (options.group_size, self.codecs, self.scattered, key_states, options.rotation)
+        self.packed = PackedTokens(*layout, self.key_rope, outliers, scales)
 
     @property
     def packed_length(self) -> int:

@@ -18,6 +18,35 @@ import torch
 
 SUPPORTED_NBITS = (2, 3, 4, 8)
 BACKENDS = ("torch", "quanto")
+# Option ``scales``: scales and zero points in the model's dtype, or in float8_e5m2, whose normal range (6e-5
+# to 57344) holds any model's; codes are computed from the rounded scale, so only the step moves (README).
+SCALE_FORMATS = ("model", "float8")
+
+
+def scale_dtype(scales: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype scales and zero points are stored in under the option ``scales``."""
+    if scales not in SCALE_FORMATS:
+        raise ValueError(f"scales must be one of {list(SCALE_FORMATS)}, got {scales!r}")
+    return model_dtype if scales == "model" else torch.float8_e5m2
+
+
+def check_width(name: str, nbits: int, backend: str, scales: str) -> None:
+    """Codes of ``nbits`` (option ``name``) go with the ``backend`` and ``scales`` options."""
+    if backend == "quanto" and nbits == 3:
+        raise ValueError(
+            f"{name}=3 is not supported with backend='quanto' (its kernels pack 2, 4 or 8 bits); "
+            "use backend='torch'"
+        )
+    if scales == "float8" and nbits == 8:
+        raise ValueError(
+            f"{name}=8 with scales='float8': a float8 zero point is off by more than an 8-bit step; "
+            "use scales='model'"
+        )
+
+
+def byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or its bytes (``uint8``) if it holds float8, which torch cannot scatter."""
+    return tensor.view(torch.uint8) if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
 
 
 def codes_per_packing_unit(nbits: int) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from hf_kvcache.held import HeldPart, HeldTensors, RowTensor
 from hf_kvcache.strategies.packed_attention import attention_weights
-from hf_kvcache.strategies.packing import TorchCodec, pack_codes, unpack_codes
+from hf_kvcache.strategies.packing import TorchCodec, pack_codes, scale_dtype, unpack_codes
 from hf_kvcache.strategies.rotation import rotation_matrix
 
 
@@ -48,7 +48,7 @@ def check_ragged_quantization(quantization) -> None:
         raise ValueError(
             f"{', '.join(f'{k}={v!r}' for k, v in unsupported.items())}: the packed store of a compressed "
             "context holds each kept entry alone (quantized per entry over groups of group_size channels, "
-            "torch backend); it takes nbits, nbits_keys, nbits_values, group_size and rotation"
+            "torch backend); it takes nbits, nbits_keys, nbits_values, group_size, rotation and scales"
         )
 
 
@@ -58,7 +58,7 @@ class RaggedEntries(HeldTensors):
     With ``quantization`` (a :class:`~.quantized.QuantizedOptions`) each entry is held bit-packed instead,
     keys and values alike per entry over groups of ``group_size`` channels (an entry leaves or stays alone,
     so no scale spans entries), after the options' rotation: ``key_codes``/``value_codes`` ``[total, D * b /
-    8]`` and a scale and zero point per group ``[total, D / G]`` in the model's dtype.
+    8]`` and a scale and zero point per group ``[total, D / G]`` in the model's dtype (or float8, ``scales``).
     """
 
     keys = RowTensor("entries of every row and KV head, one after another [total, D] (unquantized)")
@@ -90,7 +90,9 @@ class RaggedEntries(HeldTensors):
         for name, x, nbits in (("key", keys, options.key_nbits), ("value", values, options.value_nbits)):
             x = x[keep] if rotation is None else x[keep].to(rotation.dtype) @ rotation
             groups = x.reshape(x.shape[0], -1, options.group_size)  # [total, D / G, G]
-            codes, scale, zero = TorchCodec(nbits).quantize(groups, 2, keys.dtype)
+            codes, scale, zero = TorchCodec(nbits).quantize(
+                groups, 2, scale_dtype(options.scales, keys.dtype)
+            )
             setattr(self, f"{name}_codes", pack_codes(codes.flatten(1), nbits))
             setattr(self, f"{name}_scale", scale.squeeze(2))
             setattr(self, f"{name}_zero", zero.squeeze(2))

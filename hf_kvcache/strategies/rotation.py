@@ -108,15 +108,16 @@ def layer_rotators(
 class StoredSpace:
     """Mixin for the packed store (:class:`~.packed_store.PackedTokens`): the space its tokens are quantized
     in. The host sets ``rotation_kind``, ``key_rope`` (a :class:`~hf_kvcache.model_hooks.KeyRotator` for
-    ``keys=pre_rope``, else ``None``), ``first_position`` (the cache position of its first token) and
-    ``group_scale`` (whose dtype and device the rotation takes)."""
+    ``keys=pre_rope``, else ``None``), ``first_position`` (the cache position of its first token),
+    ``entry_dtype`` (the tokens' dtype, which the rotation takes) and ``group_scale`` (whose device it
+    takes)."""
 
     @property
     def rotation(self) -> torch.Tensor | None:
         """The shared rotation matrix ``[D, D]`` (:mod:`.rotation`), or ``None``; in float32 at least, since a
         bf16 product would add its own rounding to the codes'."""
         like = self.group_scale
-        dtype = torch.promote_types(like.dtype, torch.float32)
+        dtype = torch.promote_types(self.entry_dtype, torch.float32)
         return rotation_matrix(self.rotation_kind, like.shape[-1], dtype, like.device)
 
     def _positions(self, start: int, count: int, device: torch.device) -> torch.Tensor:
