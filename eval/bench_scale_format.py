@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 FLOAT8 = torch.float8_e4m3fn
-FLOAT8_WIDE = torch.float8_e5m2  # what ``quantized:scales=float8`` stores
 GROUP = 64
 
 
@@ -59,13 +58,14 @@ def float8_down(x: torch.Tensor) -> torch.Tensor:
 
 def dequantized(x: torch.Tensor, dim: int, nbits: int, storage: str) -> torch.Tensor:
     """``x`` quantized over ``dim`` with ``nbits`` codes and scales stored as ``storage``, then restored."""
-    from hf_kvcache.strategies.packing import TorchCodec
+    from hf_kvcache.strategies.packing import TorchCodec, scale_dtype
 
     if storage != "e4m3 covering":
+        # The last one is what the option stores, taken from the library itself.
         dtype = {
             "bfloat16": torch.bfloat16,
             "e4m3 nearest": FLOAT8,
-            "e5m2 (scales=float8)": torch.float8_e5m2,
+            "e5m2 (scales=float8)": scale_dtype("float8", torch.bfloat16),
         }[storage]
         codes, scale, zero = TorchCodec(nbits).quantize(x, dim, scale_dtype=dtype)
         return codes.float() * scale.float() + zero.float()
