@@ -37,12 +37,15 @@ def test_compare_runs_end_to_end_and_writes_valid_results(tiny_model_dir, filler
     assert by_key[(STRATEGIES[2], "memory")]["cache_bytes"] < by_key[("full", "memory")]["cache_bytes"] / 3
     assert by_key[("full", "perplexity")]["num_tokens"] == 127
     assert [c["depth"] for c in by_key[("full", "passkey")]["cells"]] == [0.2, 0.8]
+    for spec in STRATEGIES:
+        for cell in by_key[(spec, "passkey")]["cells"]:
+            assert len(cell["scores"]) == cell["trials"] and sum(cell["scores"]) == cell["correct"]
     assert records[0]["strategy"] == "full"
     assert dict(r.split("=") for r in records[-1]["strategy"].split(":")[1].split(",")) == {
         "heavy_budget": "16",
         "recent_budget": "16",
     }
-    for name in ("results.csv", "results.md", "pareto.png", "decode_speed.png", "passkey.png"):
+    for name in ("results.csv", "results.md", "pareto.png", "decode_speed.png", "passkey.png", "passkey.md"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "| full |" in capsys.readouterr().out
 

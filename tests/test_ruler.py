@@ -183,7 +183,7 @@ def cells_of(*scores):
 
 
 def test_the_bootstrap_interval_resamples_the_same_trials_for_both_strategies():
-    from hf_kvcache.evaluation.ruler import paired_ratio_interval
+    from hf_kvcache.evaluation.bootstrap import paired_ratio_interval
 
     # Identical per-trial scores: every paired resample gives 1 (an unpaired one would range widely).
     same = cells_of([0.0, 1.0, 0.0, 1.0], [1.0, 0.5, 0.0, 0.0])
@@ -197,7 +197,7 @@ def test_the_bootstrap_interval_resamples_the_same_trials_for_both_strategies():
 
 
 def test_no_interval_without_per_trial_scores_or_with_other_trials():
-    from hf_kvcache.evaluation.ruler import paired_ratio_interval
+    from hf_kvcache.evaluation.bootstrap import paired_ratio_interval
 
     reference = cells_of([1.0, 0.0], [1.0, 1.0])
     assert paired_ratio_interval(reference, [{"task": "niah_single", "length": 1024, "partial": 0.5}]) is None
@@ -254,3 +254,33 @@ def test_compress_first_feeds_the_question_after_the_compressed_context(tiny_mod
         on_context=lambda c: held.append(c.layers[0].stored),
     )
     assert held == [0] and cache.layers[0].stored >= trial.question_tokens
+
+
+def passkey_record(spec, *scores):
+    cells = [
+        {"length": 1024, "depth": depth, "correct": int(sum(s)), "trials": len(s), "scores": s}
+        for depth, s in zip((0.1, 0.9), scores, strict=True)
+    ]
+    accuracy = sum(c["correct"] for c in cells) / sum(c["trials"] for c in cells)
+    return {"spec": spec, "values": {"cells": cells, "accuracy": accuracy}}
+
+
+def test_passkey_table_gives_each_strategy_a_paired_interval_against_the_full_cache(tmp_path):
+    from hf_kvcache.evaluation.bootstrap import paired_ratio_interval
+    from hf_kvcache.evaluation.passkey import PasskeyMetric
+
+    full = passkey_record("full", [1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0])
+    # The same trials found but the first: paired, no resample can find more than the full cache (an
+    # unpaired one would), and a third of them lack that trial, so the upper bound is exactly 1.
+    worse = passkey_record("window:window_length=64", [0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0])
+    written = PasskeyMetric().plots([full, worse], tmp_path)
+    assert tmp_path / "passkey.md" in written
+    table = (tmp_path / "passkey.md").read_text()
+    assert "| `full` | 3/4 | 2/4 | 62% |" in table
+    assert "| `window:window_length=64` | 2/4 | 2/4 | 50% |" in table
+    low, high = paired_ratio_interval(full["values"]["cells"], worse["values"]["cells"], ("length", "depth"))
+    assert low < 0.8 and high == 1.0
+    assert f"| `window:window_length=64` | 0.80 | {low:.2f}-{high:.2f} |" in table
+    # Cells are named by length and depth: the passkey cells carry no task.
+    with pytest.raises(KeyError):
+        paired_ratio_interval(full["values"]["cells"], worse["values"]["cells"])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from hf_kvcache.evaluation.bootstrap import ratio_table
 from hf_kvcache.evaluation.metric import Column, Metric, register_metric
 from hf_kvcache.evaluation.report import save_figure, spec_label
 from hf_kvcache.evaluation.ruler_tasks import ANSWER_TOKENS, RULER_TASKS, RulerTrial, make_ruler_trial
@@ -59,60 +60,6 @@ def answer_trial(
         token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
     text = tokenizer.decode(generated)
     return (*score_answer(text, trial.expected), text)
-
-
-BOOTSTRAP_RESAMPLES = 4000
-
-
-def paired_ratio_interval(
-    reference: list[dict], cells: list[dict], seed: int = 0
-) -> tuple[float, float] | None:
-    """A 95 % paired bootstrap interval of ``mean(cells) / mean(reference)``, RULER means over the same
-    cells: each resample draws trials with replacement within every cell, the same trials for both (their
-    prompts are the same seeded ones), so what the two strategies share cancels. ``None`` where a cell lacks
-    per-trial scores (records written before they were kept) or the cells or trial counts differ."""
-    by_cell = {(c["task"], c["length"]): c.get("scores") for c in reference}
-    pairs = [(by_cell.get((c["task"], c["length"])), c.get("scores")) for c in cells]
-    if len(pairs) != len(by_cell) or any(a is None or b is None or len(a) != len(b) for a, b in pairs):
-        return None
-    generator = torch.Generator().manual_seed(seed)
-    reference_sum, sums = torch.zeros(BOOTSTRAP_RESAMPLES), torch.zeros(BOOTSTRAP_RESAMPLES)
-    for reference_scores, scores in pairs:
-        drawn = torch.randint(len(scores), (BOOTSTRAP_RESAMPLES, len(scores)), generator=generator)
-        reference_sum += torch.tensor(reference_scores, dtype=torch.float64)[drawn].mean(1).float()
-        sums += torch.tensor(scores, dtype=torch.float64)[drawn].mean(1).float()
-    ratios = (sums / reference_sum)[reference_sum > 0]
-    if not len(ratios):
-        return None
-    low, high = torch.quantile(ratios, torch.tensor([0.025, 0.975])).tolist()
-    return low, high
-
-
-def ratio_table(records: list[dict]) -> str:
-    """Each strategy's RULER mean as a fraction of the reference's (``full`` if it was run, else the first
-    strategy), with the paired bootstrap interval of :func:`paired_ratio_interval`."""
-    if len(records) < 2:
-        return ""
-    reference = next((r for r in records if r["spec"] == "full"), records[0])
-    reference_mean = RulerMetric().headline(reference["values"])["ruler_score"]
-    lines = [
-        "",
-        f"Against `{reference['spec']}`: the RULER mean as a fraction of its mean, with a 95 % paired "
-        f"bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples of the trials within each cell, the same "
-        "trials for both; – where the records hold no per-trial scores).",
-        "",
-        "| strategy | ÷ reference | 95 % interval |",
-        "|---|---|---|",
-    ]
-    for record in records:
-        if record is reference:
-            continue
-        mean = RulerMetric().headline(record["values"])["ruler_score"]
-        ratio = f"{mean / reference_mean:.2f}" if reference_mean else "– (the reference scored 0)"
-        interval = paired_ratio_interval(reference["values"]["cells"], record["values"]["cells"])
-        shown = f"{interval[0]:.2f}-{interval[1]:.2f}" if interval else "–"
-        lines.append(f"| `{record['spec']}` | {ratio} | {shown} |")
-    return "\n".join(lines) + "\n"
 
 
 def score_answer(text: str, expected: tuple[str, ...]) -> tuple[bool, float]:
@@ -252,6 +199,8 @@ class RulerMetric(Metric):
             "averaged over trials; in brackets, trials whose answer holds every item.\n\n"
             + "\n".join(lines)
             + "\n"
-            + ratio_table(records)
+            + ratio_table(
+                records, lambda values: self.headline(values)["ruler_score"], ("task", "length"), "RULER mean"
+            )
         )
         return [out / "ruler.png", out / "ruler.md"]
