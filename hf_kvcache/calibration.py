@@ -16,7 +16,8 @@ File format (JSON, one per model and quantization setting, under ``$HF_KVCACHE_H
      "tokens": 2048, "probe_tokens": 256,
      "kl_divergence": {"keys": {"2": [L floats], "3": [...], "4": [...]}, "values": {...}}}
 
-``options`` also holds ``outliers``, ``outliers_keys`` and ``outliers_values`` when the setting sets them.
+``options`` also holds ``outliers``, ``outliers_keys``, ``outliers_values`` and ``clipping`` when the setting
+sets them.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ def geometry(layout: AttentionLayout) -> dict:
 
 
 def calibrated_options(options: Any) -> dict:
-    # Outlier fractions join the setting only when set, so that files made before them keep their names.
+    # Outlier fractions and clipping join the setting only when set, so that files made before them keep
+    # their names.
     found = {name: getattr(options, name) for name in CALIBRATED_OPTIONS}
-    return found | {name: getattr(options, name) for name in OUTLIER_OPTIONS if getattr(options, name)}
+    found |= {name: getattr(options, name) for name in OUTLIER_OPTIONS if getattr(options, name)}
+    return found | ({"clipping": options.clipping} if options.clipping != "none" else {})
 
 
 def default_calibration_path(model: PreTrainedModel, options: Any) -> Path:

@@ -85,6 +85,11 @@ QUANTIZATION_VARIANTS = [
     "quantized:nbits=3,nbits_values=2,group_size=8,residual_length=8,rotation=hadamard,keys=pre_rope,scales=float8",
     "heavy-hitter:heavy_budget=8,recent_budget=8+quantized:nbits=2,group_size=8,residual_length=4,scales=float8",
     "kvzip:budget=0.5,prompt=none+quantized:nbits=4,group_size=8,rotation=hadamard,scales=float8",
+    # Ranges of least squared error: the grouped store with pre-RoPE keys and float8 scales, the slots
+    # (values only).
+    "quantized:nbits=2,nbits_keys=3,group_size=8,residual_length=8,rotation=hadamard,keys=pre_rope,"
+    "scales=float8,clipping=mse",
+    "sliding-window:window_length=20+quantized:nbits=2,group_size=8,residual_length=4,clipping=mse-values",
 ]
 
 # --- what the harness tests run: tiny model, filler text, few tokens -----------------------------------

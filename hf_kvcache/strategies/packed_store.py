@@ -49,6 +49,7 @@ from hf_kvcache.strategies.packing import (
     unpack_codes,
     unpack_token_groups,
 )
+from hf_kvcache.strategies.ranges import clipping_of
 from hf_kvcache.strategies.rotation import StoredSpace
 
 # The tensors :meth:`PackedTokens.quantize` returns, by name (then OUTLIER_PARTS, with ``outliers``).
@@ -268,8 +269,8 @@ class QuantizedTokens:
         self.quantization, self.sink_target, self.key_rope = options, num_sink_tokens, key_rope
         self.max_residual, self.scattered = max_residual, scattered
         self.codecs = (
-            make_codec(options.key_nbits, options.backend),
-            make_codec(options.value_nbits, options.backend),
+            make_codec(options.key_nbits, options.backend, clipping_of(options.clipping, "keys")),
+            make_codec(options.value_nbits, options.backend, clipping_of(options.clipping, "values")),
         )
 
     def init_quantized(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

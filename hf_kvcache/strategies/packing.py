@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from hf_kvcache.strategies.ranges import min_max_range, mse_range
+
 SUPPORTED_NBITS = (2, 3, 4, 8)
 BACKENDS = ("torch", "quanto")
 # Option ``scales``: scales and zero points in the model's dtype, or in float8_e5m2, whose normal range (6e-5
@@ -172,22 +174,17 @@ def unpack_token_groups(packed: torch.Tensor, nbits: int, group_size: int) -> to
     return unpack_codes(flat, nbits).view(batch, heads, -1, group_size, head_dim)
 
 
-def min_max_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group ``(low, high)`` of ``x`` reduced over ``dim``, in float32, keeping the dimension."""
-    x = x.float()
-    return x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-
-
 class TorchCodec:
-    """Pure PyTorch quantization: min-max range, round to nearest, shifts and masks for packing."""
+    """Pure PyTorch quantization: min-max range (or ``clipping``'s, :mod:`.ranges`), round to nearest, shifts
+    and masks for packing."""
 
     name = "torch"
 
-    def __init__(self, nbits: int):
-        self.nbits = nbits
+    def __init__(self, nbits: int, clipping: str = "none"):
+        self.nbits, self.clipping = nbits, clipping
 
-    def value_range(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return min_max_range(x, dim)
+    def value_range(self, x: torch.Tensor, dim: int, scale_dtype=torch.float32) -> tuple[torch.Tensor, ...]:
+        return mse_range(x, dim, self.nbits, scale_dtype) if self.clipping == "mse" else min_max_range(x, dim)
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         return pack_codes(codes, self.nbits)
@@ -205,7 +202,7 @@ class TorchCodec:
         ``scale_dtype``. The codes are computed from the stored (rounded) scale and zero, so dequantization
         reproduces exactly what was rounded.
         """
-        low, high = self.value_range(x, dim)
+        low, high = self.value_range(x, dim, scale_dtype)
         levels = 2**self.nbits - 1
         scale = ((high - low) / levels).to(scale_dtype)
         zero = low.to(scale_dtype)
@@ -236,7 +233,7 @@ class QuantoCodec(TorchCodec):
         self._optimizer = MaxOptimizer()
         self._qtype = {2: qint2, 4: qint4, 8: qint8}[nbits]
 
-    def value_range(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_range(self, x: torch.Tensor, dim: int, scale_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         moved = x.float().movedim(dim, -1)
         rows = moved.reshape(-1, moved.shape[-1])
         scale, shift = self._optimizer.optimize(rows, self._qtype, axis=0)
@@ -291,10 +288,10 @@ def wait_for_quanto_build(timeout_s: float | None = None) -> None:
         time.sleep(min(1.0, timeout_s - age))
 
 
-def make_codec(nbits: int, backend: str) -> TorchCodec:
-    """The codec for ``backend`` in :data:`BACKENDS`."""
+def make_codec(nbits: int, backend: str, clipping: str = "none") -> TorchCodec:
+    """The codec for ``backend`` in :data:`BACKENDS` (``clipping``: the torch codec's ranges)."""
     if backend == "torch":
-        return TorchCodec(nbits)
+        return TorchCodec(nbits, clipping)
     if backend == "quanto":
         return QuantoCodec(nbits)
     raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")

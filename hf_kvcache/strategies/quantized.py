@@ -28,6 +28,7 @@ from hf_kvcache.strategies.packing import (
     codes_per_packing_unit,
     scale_dtype,
 )
+from hf_kvcache.strategies.ranges import check_clipping
 from hf_kvcache.strategies.rotation import KEY_MODES, ROTATIONS, key_ropes
 
 
@@ -52,6 +53,7 @@ class QuantizedOptions:
     outliers_keys: float | None = field(default=None, metadata=WHEN_SET)
     outliers_values: float | None = field(default=None, metadata=WHEN_SET)
     scales: str = field(default="model", metadata=WHEN_SET)
+    clipping: str = field(default="none", metadata=WHEN_SET)
 
     def __post_init__(self):
         for name in ("nbits", "nbits_keys", "nbits_values"):
@@ -71,6 +73,7 @@ class QuantizedOptions:
             raise ValueError(f"keys must be one of {list(KEY_MODES)}, got {self.keys!r}")
         check_calibrated_bits(self)
         scale_dtype(self.scales, torch.float32)  # names the bad value
+        check_clipping(self.clipping, self.backend)
         for name in ("outliers", "outliers_keys", "outliers_values"):
             check_outlier_fraction(name, getattr(self, name), optional=name != "outliers")
         for name, nbits in (
@@ -143,8 +146,7 @@ class QuantizedLayer(StoredAttention, QuantizedTokens, HeldTensors, CacheLayerMi
         self.is_sliding = window is not None
         # Sinks would sit outside a local layer's window, where the model never looks.
         sinks = 0 if window is not None else options.num_sink_tokens
-        # KIVI keeps at least `residual_length` tokens exact: a group is packed once that many newer ones
-        # exist.
+        # KIVI keeps `residual_length` tokens exact: a group is packed once that many newer ones exist.
         residual = options.residual_length + options.group_size - 1
         self.setup_quantized(options, sinks, residual, scattered=False, key_rope=key_rope)
         self.reset()
@@ -212,8 +214,7 @@ class QuantizedLayer(StoredAttention, QuantizedTokens, HeldTensors, CacheLayerMi
         span, size = self.window - 1, self.options.group_size
         residual = min(self.options.residual_length, span)
         full = 2 * head_dim * element_size
-        # codes, then key scales and zeros per group of tokens, then value scales and zeros per group of
-        # channels
+        # codes, then key scales and zeros per group of tokens, then value ones per group of channels
         code_bits = self.options.key_nbits + self.options.value_nbits
         quantized = head_dim * code_bits / 8 + 4 * head_dim * element_size / size
         # Worst case between drops: residual + size - 1 full-precision tokens, span - residual quantized ones.
@@ -265,10 +266,8 @@ class QuantizedLayer(StoredAttention, QuantizedTokens, HeldTensors, CacheLayerMi
                 f"of {size} tokens; crop to a multiple of {size} or to at least {sinks + packed} tokens"
             )
         self.packed.slice_groups(0, keep // size)
-        self.key_buffer, self.value_buffer = (
-            self.key_buffer[..., :0, :].clone(),
-            self.value_buffer[..., :0, :].clone(),
-        )
+        self.key_buffer = self.key_buffer[..., :0, :].clone()
+        self.value_buffer = self.value_buffer[..., :0, :].clone()
 
 
 @register_strategy(
@@ -330,6 +329,8 @@ class QuantizedKVCache(KVCache):
         scales: scales and zero points in the model's dtype (``"model"``: 32 / ``group_size`` bits per entry
             in bfloat16) or in ``float8_e5m2`` (``"float8"``, half that, codes of 2-4 bits; under 0.03 bits
             of code lost at 2 and 3 bits, 0.1 at 4: ``eval/bench_scale_format.py``). Default ``'model'``.
+        clipping: ``"mse"`` shrinks each group's range toward its center where that lowers its squared error
+            (:mod:`.ranges`; torch backend), ``"mse-values"`` only the values'. Default ``'none'``.
 
     Example:
         >>> cache = QuantizedKVCache(model, nbits=2)

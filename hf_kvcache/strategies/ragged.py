@@ -21,6 +21,7 @@ import torch
 from hf_kvcache.held import HeldPart, HeldTensors, RowTensor
 from hf_kvcache.strategies.packed_attention import attention_weights
 from hf_kvcache.strategies.packing import TorchCodec, pack_codes, scale_dtype, unpack_codes
+from hf_kvcache.strategies.ranges import clipping_of
 from hf_kvcache.strategies.rotation import rotation_matrix
 
 
@@ -48,7 +49,8 @@ def check_ragged_quantization(quantization) -> None:
         raise ValueError(
             f"{', '.join(f'{k}={v!r}' for k, v in unsupported.items())}: the packed store of a compressed "
             "context holds each kept entry alone (quantized per entry over groups of group_size channels, "
-            "torch backend); it takes nbits, nbits_keys, nbits_values, group_size, rotation and scales"
+            "torch backend); it takes nbits, nbits_keys, nbits_values, group_size, rotation, scales and "
+            "clipping"
         )
 
 
@@ -90,7 +92,7 @@ class RaggedEntries(HeldTensors):
         for name, x, nbits in (("key", keys, options.key_nbits), ("value", values, options.value_nbits)):
             x = x[keep] if rotation is None else x[keep].to(rotation.dtype) @ rotation
             groups = x.reshape(x.shape[0], -1, options.group_size)  # [total, D / G, G]
-            codes, scale, zero = TorchCodec(nbits).quantize(
+            codes, scale, zero = TorchCodec(nbits, clipping_of(options.clipping, f"{name}s")).quantize(
                 groups, 2, scale_dtype(options.scales, keys.dtype)
             )
             setattr(self, f"{name}_codes", pack_codes(codes.flatten(1), nbits))

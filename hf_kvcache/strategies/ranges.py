@@ -1,0 +1,74 @@
+"""How a quantization group's range is chosen: its minimum and maximum, or the part of that range whose codes
+lose the least (option ``clipping`` of ``quantized`` and of the compositions' packed storage).
+
+A min-max range spends the levels on a group's extremes. Keys and values after a Hadamard rotation are close
+to Gaussian, and 64 such entries span about ±2.4 standard deviations: at 2 bits the step is then about 1.6 σ,
+where about 1.0 σ gives the least squared error, the few entries beyond the range clipping to the outer
+levels (the analysis of ACIQ, https://arxiv.org/abs/1810.05723). ``clipping="mse"`` shrinks the min-max
+range toward its center by each factor of :data:`SHRINK_FACTORS` and keeps, per group, the one whose codes
+restore the group with the least squared error. Only the scale and zero point move: nothing more is stored,
+and every reader (dequantization, the attention kernels) reads the codes as before.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# "mse-values" clips the values alone: a key's outlying entries are what its query finds it by, and clipping
+# them can cost attention more than the smaller squared error saves (README, ``eval/bench_clipping.py``).
+CLIPPINGS = ("none", "mse", "mse-values")
+# 1.0 first: a group that no shrinking helps keeps its min-max range (ties keep the earlier factor).
+SHRINK_FACTORS = tuple(round(1.0 - 0.05 * step, 2) for step in range(11))
+
+
+def check_clipping(clipping: str, backend: str) -> None:
+    """``clipping`` is one of :data:`CLIPPINGS`, and clipping goes with the torch codec."""
+    if clipping not in CLIPPINGS:
+        raise ValueError(f"clipping must be one of {list(CLIPPINGS)}, got {clipping!r}")
+    if clipping != "none" and backend != "torch":
+        raise ValueError(
+            f"clipping={clipping!r} with backend={backend!r}: the quanto codec chooses ranges with its own "
+            "optimizer; use backend='torch' or clipping='none'"
+        )
+
+
+def clipping_of(clipping: str, part: str) -> str:
+    """The clipping of ``part`` (``"keys"`` or ``"values"``) under the option: ``"mse"`` or ``"none"``."""
+    return "mse" if clipping == "mse" or (clipping == "mse-values" and part == "values") else "none"
+
+
+def min_max_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(low, high)`` of ``x`` reduced over ``dim``, in float32, keeping the dimension."""
+    x = x.float()
+    return x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+
+
+def mse_range(
+    x: torch.Tensor, dim: int, nbits: int, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(low, high)`` of ``x`` reduced over ``dim`` (float32, keeping the dimension): the min-max
+    range shrunk toward its center by the factor of :data:`SHRINK_FACTORS` under which ``nbits`` codes
+    (round to nearest, clamped to the range) restore the group with the least squared error, with the scale
+    and zero point rounded to ``scale_dtype`` as the codec stores them (float8 rounds a range by up to an
+    eighth of it)."""
+    x = x.float()
+    low, high = min_max_range(x, dim)
+    half = (high - low) / 2
+    levels = 2**nbits - 1
+    best = None
+    # One factor at a time, so that the transient memory is one float32 copy of x, whatever the count. Each
+    # range is rounded as the codec will store it (factor 1.0: exactly min-max), so its error is the codec's.
+    for factor in SHRINK_FACTORS:
+        start, end = low + (1 - factor) * half, high - (1 - factor) * half
+        zero = start.to(scale_dtype).float()
+        step = ((end - start) / levels).to(scale_dtype).float().clamp_min(torch.finfo(torch.float32).tiny)
+        restored = torch.round((x - zero) / step).clamp_(0, levels).mul_(step).add_(zero)
+        error = restored.sub_(x).square_().sum(dim, keepdim=True)
+        if best is None:
+            best = error, start, end
+            continue
+        better = error < best[0]
+        best = tuple(
+            torch.where(better, new, old) for new, old in zip((error, start, end), best, strict=True)
+        )
+    return best[1], best[2]
