@@ -11,6 +11,7 @@ from transformers import DynamicCache
 from hf_kvcache import build_cache, prefill
 from hf_kvcache.calibration import calibrated_options, default_calibration_path
 from hf_kvcache.registry import canonical_spec
+from hf_kvcache.strategies import ranges
 from hf_kvcache.strategies.packing import TorchCodec
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from hf_kvcache.strategies.ragged import RaggedEntries
@@ -54,6 +55,19 @@ def test_the_chosen_range_has_the_least_error_of_every_shrink_factor(nbits):
     best = (searched_from_definition(x, 1, nbits) - x.double()).pow(2).sum(1)
     # float32 against float64: the same factor, or one whose error is as low within rounding.
     torch.testing.assert_close(error, best, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float8_e5m2])
+def test_a_large_group_set_tried_factor_by_factor_gets_the_ranges_of_all_at_once(monkeypatch, scale_dtype):
+    x = torch.randn(4, 16, 64, 8, generator=torch.Generator().manual_seed(5))
+    x[:, :, ::9] *= 5
+    at_once = mse_range(x, 2, 2, scale_dtype)
+    monkeypatch.setattr(ranges, "BATCHED_ELEMENTS", 0)  # what a long prompt's groups take
+    one_by_one = mse_range(x, -2, 2, scale_dtype)
+    for a, b in zip(at_once, one_by_one, strict=True):
+        assert a.shape == (4, 16, 1, 8)
+        # The same factors chosen: only the float32 rounding of each candidate range differs.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float8_e5m2])

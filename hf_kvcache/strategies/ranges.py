@@ -19,6 +19,8 @@ import torch
 CLIPPINGS = ("none", "mse", "mse-values")
 # 1.0 first: a group that no shrinking helps keeps its min-max range (ties keep the earlier factor).
 SHRINK_FACTORS = tuple(round(1.0 - 0.05 * step, 2) for step in range(11))
+# Up to this many float32 elements (x times the factors) the factors are tried at once.
+BATCHED_ELEMENTS = 1 << 20
 
 
 def check_clipping(clipping: str, backend: str) -> None:
@@ -51,19 +53,22 @@ def mse_range(
     (round to nearest, clamped to the range) restore the group with the least squared error, with the scale
     and zero point rounded to ``scale_dtype`` as the codec stores them (float8 rounds a range by up to an
     eighth of it)."""
-    x = x.float()
+    x, dim = x.float(), dim % x.dim()
     low, high = min_max_range(x, dim)
-    half = (high - low) / 2
-    levels = 2**nbits - 1
+    half, levels = (high - low) / 2, 2**nbits - 1
+    # Each range is rounded as the codec will store it (factor 1.0: exactly min-max), so its error is the
+    # codec's, and ties keep the wider range.
+    if x.numel() * len(SHRINK_FACTORS) <= BATCHED_ELEMENTS:
+        # Few entries (a decoding step's values): every factor at once, a few ops rather than many small ones.
+        factors = torch.tensor(SHRINK_FACTORS, device=x.device).view(-1, *([1] * x.dim()))
+        starts, ends = low + (1 - factors) * half, high - (1 - factors) * half
+        best = restore_error(x, starts, ends, levels, scale_dtype, dim + 1).argmin(0, keepdim=True)
+        return starts.gather(0, best).squeeze(0), ends.gather(0, best).squeeze(0)
     best = None
-    # One factor at a time, so that the transient memory is one float32 copy of x, whatever the count. Each
-    # range is rounded as the codec will store it (factor 1.0: exactly min-max), so its error is the codec's.
+    # One factor at a time, so that the transient memory is one float32 copy of x, whatever the count.
     for factor in SHRINK_FACTORS:
         start, end = low + (1 - factor) * half, high - (1 - factor) * half
-        zero = start.to(scale_dtype).float()
-        step = ((end - start) / levels).to(scale_dtype).float().clamp_min(torch.finfo(torch.float32).tiny)
-        restored = torch.round((x - zero) / step).clamp_(0, levels).mul_(step).add_(zero)
-        error = restored.sub_(x).square_().sum(dim, keepdim=True)
+        error = restore_error(x, start, end, levels, scale_dtype, dim)
         if best is None:
             best = error, start, end
             continue
@@ -72,3 +77,12 @@ def mse_range(
             torch.where(better, new, old) for new, old in zip((error, start, end), best, strict=True)
         )
     return best[1], best[2]
+
+
+def restore_error(x, start, end, levels: int, scale_dtype: torch.dtype, dim: int) -> torch.Tensor:
+    """Squared error, summed over ``dim``, of ``x`` quantized over the range ``[start, end]`` (broadcast
+    against ``x``) with its scale and zero point rounded to ``scale_dtype``, and restored."""
+    zero = start.to(scale_dtype).float()
+    step = ((end - start) / levels).to(scale_dtype).float().clamp_min(torch.finfo(torch.float32).tiny)
+    restored = torch.round((x - zero) / step).clamp_(0, levels).mul_(step).add_(zero)
+    return restored.sub_(x).square_().sum(dim, keepdim=True)
