@@ -41,12 +41,9 @@ def relative_errors(held: list[tuple], exact: list[tuple]) -> tuple[float, float
 @torch.no_grad()
 def log_probs(model, probe: torch.Tensor, layers: list[tuple]) -> torch.Tensor:
     """Next-token log-probabilities ``[T, V]`` of ``probe`` run over the keys and values ``layers``."""
-    from transformers import DynamicCache
+    from hf_kvcache.calibration import cache_holding
 
-    cache = DynamicCache(config=model.config)
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
-    return model(probe, past_key_values=cache).logits[0].float().log_softmax(-1)
+    return model(probe, past_key_values=cache_holding(model, layers)).logits[0].float().log_softmax(-1)
 
 
 def main() -> None:

@@ -70,7 +70,8 @@ def default_calibration_path(model: PreTrainedModel, options: Any) -> Path:
     return cache_home() / "calibration" / f"{slug}-{setting}.json"
 
 
-def _cache_with(model: PreTrainedModel, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+def cache_holding(model: PreTrainedModel, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A ``DynamicCache`` holding each layer's ``(keys, values)`` of ``prefix``, to run tokens over."""
     cache = DynamicCache(config=model.config)
     for index, (keys, values) in enumerate(prefix):
         cache.update(keys, values, index)
@@ -140,7 +141,7 @@ def calibrate_quantization(
     exact_cache = DynamicCache(config=model.config)
     model(context, past_key_values=exact_cache)
     prefix = [(layer.keys, layer.values) for layer in exact_cache.layers]
-    exact = model(probe, past_key_values=_cache_with(model, prefix)).logits.float().log_softmax(-1)
+    exact = model(probe, past_key_values=cache_holding(model, prefix)).logits.float().log_softmax(-1)
     ropes = key_ropes(model, layout) if options.keys == "pre_rope" else [None] * layout.num_layers
     costs: dict[str, dict[str, list[float]]] = {"keys": {}, "values": {}}
     for index, (keys, values) in enumerate(prefix):
@@ -154,7 +155,7 @@ def calibrate_quantization(
                 ("values", (keys[:, :, -held:], store.values)),
             ):
                 layers = [*prefix[:index], replaced, *prefix[index + 1 :]]
-                logits = model(probe, past_key_values=_cache_with(model, layers)).logits.float()
+                logits = model(probe, past_key_values=cache_holding(model, layers)).logits.float()
                 divergence = (exact.exp() * (exact - logits.log_softmax(-1))).sum(-1).mean().item()
                 costs[kind].setdefault(str(width), []).append(divergence)
     return {

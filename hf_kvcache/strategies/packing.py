@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hf_kvcache.strategies.ranges import min_max_range, mse_range
+from hf_kvcache.strategies.ranges import codes_in_range, min_max_range, mse_range
 
 SUPPORTED_NBITS = (2, 3, 4, 8)
 BACKENDS = ("torch", "quanto")
@@ -203,12 +203,8 @@ class TorchCodec:
         reproduces exactly what was rounded.
         """
         low, high = self.value_range(x, dim, scale_dtype)
-        levels = 2**self.nbits - 1
-        scale = ((high - low) / levels).to(scale_dtype)
-        zero = low.to(scale_dtype)
-        step = scale.float().clamp_min(torch.finfo(torch.float32).tiny)
-        codes = torch.round((x.float() - zero.float()) / step).clamp_(0, levels).to(torch.uint8)
-        return codes, scale, zero
+        codes, scale, zero = codes_in_range(x.float(), low, high, 2**self.nbits - 1, scale_dtype)
+        return codes.to(torch.uint8), scale, zero
 
 
 class QuantoCodec(TorchCodec):

@@ -79,10 +79,20 @@ def mse_range(
     return best[1], best[2]
 
 
+def codes_in_range(
+    x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, levels: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scale, zero)`` of float32 ``x`` over the range ``[low, high]`` (broadcast against ``x``): the
+    scale and zero point in ``scale_dtype``, as stored, and the codes (float32, integers in ``[0, levels]``)
+    computed from them rounded, so that ``codes * scale + zero`` reproduces exactly what was stored."""
+    scale, zero = ((high - low) / levels).to(scale_dtype), low.to(scale_dtype)
+    step = scale.float().clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round((x - zero.float()) / step).clamp_(0, levels), scale, zero
+
+
 def restore_error(x, start, end, levels: int, scale_dtype: torch.dtype, dim: int) -> torch.Tensor:
-    """Squared error, summed over ``dim``, of ``x`` quantized over the range ``[start, end]`` (broadcast
-    against ``x``) with its scale and zero point rounded to ``scale_dtype``, and restored."""
-    zero = start.to(scale_dtype).float()
-    step = ((end - start) / levels).to(scale_dtype).float().clamp_min(torch.finfo(torch.float32).tiny)
-    restored = torch.round((x - zero) / step).clamp_(0, levels).mul_(step).add_(zero)
+    """Squared error, summed over ``dim``, of ``x`` quantized over the range ``[start, end]`` as the codec
+    stores it (:func:`codes_in_range`), and restored."""
+    codes, scale, zero = codes_in_range(x, start, end, levels, scale_dtype)
+    restored = codes.mul_(scale.float()).add_(zero.float())
     return restored.sub_(x).square_().sum(dim, keepdim=True)
