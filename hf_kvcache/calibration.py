@@ -17,13 +17,16 @@ File format (JSON, one per model and quantization setting, under ``$HF_KVCACHE_H
      "kl_divergence": {"keys": {"2": [L floats], "3": [...], "4": [...]}, "values": {...}}}
 
 ``options`` also holds ``outliers``, ``outliers_keys``, ``outliers_values`` and ``clipping`` when the setting
-sets them.
+sets them. Under ``clipping='calibrated'`` the costs are measured twice: ``kl_divergence`` without clipping
+and ``kl_divergence_mse`` (same shape) with ``clipping='mse'``; each layer then takes, at its width,
+whichever costs less for its keys and for its values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -33,9 +36,11 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from hf_kvcache.layout import AttentionLayout, attention_layout
+from hf_kvcache.strategies.ranges import clipping_option
 
 FORMAT, VERSION = "hf-kvcache quantization calibration", 1
 WIDTHS = (2, 3, 4)
+CLIPPED = "kl_divergence_mse"  # the record's costs with clipping='mse', under clipping='calibrated'
 # The options a calibration depends on (the widths are what it chooses).
 CALIBRATED_OPTIONS = ("group_size", "residual_length", "num_sink_tokens", "rotation", "keys", "backend")
 OUTLIER_OPTIONS = ("outliers", "outliers_keys", "outliers_values")
@@ -82,8 +87,18 @@ def check_calibrated_bits(options: Any) -> None:
     """For :class:`~hf_kvcache.strategies.quantized.QuantizedOptions`: its ``calibrated_bits`` and
     ``calibration``."""
     if options.calibrated_bits is None:
-        if options.calibration is not None:
-            raise ValueError(f"calibration={options.calibration!r} is read only with calibrated_bits=...")
+        if options.calibration is not None and options.clipping != "calibrated":
+            raise ValueError(
+                f"calibration={options.calibration!r} is read only with calibrated_bits=... or "
+                "clipping='calibrated'"
+            )
+        for part, width in (("keys", options.key_nbits), ("values", options.value_nbits)):
+            name = "nbits" if getattr(options, f"nbits_{part}") is None else f"nbits_{part}"
+            if options.clipping == "calibrated" and width not in WIDTHS:
+                raise ValueError(
+                    f"clipping='calibrated' with {name}={width}: a calibration measures widths "
+                    f"{list(WIDTHS)}; give one of them or calibrated_bits=..."
+                )
         return
     low, high = min(WIDTHS), max(WIDTHS)
     if isinstance(options.calibrated_bits, bool) or not low <= options.calibrated_bits <= high:
@@ -143,10 +158,18 @@ def calibrate_quantization(
     prefix = [(layer.keys, layer.values) for layer in exact_cache.layers]
     exact = model(probe, past_key_values=cache_holding(model, prefix)).logits.float().log_softmax(-1)
     ropes = key_ropes(model, layout) if options.keys == "pre_rope" else [None] * layout.num_layers
-    costs: dict[str, dict[str, list[float]]] = {"keys": {}, "values": {}}
+    # Under clipping='calibrated' every width is measured without and with clipping, for the layer to choose.
+    clippings = {"kl_divergence": "none", CLIPPED: "mse"}
+    if options.clipping != "calibrated":
+        clippings = {"kl_divergence": options.clipping}
+    costs: dict[str, dict[str, dict[str, list[float]]]] = {
+        entry: {"keys": {}, "values": {}} for entry in clippings
+    }
     for index, (keys, values) in enumerate(prefix):
-        for width in WIDTHS:
-            setting = dataclasses.replace(options, nbits_keys=width, nbits_values=width, calibrated_bits=None)
+        for (entry, clipping), width in itertools.product(clippings.items(), WIDTHS):
+            setting = dataclasses.replace(
+                options, nbits_keys=width, nbits_values=width, calibrated_bits=None, clipping=clipping
+            )
             store = QuantizedLayer(setting, layout.window(index), ropes[index])
             store.update(keys, values)
             held = store.keys.shape[2]  # a local layer's store may let go of what is behind its window
@@ -157,7 +180,7 @@ def calibrate_quantization(
                 layers = [*prefix[:index], replaced, *prefix[index + 1 :]]
                 logits = model(probe, past_key_values=cache_holding(model, layers)).logits.float()
                 divergence = (exact.exp() * (exact - logits.log_softmax(-1))).sum(-1).mean().item()
-                costs[kind].setdefault(str(width), []).append(divergence)
+                costs[entry][kind].setdefault(str(width), []).append(divergence)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -166,7 +189,7 @@ def calibrate_quantization(
         "options": calibrated_options(options),
         "tokens": total,
         "probe_tokens": probe_tokens,
-        "kl_divergence": costs,
+        **costs,
     }
 
 
@@ -213,10 +236,11 @@ def _setting_spec(options: Any) -> str:
 def allocate_widths(record: dict, mean_bits: float) -> list[tuple[int, int]]:
     """Per layer ``(key width, value width)`` at a mean of at most ``mean_bits`` bits per code.
 
-    Greedy: everything starts at the narrowest width; the step (one layer's keys or values to the next
-    width) that removes the most error per added bit is taken until the next would pass the mean.
+    Greedy, on each width's cost with the better clipping where the record measured both
+    (:func:`least_costs`): everything starts at the narrowest width; the step (one layer's keys or values to
+    the next width) that removes the most error per added bit is taken until the next would pass the mean.
     """
-    errors = record["kl_divergence"]
+    errors = least_costs(record)
     layers = record["geometry"]["num_layers"]
     widths = {(kind, i): 0 for kind in ("keys", "values") for i in range(layers)}  # index into WIDTHS
     budget, spent = mean_bits * 2 * layers, WIDTHS[0] * 2 * layers
@@ -237,13 +261,56 @@ def allocate_widths(record: dict, mean_bits: float) -> list[tuple[int, int]]:
     return [(WIDTHS[widths["keys", i]], WIDTHS[widths["values", i]]) for i in range(layers)]
 
 
+def least_costs(record: dict) -> dict[str, dict[str, list[float]]]:
+    """Per kind and width, each layer's cost: without clipping, or with it where the record measured that
+    (``clipping='calibrated'``) and it costs less."""
+    plain, clipped = record["kl_divergence"], record.get(CLIPPED, record["kl_divergence"])
+    return {
+        kind: {width: list(map(min, plain[kind][width], clipped[kind][width])) for width in plain[kind]}
+        for kind in plain
+    }
+
+
+def allocate_clipping(record: dict, widths: list[tuple[int, int]]) -> list[str]:
+    """Per layer, the ``clipping`` option under which its keys and values at ``widths`` cost the least."""
+    plain, clipped = record["kl_divergence"], record[CLIPPED]
+
+    def better(kind: str, width: int, layer: int) -> str:
+        return "mse" if clipped[kind][str(width)][layer] < plain[kind][str(width)][layer] else "none"
+
+    return [
+        clipping_option(better("keys", keys, layer), better("values", values, layer))
+        for layer, (keys, values) in enumerate(widths)
+    ]
+
+
+def describe_allocation(record: dict, mean_bits: float) -> str:
+    """One line: the widths per layer at ``mean_bits``, and the clipping where the record chooses it."""
+    widths = allocate_widths(record, mean_bits)
+    line = f"calibrated_bits={mean_bits}: (keys, values) per layer {widths}"
+    return line + (f", clipping per layer {allocate_clipping(record, widths)}" if CLIPPED in record else "")
+
+
 def calibrated_layer_options(model: PreTrainedModel, options: Any) -> list[Any]:
-    """Each layer's options under ``calibrated_bits``: the widths the calibration allocates to it."""
+    """Each layer's options under ``calibrated_bits`` or ``clipping='calibrated'``: the widths the
+    calibration allocates to it (else the options' own), and the clipping it chooses there."""
     path = options.calibration or default_calibration_path(model, options)
-    widths = allocate_widths(load_calibration(path, model, options), options.calibrated_bits)
+    record = load_calibration(path, model, options)
+    layers = record["geometry"]["num_layers"]
+    widths = [(options.key_nbits, options.value_nbits)] * layers
+    if options.calibrated_bits is not None:
+        widths = allocate_widths(record, options.calibrated_bits)
+    clippings = [options.clipping] * layers
+    if options.clipping == "calibrated":
+        clippings = allocate_clipping(record, widths)
     return [
         dataclasses.replace(
-            options, nbits_keys=keys, nbits_values=values, calibrated_bits=None, calibration=None
+            options,
+            nbits_keys=keys,
+            nbits_values=values,
+            calibrated_bits=None,
+            calibration=None,
+            clipping=clipping,
         )
-        for keys, values in widths
+        for (keys, values), clipping in zip(widths, clippings, strict=True)
     ]

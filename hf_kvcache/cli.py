@@ -149,7 +149,7 @@ def run_scale_command(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from hf_kvcache.calibration import allocate_widths, calibrate_quantization, default_calibration_path
+    from hf_kvcache import calibration
     from hf_kvcache.registry import parse_spec
 
     _check_specs([args.strategy])
@@ -159,12 +159,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if strategy.name != "quantized":
         raise SystemExit(f"error: --strategy must be quantized:... or duo:..., got {args.strategy!r}")
     model, _tokenizer, input_ids = load_inputs(args)
-    record = calibrate_quantization(model, input_ids, options, probe_tokens=args.probe_tokens)
+    record = calibration.calibrate_quantization(model, input_ids, options, probe_tokens=args.probe_tokens)
     for mean_bits in (2.5, 3.0):
-        widths = allocate_widths(record, mean_bits)
-        print(f"calibrated_bits={mean_bits}: (keys, values) per layer {widths}")
+        print(calibration.describe_allocation(record, mean_bits))
     return _write_calibration(
-        record, Path(args.out) if args.out else default_calibration_path(model, options)
+        record, Path(args.out) if args.out else calibration.default_calibration_path(model, options)
     )
 
 

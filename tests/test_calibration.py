@@ -9,6 +9,8 @@ from transformers import DynamicCache
 
 from hf_kvcache import build_cache, cache_nbytes
 from hf_kvcache.calibration import (
+    CLIPPED,
+    allocate_clipping,
     allocate_widths,
     calibrate_quantization,
     default_calibration_path,
@@ -17,6 +19,7 @@ from hf_kvcache.calibration import (
 from hf_kvcache.cli import main
 from hf_kvcache.strategies.quantized import QuantizedOptions
 from tests.conftest import make_tiny_model, random_ids
+from tests.test_clipping import searched_from_definition
 
 SETTING = dict(group_size=8, residual_length=0, num_sink_tokens=0)
 
@@ -29,24 +32,27 @@ def reference_quantized_keys(keys: torch.Tensor, nbits: int) -> torch.Tensor:
     return (torch.round((groups - low) / step) * step + low).flatten(2, 3).to(keys.dtype)
 
 
+@torch.no_grad()
+def divergence_over_first_keys(model, ids: torch.Tensor, coarse) -> float:
+    """KL divergence of the last 8 tokens' predictions when the first layer's keys of the 40-token context are
+    ``coarse(keys)``, from those over the exact keys: the cost recomputed from scratch."""
+    context = DynamicCache(config=model.config)
+    model(ids[:, :40], past_key_values=context)
+    layers = [(layer.keys, layer.values) for layer in context.layers]
+    runs = []
+    for first_keys in (layers[0][0], coarse(layers[0][0])):
+        cache = DynamicCache(config=model.config)
+        for index, (keys, values) in enumerate([(first_keys, layers[0][1]), *layers[1:]]):
+            cache.update(keys, values, index)
+        runs.append(model(ids[:, 40:], past_key_values=cache).logits.double().log_softmax(-1))
+    return (runs[0].exp() * (runs[0] - runs[1])).sum(-1).mean().item()
+
+
 def test_the_cost_of_a_width_is_the_kl_divergence_of_a_run_over_those_coarse_keys():
     model = make_tiny_model("llama-gqa")
     ids = random_ids(48, seed=4)  # a 40-token context (five whole key groups) and 8 probe tokens
     record = calibrate_quantization(model, ids, QuantizedOptions(**SETTING), probe_tokens=8)
-    with torch.no_grad():
-        context = DynamicCache(config=model.config)
-        model(ids[:, :40], past_key_values=context)
-        layers = [(layer.keys, layer.values) for layer in context.layers]
-        runs = {}
-        for name, first_keys in (
-            ("exact", layers[0][0]),
-            ("coarse", reference_quantized_keys(layers[0][0], 2)),
-        ):
-            cache = DynamicCache(config=model.config)
-            for index, (keys, values) in enumerate([(first_keys, layers[0][1]), *layers[1:]]):
-                cache.update(keys, values, index)
-            runs[name] = model(ids[:, 40:], past_key_values=cache).logits.double().log_softmax(-1)
-    expected = (runs["exact"].exp() * (runs["exact"] - runs["coarse"])).sum(-1).mean().item()
+    expected = divergence_over_first_keys(model, ids, lambda keys: reference_quantized_keys(keys, 2))
     assert record["kl_divergence"]["keys"]["2"][0] == pytest.approx(expected, rel=1e-3, abs=1e-7)
     costs = record["kl_divergence"]
     assert set(costs) == {"keys", "values"} and all(len(costs[k][w]) == 2 for k in costs for w in costs[k])
@@ -141,3 +147,103 @@ def test_the_calibrate_command_writes_where_the_cache_reads(
     assert path.is_file() and str(tmp_path) in str(path)
     cache = build_cache(spec.replace("quantized:", "quantized:calibrated_bits=3,"), model)
     assert {layer.options.key_nbits for layer in cache.layers} <= {2, 3, 4}
+
+
+def test_calibrated_clipping_measures_every_width_without_and_with_clipping():
+    model, ids = make_tiny_model("llama-gqa"), random_ids(48, seed=4)
+    record = calibrate_quantization(model, ids, QuantizedOptions(**SETTING, clipping="calibrated"), 8)
+    for clipping, entry in (("none", "kl_divergence"), ("mse", CLIPPED)):
+        alone = calibrate_quantization(model, ids, QuantizedOptions(**SETTING, clipping=clipping), 8)
+        assert record[entry] == alone["kl_divergence"]
+    # The clipped cost of 2-bit keys in layer 0, against a run over keys clipped by definition.
+    expected = divergence_over_first_keys(
+        model,
+        ids,
+        lambda keys: searched_from_definition(keys.unflatten(2, (-1, 8)), 3, 2).flatten(2, 3).float(),
+    )
+    assert record[CLIPPED]["keys"]["2"][0] == pytest.approx(expected, rel=1e-3, abs=1e-7)
+
+
+def test_each_layer_takes_the_width_and_clipping_that_cost_least():
+    record = hand_record(
+        keys={"2": [0.9, 0.2], "3": [0.3, 0.1], "4": [0.1, 0.05]},
+        values={"2": [0.1, 0.4], "3": [0.05, 0.15], "4": [0.0, 0.1]},
+    )
+    assert allocate_widths(record, 2.25) == [(3, 2), (2, 2)]  # without clipping, keys of layer 0 (.6)
+    record[CLIPPED] = {
+        "keys": {"2": [0.35, 0.3], "3": [0.3, 0.1], "4": [0.2, 0.01]},  # layer 0 at 2 bits: .35 clipped
+        "values": {"2": [0.2, 0.1], "3": [0.1, 0.12], "4": [0.05, 0.1]},
+    }
+    # Least costs: keys of layer 0 now save .05 a step, layer 1's .1; values of layer 1 cost .1 clipped.
+    widths = allocate_widths(record, 2.25)
+    assert widths == [(2, 2), (3, 2)]
+    # Layer 0: keys clipped (.35 < .9), values not (.2 > .1); layer 1: keys tie (.1), values clipped.
+    assert allocate_clipping(record, widths) == ["mse-keys", "mse-values"]
+    assert allocate_clipping(record, [(4, 4), (4, 4)]) == ["none", "mse-keys"]
+
+
+@pytest.mark.parametrize("widths", ["calibrated_bits=2.5", "nbits=2"])
+def test_a_cache_with_calibrated_clipping_clips_each_layer_as_chosen(tmp_path, widths):
+    model, ids = make_tiny_model("llama-gqa"), random_ids(48, seed=4)
+    record = calibrate_quantization(model, ids, QuantizedOptions(**SETTING, clipping="calibrated"), 8)
+    plain = record["kl_divergence"]
+    # Clipping wins keys in layer 0 and values in layer 1, whatever the tiny model measured.
+
+    def clipped(kind: str, layer: int) -> float:
+        return 0.5 if (layer == 0) == (kind == "keys") else 2.0
+
+    record[CLIPPED] = {
+        kind: {w: [c * clipped(kind, i) for i, c in enumerate(costs)] for w, costs in plain[kind].items()}
+        for kind in plain
+    }
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(record))
+    setting = "group_size=8,residual_length=0,num_sink_tokens=0"
+    cache = build_cache(f"quantized:{widths},clipping=calibrated,calibration={path},{setting}", model)
+    assert [layer.options.clipping for layer in cache.layers] == ["mse-keys", "mse-values"]
+    layer_widths = [(layer.options.key_nbits, layer.options.value_nbits) for layer in cache.layers]
+    if widths == "nbits=2":
+        assert layer_widths == [(2, 2), (2, 2)]
+    else:
+        assert layer_widths == allocate_widths(record, 2.5)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    for index, layer in enumerate(cache.layers):
+        nbits = f"nbits_keys={layer.options.key_nbits},nbits_values={layer.options.value_nbits}"
+        uniform = {}
+        for clipping in ("none", "mse"):
+            uniform[clipping] = build_cache(f"quantized:{nbits},clipping={clipping},{setting}", model)
+            with torch.no_grad():
+                model(ids, past_key_values=uniform[clipping])
+        keys_from, values_from = ("mse", "none") if index == 0 else ("none", "mse")
+        assert torch.equal(layer.keys, uniform[keys_from].layers[index].keys)
+        assert torch.equal(layer.values, uniform[values_from].layers[index].values)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            "quantized:clipping=calibrated,nbits=8",
+            r"clipping='calibrated' with nbits=8: a calibration measures widths \[2, 3, 4\]",
+        ),
+        (
+            "quantized:clipping=calibrated,nbits=2,nbits_values=8",
+            r"clipping='calibrated' with nbits_values=8",
+        ),
+        (
+            "sliding-window+quantized:clipping=calibrated",
+            "clipping='calibrated' is an option of quantized alone",
+        ),
+        ("kvzip+quantized:clipping=calibrated", "clipping='calibrated'"),
+    ],
+)
+def test_bad_calibrated_clipping_is_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        build_cache(spec, make_tiny_model("llama"))
+
+
+def test_a_missing_clipping_calibration_gives_the_command_that_makes_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_KVCACHE_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="--strategy 'quantized:group_size=8.*clipping=calibrated'"):
+        build_cache("quantized:nbits=2,group_size=8,clipping=calibrated", make_tiny_model("llama"))

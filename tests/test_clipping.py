@@ -19,6 +19,7 @@ from hf_kvcache.strategies.ranges import SHRINK_FACTORS, mse_range
 from tests.conftest import make_tiny_model, random_ids
 
 GROUP = 8
+ALLOWED = r"\['none', 'mse', 'mse-values', 'mse-keys', 'calibrated'\]"
 
 
 def searched_from_definition(x: torch.Tensor, dim: int, nbits: int) -> torch.Tensor:
@@ -120,17 +121,19 @@ def test_the_packed_history_is_the_searched_quantization_of_the_definition(nbits
     assert caches["mse"].nbytes == caches["none"].nbytes  # nothing more is stored
 
 
-def test_mse_values_clips_the_values_and_leaves_the_keys_min_max():
+def test_mse_values_clips_the_values_alone_and_mse_keys_the_keys_alone():
     model, ids = make_tiny_model("llama-gqa"), random_ids(40, seed=1)
     spec = f"quantized:nbits=2,group_size={GROUP},residual_length=0,rotation=hadamard,keys=pre_rope"
     caches = {
         clipping: prefill(model, ids, build_cache(f"{spec},clipping={clipping}", model), leave_last=False)
-        for clipping in ("none", "mse", "mse-values")
+        for clipping in ("none", "mse", "mse-values", "mse-keys")
     }
-    for plain, clipped, values_only in zip(*(c.layers for c in caches.values()), strict=True):
+    for plain, clipped, values_only, keys_only in zip(*(c.layers for c in caches.values()), strict=True):
         assert torch.equal(values_only.keys, plain.keys)
         assert torch.equal(values_only.values, clipped.values)
         assert not torch.equal(values_only.values, plain.values)
+        assert torch.equal(keys_only.keys, clipped.keys) and torch.equal(keys_only.values, plain.values)
+        assert not torch.equal(keys_only.keys, plain.keys)
     store = RaggedEntries(QuantizedOptions(nbits=2, group_size=GROUP, clipping="mse-values"))
     keys, values = torch.randn(1, 2, 16, 16), torch.randn(1, 2, 16, 16)
     store.fill(keys, values, torch.ones(1, 2, 16, dtype=torch.bool))
@@ -177,12 +180,12 @@ def test_a_spec_without_clipping_keeps_its_canonical_form():
     [
         (
             "quantized:clipping=percentile",
-            r"clipping must be one of \['none', 'mse', 'mse-values'\], got 'percentile'",
+            rf"clipping must be one of {ALLOWED}, got 'percentile'",
         ),
         ("quantized:clipping=mse,backend=quanto", "clipping='mse' with backend='quanto': .* backend='torch'"),
         (
             "sliding-window+quantized:clipping=max",
-            r"clipping must be one of \['none', 'mse', 'mse-values'\], got 'max'",
+            rf"clipping must be one of {ALLOWED}, got 'max'",
         ),
     ],
 )

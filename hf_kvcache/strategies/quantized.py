@@ -279,15 +279,13 @@ class QuantizedKVCache(KVCache):
     Keys are quantized per channel (each group of ``group_size`` consecutive tokens has its own scale and zero
     point per channel) and values per token (each group of ``group_size`` channels has its own scale and zero
     point per token), asymmetric min-max, as in KIVI (https://arxiv.org/abs/2402.02750). The newest
-    ``residual_length`` tokens stay in full precision; older tokens are quantized group by group, once, and
-    never dequantized and quantized again. 2-bit codes are stored four to a byte, 4-bit codes two to a byte,
-    3-bit codes eight to three bytes.
+    ``residual_length`` tokens stay in full precision; older tokens are quantized group by group, once (never
+    again): four 2-bit or two 4-bit codes to a byte, eight 3-bit codes to three bytes.
 
     Args:
         model: the model the cache serves (its config gives layers and head size).
         nbits: bits per code, one of 2, 3, 4, 8. Default 4.
-        group_size: tokens per key group and channels per value group; must divide the head dimension.
-            Default 32.
+        group_size: tokens per key group, channels per value group; divides the head dimension. Default 32.
         residual_length: newest tokens kept in full precision. Default 128.
         backend: ``"torch"`` (pure PyTorch) or ``"quanto"`` (optimum-quanto's primitives, same scheme).
             Default ``'torch'``.
@@ -308,9 +306,9 @@ class QuantizedKVCache(KVCache):
             steps still read the codes in place: the kernel turns each key group to its positions.
             ``quantized`` alone (not under eviction), on models with one rotary embedding. Default
             ``'post_rope'``.
-        calibrated_bits: mean bits per code; each layer's keys and values get their own width of 2, 3 or 4,
-            chosen from the model's calibration (:mod:`hf_kvcache.calibration`, made by ``hf-kvcache
-            calibrate``) to lose the least attention output. ``None``: ``nbits`` everywhere. Default None.
+        calibrated_bits: mean bits per code; each layer's keys and values get a width of 2, 3 or 4 from the
+            model's calibration (:mod:`hf_kvcache.calibration`, ``hf-kvcache calibrate``) that loses the least
+            of its predictions. ``None``: ``nbits`` everywhere. Default None.
         calibration: the calibration file to read; ``None``: the one ``hf-kvcache calibrate`` wrote for this
             model and setting. Default None.
         attention: how decode steps read the packed history (:mod:`.packed_attention`): ``"compiled"``, a
@@ -330,7 +328,9 @@ class QuantizedKVCache(KVCache):
             in bfloat16) or in ``float8_e5m2`` (``"float8"``, half that, codes of 2-4 bits; under 0.03 bits
             of code lost at 2 and 3 bits, 0.1 at 4: ``eval/bench_scale_format.py``). Default ``'model'``.
         clipping: ``"mse"`` shrinks each group's range toward its center where that lowers its squared error
-            (:mod:`.ranges`; torch backend), ``"mse-values"`` only the values'. Default ``'none'``.
+            (:mod:`.ranges`; torch backend), ``"mse-values"`` (``"mse-keys"``) only the values' (keys');
+            ``"calibrated"``: each layer's keys and values clipped or not, whichever the calibration found
+            to cost less at their width (widths 2-4, or ``calibrated_bits``). Default ``'none'``.
 
     Example:
         >>> cache = QuantizedKVCache(model, nbits=2)
@@ -345,6 +345,6 @@ class QuantizedKVCache(KVCache):
         StoredAttention.require_attention_backend(model, self.options)
         ropes = key_ropes(model, layout) if self.options.keys == "pre_rope" else [None] * layout.num_layers
         options = [self.options] * layout.num_layers
-        if self.options.calibrated_bits is not None:
+        if self.options.calibrated_bits is not None or self.options.clipping == "calibrated":
             options = calibrated_layer_options(model, self.options)
         return [QuantizedLayer(options[i], layout.window(i), ropes[i]) for i in range(layout.num_layers)]

@@ -35,6 +35,11 @@ def check_composed_quantization(quantization: object) -> None:
             f"calibrated_bits={quantization.calibrated_bits} is an option of quantized alone; under eviction "
             "give nbits, nbits_keys and nbits_values"
         )
+    if quantization is not None and quantization.clipping == "calibrated":
+        raise ValueError(
+            "clipping='calibrated' is an option of quantized alone, which reads a calibration of its layers; "
+            "under eviction give clipping='none', 'mse', 'mse-values' or 'mse-keys'"
+        )
     if quantization is not None and quantization.keys != "post_rope":
         raise ValueError(
             f"keys={quantization.keys!r} is an option of quantized alone; under eviction keys are stored as "

@@ -36,21 +36,32 @@ def check_ragged_quantization(quantization) -> None:
     if not isinstance(quantization, QuantizedOptions):
         raise ValueError(f"quantization must be None or a QuantizedOptions, got {quantization!r}")
     default = QuantizedOptions()
-    unsupported = {
-        name: getattr(quantization, name)
-        for name in ("residual_length", "num_sink_tokens", "backend", "keys", "calibrated_bits", "outliers")
-        if getattr(quantization, name) != getattr(default, name)
-    } | {
-        name: getattr(quantization, name)
-        for name in ("outliers_keys", "outliers_values")
-        if getattr(quantization, name)
-    }
+    unsupported = (
+        {
+            name: getattr(quantization, name)
+            for name in (
+                "residual_length",
+                "num_sink_tokens",
+                "backend",
+                "keys",
+                "calibrated_bits",
+                "outliers",
+            )
+            if getattr(quantization, name) != getattr(default, name)
+        }
+        | {
+            name: getattr(quantization, name)
+            for name in ("outliers_keys", "outliers_values")
+            if getattr(quantization, name)
+        }
+        | ({"clipping": "calibrated"} if quantization.clipping == "calibrated" else {})
+    )
     if unsupported:
         raise ValueError(
             f"{', '.join(f'{k}={v!r}' for k, v in unsupported.items())}: the packed store of a compressed "
             "context holds each kept entry alone (quantized per entry over groups of group_size channels, "
             "torch backend); it takes nbits, nbits_keys, nbits_values, group_size, rotation, scales and "
-            "clipping"
+            "clipping other than 'calibrated'"
         )
 
 

@@ -16,7 +16,9 @@ import torch
 
 # "mse-values" clips the values alone: a key's outlying entries are what its query finds it by, and clipping
 # them can cost attention more than the smaller squared error saves (README, ``eval/bench_clipping.py``).
-CLIPPINGS = ("none", "mse", "mse-values")
+# "calibrated" lets the model's calibration choose per layer (:mod:`hf_kvcache.calibration`), which then
+# gives each layer one of the others.
+CLIPPINGS = ("none", "mse", "mse-values", "mse-keys", "calibrated")
 # 1.0 first: a group that no shrinking helps keeps its min-max range (ties keep the earlier factor).
 SHRINK_FACTORS = tuple(round(1.0 - 0.05 * step, 2) for step in range(11))
 # Up to this many float32 elements (x times the factors) the factors are tried at once.
@@ -36,7 +38,16 @@ def check_clipping(clipping: str, backend: str) -> None:
 
 def clipping_of(clipping: str, part: str) -> str:
     """The clipping of ``part`` (``"keys"`` or ``"values"``) under the option: ``"mse"`` or ``"none"``."""
-    return "mse" if clipping == "mse" or (clipping == "mse-values" and part == "values") else "none"
+    if clipping == "calibrated":  # resolved per layer before any store is built
+        raise ValueError("clipping='calibrated' is chosen per layer from a calibration; no store reads it")
+    return "mse" if clipping in ("mse", f"mse-{part}") else "none"
+
+
+def clipping_option(keys: str, values: str) -> str:
+    """The option that clips keys and values as given (each ``"mse"`` or ``"none"``): the inverse of
+    :func:`clipping_of`."""
+    options = {("none", "none"): "none", ("mse", "mse"): "mse", ("none", "mse"): "mse-values"}
+    return (options | {("mse", "none"): "mse-keys"})[keys, values]
 
 
 def min_max_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
