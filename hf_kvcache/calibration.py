@@ -92,13 +92,14 @@ def check_calibrated_bits(options: Any) -> None:
                 f"calibration={options.calibration!r} is read only with calibrated_bits=... or "
                 "clipping='calibrated'"
             )
-        for part, width in (("keys", options.key_nbits), ("values", options.value_nbits)):
-            name = "nbits" if getattr(options, f"nbits_{part}") is None else f"nbits_{part}"
-            if options.clipping == "calibrated" and width not in WIDTHS:
-                raise ValueError(
-                    f"clipping='calibrated' with {name}={width}: a calibration measures widths "
-                    f"{list(WIDTHS)}; give one of them or calibrated_bits=..."
-                )
+        if options.clipping == "calibrated":
+            for name, width in (("nbits_keys", options.key_nbits), ("nbits_values", options.value_nbits)):
+                if width not in WIDTHS:
+                    given = name if getattr(options, name) is not None else "nbits"
+                    raise ValueError(
+                        f"clipping='calibrated' with {given}={width}: a calibration measures widths "
+                        f"{list(WIDTHS)}; give one of them or calibrated_bits=..."
+                    )
         return
     low, high = min(WIDTHS), max(WIDTHS)
     if isinstance(options.calibrated_bits, bool) or not low <= options.calibrated_bits <= high:
@@ -159,9 +160,9 @@ def calibrate_quantization(
     exact = model(probe, past_key_values=cache_holding(model, prefix)).logits.float().log_softmax(-1)
     ropes = key_ropes(model, layout) if options.keys == "pre_rope" else [None] * layout.num_layers
     # Under clipping='calibrated' every width is measured without and with clipping, for the layer to choose.
-    clippings = {"kl_divergence": "none", CLIPPED: "mse"}
-    if options.clipping != "calibrated":
-        clippings = {"kl_divergence": options.clipping}
+    clippings = {"kl_divergence": options.clipping}
+    if options.clipping == "calibrated":
+        clippings = {"kl_divergence": "none", CLIPPED: "mse"}
     costs: dict[str, dict[str, dict[str, list[float]]]] = {
         entry: {"keys": {}, "values": {}} for entry in clippings
     }

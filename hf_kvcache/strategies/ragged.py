@@ -36,26 +36,17 @@ def check_ragged_quantization(quantization) -> None:
     if not isinstance(quantization, QuantizedOptions):
         raise ValueError(f"quantization must be None or a QuantizedOptions, got {quantization!r}")
     default = QuantizedOptions()
-    unsupported = (
-        {
-            name: getattr(quantization, name)
-            for name in (
-                "residual_length",
-                "num_sink_tokens",
-                "backend",
-                "keys",
-                "calibrated_bits",
-                "outliers",
-            )
-            if getattr(quantization, name) != getattr(default, name)
-        }
-        | {
-            name: getattr(quantization, name)
-            for name in ("outliers_keys", "outliers_values")
-            if getattr(quantization, name)
-        }
-        | ({"clipping": "calibrated"} if quantization.clipping == "calibrated" else {})
-    )
+    unsupported = {
+        name: getattr(quantization, name)
+        for name in ("residual_length", "num_sink_tokens", "backend", "keys", "calibrated_bits", "outliers")
+        if getattr(quantization, name) != getattr(default, name)
+    } | {
+        name: getattr(quantization, name)
+        for name in ("outliers_keys", "outliers_values")
+        if getattr(quantization, name)
+    }
+    if quantization.clipping == "calibrated":  # the one clipping that needs a calibration of layers
+        unsupported["clipping"] = quantization.clipping
     if unsupported:
         raise ValueError(
             f"{', '.join(f'{k}={v!r}' for k, v in unsupported.items())}: the packed store of a compressed "

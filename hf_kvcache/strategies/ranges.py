@@ -46,8 +46,12 @@ def clipping_of(clipping: str, part: str) -> str:
 def clipping_option(keys: str, values: str) -> str:
     """The option that clips keys and values as given (each ``"mse"`` or ``"none"``): the inverse of
     :func:`clipping_of`."""
-    options = {("none", "none"): "none", ("mse", "mse"): "mse", ("none", "mse"): "mse-values"}
-    return (options | {("mse", "none"): "mse-keys"})[keys, values]
+    fixed = (option for option in CLIPPINGS if option != "calibrated")
+    return next(
+        option
+        for option in fixed
+        if (clipping_of(option, "keys"), clipping_of(option, "values")) == (keys, values)
+    )
 
 
 def min_max_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
