@@ -4,8 +4,10 @@ Layers differ in how much the model suffers from their coarse keys or values (th
 keys, and some layers, are where the bits must go). ``hf-kvcache calibrate`` runs the model over corpus text,
 and for every layer and every width in :data:`WIDTHS` quantizes that layer's keys (or values) with the cache's
 own store and measures the KL divergence this adds to the next-token predictions of the last tokens
-(:func:`calibrate_quantization`). ``quantized:calibrated_bits=B`` then gives each layer's keys and values the
-widths that minimize the summed divergence at a mean of ``B`` bits per code.
+(:func:`calibrate_quantization`): the text's own continuation, or (``probe='recall'``) spans of the context
+repeated, whose predictions depend on finding them again, as a needle's retrieval does.
+``quantized:calibrated_bits=B`` then gives each layer's keys and values the widths that minimize the summed
+divergence at a mean of ``B`` bits per code.
 
 File format (JSON, one per model and quantization setting, under ``$HF_KVCACHE_HOME/calibration/``)::
 
@@ -13,13 +15,13 @@ File format (JSON, one per model and quantization setting, under ``$HF_KVCACHE_H
      "model": "<name or path>", "geometry": {"num_layers": L, "num_key_value_heads": H, "head_dim": D},
      "options": {"group_size": 64, "residual_length": 0, "num_sink_tokens": 4, "rotation": "hadamard",
                  "keys": "pre_rope", "backend": "torch"},
-     "tokens": 2048, "probe_tokens": 256,
+     "tokens": 2048, "probe_tokens": 256, "probe": "text",
      "kl_divergence": {"keys": {"2": [L floats], "3": [...], "4": [...]}, "values": {...}}}
 
 ``options`` also holds ``outliers``, ``outliers_keys``, ``outliers_values`` and ``clipping`` when the setting
 sets them. Under ``clipping='calibrated'`` the costs are measured twice: ``kl_divergence`` without clipping
 and ``kl_divergence_mse`` (same shape) with ``clipping='mse'``; each layer then takes, at its width,
-whichever costs less for its keys and for its values.
+whichever costs less for its keys and for its values. Files without ``probe`` were probed with ``text``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from hf_kvcache.strategies.ranges import clipping_option
 
 FORMAT, VERSION = "hf-kvcache quantization calibration", 1
 WIDTHS = (2, 3, 4)
+PROBES = ("text", "recall")
+RECALL_SPANS = 4  # pieces the recall probe copies, from evenly spaced depths of the context
 CLIPPED = "kl_divergence_mse"  # the record's costs with clipping='mse', under clipping='calibrated'
 # The options a calibration depends on (the widths are what it chooses).
 CALIBRATED_OPTIONS = ("group_size", "residual_length", "num_sink_tokens", "rotation", "keys", "backend")
@@ -122,9 +126,29 @@ def check_calibrated_bits(options: Any) -> None:
             )
 
 
+def recall_probe(input_ids: torch.Tensor, probe_tokens: int) -> torch.Tensor:
+    """``input_ids`` (``[1, T]``) with its last ``probe_tokens`` tokens replaced by :data:`RECALL_SPANS`
+    spans of the rest, copied from evenly spaced depths: predicting a copied span's tokens is easy for a model
+    that finds where it came from and hard for one that does not, so the probe measures retrieval."""
+    context = input_ids[:, :-probe_tokens]
+    if probe_tokens < RECALL_SPANS or context.shape[1] < probe_tokens:
+        raise ValueError(
+            f"probe='recall' copies {RECALL_SPANS} spans of the context into the probe: it needs "
+            f"probe_tokens >= {RECALL_SPANS} and a context at least as long, got probe_tokens={probe_tokens} "
+            f"of {input_ids.shape[1]} tokens"
+        )
+    lengths = [probe_tokens // RECALL_SPANS + (i < probe_tokens % RECALL_SPANS) for i in range(RECALL_SPANS)]
+    starts = [int((i + 0.5) / RECALL_SPANS * (context.shape[1] - n)) for i, n in enumerate(lengths)]
+    return torch.cat([context, *(context[:, a : a + n] for a, n in zip(starts, lengths, strict=True))], 1)
+
+
 @torch.no_grad()
 def calibrate_quantization(
-    model: PreTrainedModel, input_ids: torch.Tensor, options: Any, probe_tokens: int = 256
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    options: Any,
+    probe_tokens: int = 256,
+    probe: str = "text",
 ) -> dict:
     """Measure what quantizing each layer's keys, or its values, at each width of :data:`WIDTHS` costs the
     model's next-token distribution.
@@ -142,6 +166,9 @@ def calibrate_quantization(
         options: a :class:`~hf_kvcache.strategies.quantized.QuantizedOptions`; its group size, residual,
             sinks, rotation and key mode are the setting calibrated.
         probe_tokens: the last tokens whose predictions are compared. Default 256.
+        probe: ``'text'``, the corpus' own last tokens, or ``'recall'``, spans of the context copied in their
+            place (:func:`recall_probe`), which weighs what the model needs to find earlier tokens again.
+            Default ``'text'``.
 
     Returns:
         The calibration record (see the module docstring for the format).
@@ -152,12 +179,16 @@ def calibrate_quantization(
     total = input_ids.shape[1]
     if total <= probe_tokens:
         raise ValueError(f"calibration needs more than probe_tokens={probe_tokens} tokens, got {total}")
-    context, probe = input_ids[:, :-probe_tokens], input_ids[:, -probe_tokens:]
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {list(PROBES)}, got {probe!r}")
+    if probe == "recall":
+        input_ids = recall_probe(input_ids, probe_tokens)
+    context, probe_ids = input_ids[:, :-probe_tokens], input_ids[:, -probe_tokens:]
     layout = attention_layout(model)
     exact_cache = DynamicCache(config=model.config)
     model(context, past_key_values=exact_cache)
     prefix = [(layer.keys, layer.values) for layer in exact_cache.layers]
-    exact = model(probe, past_key_values=cache_holding(model, prefix)).logits.float().log_softmax(-1)
+    exact = model(probe_ids, past_key_values=cache_holding(model, prefix)).logits.float().log_softmax(-1)
     ropes = key_ropes(model, layout) if options.keys == "pre_rope" else [None] * layout.num_layers
     # Under clipping='calibrated' every width is measured without and with clipping, for the layer to choose.
     clippings = {"kl_divergence": options.clipping}
@@ -179,7 +210,7 @@ def calibrate_quantization(
                 ("values", (keys[:, :, -held:], store.values)),
             ):
                 layers = [*prefix[:index], replaced, *prefix[index + 1 :]]
-                logits = model(probe, past_key_values=cache_holding(model, layers)).logits.float()
+                logits = model(probe_ids, past_key_values=cache_holding(model, layers)).logits.float()
                 divergence = (exact.exp() * (exact - logits.log_softmax(-1))).sum(-1).mean().item()
                 costs[entry][kind].setdefault(str(width), []).append(divergence)
     return {
@@ -190,6 +221,7 @@ def calibrate_quantization(
         "options": calibrated_options(options),
         "tokens": total,
         "probe_tokens": probe_tokens,
+        "probe": probe,
         **costs,
     }
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hf_kvcache.cli_arguments import (
+    add_calibrate_arguments,
     add_frontier_arguments,
     add_harness_arguments,
     add_model_arguments,
@@ -159,7 +160,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if strategy.name != "quantized":
         raise SystemExit(f"error: --strategy must be quantized:... or duo:..., got {args.strategy!r}")
     model, _tokenizer, input_ids = load_inputs(args)
-    record = calibration.calibrate_quantization(model, input_ids, options, probe_tokens=args.probe_tokens)
+    record = calibration.calibrate_quantization(
+        model, input_ids, options, probe_tokens=args.probe_tokens, probe=args.probe
+    )
     for mean_bits in (2.5, 3.0):
         print(calibration.describe_allocation(record, mean_bits))
     return _write_calibration(
@@ -272,24 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         "per-layer code widths for quantized:calibrated_bits=B, or duo's retrieval heads (--strategy duo)",
     )
-    calibrate.add_argument(
-        "--strategy",
-        default="quantized",
-        help="the quantized setting to calibrate: group size, residual, sinks, rotation, keys; or duo "
-        "(its window and sinks) (default: quantized)",
-    )
-    calibrate.add_argument(
-        "--probe-tokens",
-        type=int,
-        default=256,
-        help="last tokens whose predictions are compared (default 256)",
-    )
-    calibrate.add_argument(
-        "--prompts", type=int, default=4, help="duo: passkey prompts of --max-tokens tokens (default 4)"
-    )
-    calibrate.add_argument(
-        "--out", help="file to write (default: the one calibrated_bits, or duo, reads for this model)"
-    )
+    add_calibrate_arguments(calibrate)
     calibrate.set_defaults(run=run_calibrate, max_tokens=2048)
     commands.add_parser(
         "lm-eval",

@@ -142,3 +142,34 @@ def add_frontier_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--force", action="store_true", help="recompute records already in results.json")
     add_parallel_argument(parser)
     return parser
+
+
+def add_calibrate_arguments(calibrate: argparse.ArgumentParser) -> None:
+    """``calibrate``: the setting, how its cost is probed, and where the file goes."""
+    from hf_kvcache.calibration import PROBES
+
+    calibrate.add_argument(
+        "--strategy",
+        default="quantized",
+        help="the quantized setting to calibrate: group size, residual, sinks, rotation, keys; or duo "
+        "(its window and sinks) (default: quantized)",
+    )
+    calibrate.add_argument(
+        "--probe-tokens",
+        type=_positive_int,
+        default=256,
+        help="last tokens whose predictions are compared (default 256)",
+    )
+    calibrate.add_argument(
+        "--probe",
+        choices=PROBES,
+        default="text",
+        help="quantized: what the probe tokens are: the text's own continuation, or spans of the context "
+        "repeated, whose predictions need the model to find them again (default: text)",
+    )
+    calibrate.add_argument(
+        "--prompts", type=int, default=4, help="duo: passkey prompts of --max-tokens tokens (default 4)"
+    )
+    calibrate.add_argument(
+        "--out", help="file to write (default: the one calibrated_bits, or duo, reads for this model)"
+    )

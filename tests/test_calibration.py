@@ -15,6 +15,7 @@ from hf_kvcache.calibration import (
     calibrate_quantization,
     default_calibration_path,
     load_calibration,
+    recall_probe,
 )
 from hf_kvcache.cli import main
 from hf_kvcache.strategies.quantized import QuantizedOptions
@@ -58,6 +59,39 @@ def test_the_cost_of_a_width_is_the_kl_divergence_of_a_run_over_those_coarse_key
     assert set(costs) == {"keys", "values"} and all(len(costs[k][w]) == 2 for k in costs for w in costs[k])
     for kind in costs:  # coarser codes never cost less, summed over layers
         assert sum(costs[kind]["2"]) > sum(costs[kind]["3"]) > sum(costs[kind]["4"]) >= 0
+
+
+def test_the_recall_probe_copies_spans_from_evenly_spaced_depths_of_the_context():
+    # 14 context tokens; spans of 2, 2, 1, 1 tokens start at int((i + 0.5) / 4 * (14 - length)).
+    probed = recall_probe(torch.arange(20)[None], 6)
+    assert probed.tolist() == [[*range(14), 1, 2, 4, 5, 8, 11]]
+
+
+def test_a_recall_calibration_costs_the_divergence_over_copied_probe_tokens():
+    model = make_tiny_model("llama-gqa")
+    ids = random_ids(48, seed=4)
+    options = QuantizedOptions(**SETTING)
+    record = calibrate_quantization(model, ids, options, probe_tokens=8, probe="recall")
+    copied = torch.cat([ids[:, :40], ids[:, 4:6], ids[:, 14:16], ids[:, 23:25], ids[:, 33:35]], 1)
+    expected = divergence_over_first_keys(model, copied, lambda keys: reference_quantized_keys(keys, 2))
+    assert record["kl_divergence"]["keys"]["2"][0] == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    text = calibrate_quantization(model, ids, options, probe_tokens=8)
+    assert (record["probe"], text["probe"]) == ("recall", "text")
+    assert record["kl_divergence"]["keys"]["2"][0] != pytest.approx(text["kl_divergence"]["keys"]["2"][0])
+
+
+@pytest.mark.parametrize(
+    "probe, probe_tokens, message",
+    [
+        ("needle", 8, "probe must be one of \\['text', 'recall'\\], got 'needle'"),
+        ("recall", 3, "it needs probe_tokens >= 4 and a context at least as long, got probe_tokens=3 of 48"),
+        ("recall", 30, "got probe_tokens=30 of 48 tokens"),
+    ],
+)
+def test_bad_probes_are_named(probe, probe_tokens, message):
+    options = QuantizedOptions(**SETTING)
+    with pytest.raises(ValueError, match=message):
+        calibrate_quantization(make_tiny_model("llama"), random_ids(48), options, probe_tokens, probe)
 
 
 def hand_record(keys: dict, values: dict) -> dict:
@@ -145,6 +179,12 @@ def test_the_calibrate_command_writes_where_the_cache_reads(
     model, _ = load_model(str(tiny_model_dir), device="cpu")
     path = default_calibration_path(model, QuantizedOptions(**SETTING))
     assert path.is_file() and str(tmp_path) in str(path)
+    assert json.loads(path.read_text())["probe"] == "text"
+    assert (
+        main([*argv, "--max-tokens", "96", "--probe-tokens", "16", "--strategy", spec, "--probe", "recall"])
+        == 0
+    )
+    assert json.loads(path.read_text())["probe"] == "recall"
     cache = build_cache(spec.replace("quantized:", "quantized:calibrated_bits=3,"), model)
     assert {layer.options.key_nbits for layer in cache.layers} <= {2, 3, 4}
 
