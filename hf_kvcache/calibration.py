@@ -16,12 +16,14 @@ File format (JSON, one per model and quantization setting, under ``$HF_KVCACHE_H
      "options": {"group_size": 64, "residual_length": 0, "num_sink_tokens": 4, "rotation": "hadamard",
                  "keys": "pre_rope", "backend": "torch"},
      "tokens": 2048, "probe_tokens": 256, "probe": "text",
-     "kl_divergence": {"keys": {"2": [L floats], "3": [...], "4": [...]}, "values": {...}}}
+     "kl_divergence": {"keys": {"2": [L floats], "3": [...], "4": [...], "8": [...]}, "values": {...}}}
 
 ``options`` also holds ``outliers``, ``outliers_keys``, ``outliers_values`` and ``clipping`` when the setting
 sets them. Under ``clipping='calibrated'`` the costs are measured twice: ``kl_divergence`` without clipping
 and ``kl_divergence_mse`` (same shape) with ``clipping='mse'``; each layer then takes, at its width,
-whichever costs less for its keys and for its values. Files without ``probe`` were probed with ``text``.
+whichever costs less for its keys and for its values. Files without ``probe`` were probed with ``text``;
+files without ``"8"`` were made before 8-bit codes were measured, and their widths stay within 2-4. Under
+``scales='float8'`` a layer given 8-bit keys or values keeps its scales in the model's dtype.
 """
 
 from __future__ import annotations
@@ -38,13 +40,19 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from hf_kvcache.layout import AttentionLayout, attention_layout
-from hf_kvcache.strategies.ranges import clipping_option
+from hf_kvcache.width_allocation import (  # noqa: F401 (allocation and describe_allocation: the module's API)
+    CLIPPED,
+    WIDTHS,
+    allocate_clipping,
+    allocate_widths,
+    describe_allocation,
+    layer_scales,
+    measured_widths,
+)
 
 FORMAT, VERSION = "hf-kvcache quantization calibration", 1
-WIDTHS = (2, 3, 4)
 PROBES = ("text", "recall")
 RECALL_SPANS = 4  # pieces the recall probe copies, from evenly spaced depths of the context
-CLIPPED = "kl_divergence_mse"  # the record's costs with clipping='mse', under clipping='calibrated'
 # The options a calibration depends on (the widths are what it chooses).
 CALIBRATED_OPTIONS = ("group_size", "residual_length", "num_sink_tokens", "rotation", "keys", "backend")
 OUTLIER_OPTIONS = ("outliers", "outliers_keys", "outliers_values")
@@ -96,14 +104,6 @@ def check_calibrated_bits(options: Any) -> None:
                 f"calibration={options.calibration!r} is read only with calibrated_bits=... or "
                 "clipping='calibrated'"
             )
-        if options.clipping == "calibrated":
-            for name, width in (("nbits_keys", options.key_nbits), ("nbits_values", options.value_nbits)):
-                if width not in WIDTHS:
-                    given = name if getattr(options, name) is not None else "nbits"
-                    raise ValueError(
-                        f"clipping='calibrated' with {given}={width}: a calibration measures widths "
-                        f"{list(WIDTHS)}; give one of them or calibrated_bits=..."
-                    )
         return
     low, high = min(WIDTHS), max(WIDTHS)
     if isinstance(options.calibrated_bits, bool) or not low <= options.calibrated_bits <= high:
@@ -200,7 +200,12 @@ def calibrate_quantization(
     for index, (keys, values) in enumerate(prefix):
         for (entry, clipping), width in itertools.product(clippings.items(), WIDTHS):
             setting = dataclasses.replace(
-                options, nbits_keys=width, nbits_values=width, calibrated_bits=None, clipping=clipping
+                options,
+                nbits_keys=width,
+                nbits_values=width,
+                calibrated_bits=None,
+                clipping=clipping,
+                scales=layer_scales(options.scales, width, width),
             )
             store = QuantizedLayer(setting, layout.window(index), ropes[index])
             store.update(keys, values)
@@ -266,64 +271,6 @@ def _setting_spec(options: Any) -> str:
     return "quantized:" + ",".join(f"{k}={v}" for k, v in calibrated_options(options).items())
 
 
-def allocate_widths(record: dict, mean_bits: float) -> list[tuple[int, int]]:
-    """Per layer ``(key width, value width)`` at a mean of at most ``mean_bits`` bits per code.
-
-    Greedy, on each width's cost with the better clipping where the record measured both
-    (:func:`least_costs`): everything starts at the narrowest width; the step (one layer's keys or values to
-    the next width) that removes the most error per added bit is taken until the next would pass the mean.
-    """
-    errors = least_costs(record)
-    layers = record["geometry"]["num_layers"]
-    widths = {(kind, i): 0 for kind in ("keys", "values") for i in range(layers)}  # index into WIDTHS
-    budget, spent = mean_bits * 2 * layers, WIDTHS[0] * 2 * layers
-
-    def gain(item: tuple[str, int]) -> float:
-        kind, layer = item
-        now, nxt = WIDTHS[widths[item]], WIDTHS[widths[item] + 1]
-        return (errors[kind][str(now)][layer] - errors[kind][str(nxt)][layer]) / (nxt - now)
-
-    while True:
-        steps = [item for item in widths if widths[item] + 1 < len(WIDTHS)]
-        steps = [item for item in steps if spent + WIDTHS[widths[item] + 1] - WIDTHS[widths[item]] <= budget]
-        if not steps:
-            break
-        best = max(steps, key=gain)
-        spent += WIDTHS[widths[best] + 1] - WIDTHS[widths[best]]
-        widths[best] += 1
-    return [(WIDTHS[widths["keys", i]], WIDTHS[widths["values", i]]) for i in range(layers)]
-
-
-def least_costs(record: dict) -> dict[str, dict[str, list[float]]]:
-    """Per kind and width, each layer's cost: without clipping, or with it where the record measured that
-    (``clipping='calibrated'``) and it costs less."""
-    plain, clipped = record["kl_divergence"], record.get(CLIPPED, record["kl_divergence"])
-    return {
-        kind: {width: list(map(min, plain[kind][width], clipped[kind][width])) for width in plain[kind]}
-        for kind in plain
-    }
-
-
-def allocate_clipping(record: dict, widths: list[tuple[int, int]]) -> list[str]:
-    """Per layer, the ``clipping`` option under which its keys and values at ``widths`` cost the least."""
-    plain, clipped = record["kl_divergence"], record[CLIPPED]
-
-    def better(kind: str, width: int, layer: int) -> str:
-        return "mse" if clipped[kind][str(width)][layer] < plain[kind][str(width)][layer] else "none"
-
-    return [
-        clipping_option(better("keys", keys, layer), better("values", values, layer))
-        for layer, (keys, values) in enumerate(widths)
-    ]
-
-
-def describe_allocation(record: dict, mean_bits: float) -> str:
-    """One line: the widths per layer at ``mean_bits``, and the clipping where the record chooses it."""
-    widths = allocate_widths(record, mean_bits)
-    line = f"calibrated_bits={mean_bits}: (keys, values) per layer {widths}"
-    return line + (f", clipping per layer {allocate_clipping(record, widths)}" if CLIPPED in record else "")
-
-
 def calibrated_layer_options(model: PreTrainedModel, options: Any) -> list[Any]:
     """Each layer's options under ``calibrated_bits`` or ``clipping='calibrated'``: the widths the
     calibration allocates to it (else the options' own), and the clipping it chooses there."""
@@ -331,8 +278,20 @@ def calibrated_layer_options(model: PreTrainedModel, options: Any) -> list[Any]:
     record = load_calibration(path, model, options)
     layers = record["geometry"]["num_layers"]
     widths = [(options.key_nbits, options.value_nbits)] * layers
+    measured = measured_widths(record)
     if options.calibrated_bits is not None:
+        if options.calibrated_bits > measured[-1]:
+            raise ValueError(
+                f"calibrated_bits={options.calibrated_bits} is above the widest codes the calibration {path} "
+                f"measured ({measured[-1]} bits); calibrate again to measure {list(WIDTHS)}"
+            )
         widths = allocate_widths(record, options.calibrated_bits)
+    for name, width in (("nbits_keys", options.key_nbits), ("nbits_values", options.value_nbits)):
+        if width not in measured and options.calibrated_bits is None:
+            raise ValueError(
+                f"{name}={width} with clipping='calibrated': the calibration {path} measured widths "
+                f"{list(measured)}; give one of them or calibrate again to measure {list(WIDTHS)}"
+            )
     clippings = [options.clipping] * layers
     if options.clipping == "calibrated":
         clippings = allocate_clipping(record, widths)
@@ -344,6 +303,7 @@ def calibrated_layer_options(model: PreTrainedModel, options: Any) -> list[Any]:
             calibrated_bits=None,
             calibration=None,
             clipping=clipping,
+            scales=layer_scales(options.scales, keys, values),
         )
         for (keys, values), clipping in zip(widths, clippings, strict=True)
     ]

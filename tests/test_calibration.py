@@ -58,7 +58,7 @@ def test_the_cost_of_a_width_is_the_kl_divergence_of_a_run_over_those_coarse_key
     costs = record["kl_divergence"]
     assert set(costs) == {"keys", "values"} and all(len(costs[k][w]) == 2 for k in costs for w in costs[k])
     for kind in costs:  # coarser codes never cost less, summed over layers
-        assert sum(costs[kind]["2"]) > sum(costs[kind]["3"]) > sum(costs[kind]["4"]) >= 0
+        assert sum(costs[kind]["2"]) > sum(costs[kind]["3"]) > sum(costs[kind]["4"]) > sum(costs[kind]["8"])
 
 
 def test_the_recall_probe_copies_spans_from_evenly_spaced_depths_of_the_context():
@@ -107,7 +107,20 @@ def test_allocation_buys_the_largest_saving_per_bit_until_the_mean_is_reached():
     assert allocate_widths(record, 2.25) == [(3, 2), (2, 2)]  # one step: keys of layer 0 (.6)
     assert allocate_widths(record, 2.5) == [(3, 2), (2, 3)]  # then values of layer 1 (.25)
     assert allocate_widths(record, 2.75) == [(4, 2), (2, 3)]  # then keys of layer 0 again (.2)
-    assert allocate_widths(record, 4.0) == [(4, 4), (4, 4)]
+    assert allocate_widths(record, 4.0) == [(4, 4), (4, 4)]  # a record of widths 2-4 (made before 8)
+    assert allocate_widths(record, 8.0) == [(4, 4), (4, 4)]
+
+
+def test_a_step_to_8_bits_costs_4_bits_and_is_taken_by_its_saving_per_bit():
+    record = hand_record(
+        keys={"2": [0.9, 0.2], "3": [0.3, 0.16], "4": [0.2, 0.12], "8": [0.0, 0.1]},  # 4 -> 8: .05 per bit
+        values={"2": [0.1, 0.4], "3": [0.08, 0.15], "4": [0.07, 0.115], "8": [0.07, 0.115]},
+    )
+    assert allocate_widths(record, 2.75) == [(4, 2), (2, 3)]  # saving .6, .25, .1 for one bit each
+    assert allocate_widths(record, 3.75) == [(8, 2), (2, 3)]  # then .05 per bit for four
+    # Four bits do not fit in 3.5: the next one-bit steps, .04, .04 and .035, do.
+    assert allocate_widths(record, 3.5) == [(4, 2), (4, 4)]
+    assert allocate_widths(record, 8.0) == [(8, 8), (8, 8)]
 
 
 def test_a_calibrated_cache_gives_each_layer_its_widths_and_counts_their_bytes(tmp_path):
@@ -131,6 +144,66 @@ def test_a_calibrated_cache_gives_each_layer_its_widths_and_counts_their_bytes(t
     assert cache_nbytes(cache) == expected
 
 
+def test_a_layer_given_8_bit_codes_keeps_its_scales_in_the_model_dtype_and_counts_them(tmp_path):
+    model = make_tiny_model("llama-gqa")
+    record = calibrate_quantization(
+        model, random_ids(48, seed=4), QuantizedOptions(**SETTING), probe_tokens=8
+    )
+    # Only layer 0's keys cost anything, 2/bit from 4 to 8 bits: at 3.5 bits they take 8 (1 + 1 + 4 bits).
+    for costs in record["kl_divergence"].values():
+        for width in costs:
+            costs[width] = [0.0, 0.0]
+    record["kl_divergence"]["keys"].update({"2": [10.0, 0.0], "3": [9.0, 0.0], "4": [8.0, 0.0]})
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(record))
+    setting = "group_size=8,residual_length=0,num_sink_tokens=0"
+    cache = build_cache(f"quantized:calibrated_bits=3.5,calibration={path},scales=float8,{setting}", model)
+    assert [(layer.options.key_nbits, layer.options.value_nbits) for layer in cache.layers] == [
+        (8, 2),
+        (2, 2),
+    ]
+    assert [layer.options.scales for layer in cache.layers] == ["model", "float8"]
+    ids = random_ids(64, seed=5)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    # Layer 0 holds what a uniform cache of its widths and model-dtype scales holds.
+    alone = build_cache(f"quantized:nbits=2,nbits_keys=8,{setting}", model)
+    with torch.no_grad():
+        model(ids, past_key_values=alone)
+    assert torch.equal(cache.layers[0].keys, alone.layers[0].keys)
+    batch, heads, dim, tokens = 1, 2, 16, 64
+
+    def scales(size: int) -> int:
+        return 2 * batch * heads * (tokens // 8) * dim * size + 2 * batch * heads * tokens * (dim // 8) * size
+
+    codes = sum(batch * heads * tokens * dim * (k + v) // 8 for k, v in [(8, 2), (2, 2)])
+    assert cache_nbytes(cache) == codes + scales(4) + scales(1)  # float32 model, float8 scales
+
+
+def test_a_calibration_made_before_8_bit_codes_gives_widths_it_measured_or_an_error(tmp_path):
+    model = make_tiny_model("llama-gqa")
+    record = calibrate_quantization(
+        model, random_ids(48, seed=4), QuantizedOptions(**SETTING), probe_tokens=8
+    )
+    for kind in record["kl_divergence"]:
+        del record["kl_divergence"][kind]["8"]
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(record))
+    setting = f"calibration={path},group_size=8,residual_length=0,num_sink_tokens=0"
+    cache = build_cache(f"quantized:calibrated_bits=4,{setting}", model)
+    assert [(layer.options.key_nbits, layer.options.value_nbits) for layer in cache.layers] == [(4, 4)] * 2
+    with pytest.raises(
+        ValueError, match=r"calibrated_bits=5.0 is above the widest codes .* measured \(4 bits\)"
+    ):
+        build_cache(f"quantized:calibrated_bits=5,{setting}", model)
+    record["options"]["clipping"], record[CLIPPED] = "calibrated", record["kl_divergence"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(
+        ValueError, match=r"nbits_keys=8 with clipping='calibrated': .* measured widths \[2, 3, 4\]"
+    ):
+        build_cache(f"quantized:nbits=2,nbits_keys=8,clipping=calibrated,{setting}", model)
+
+
 def test_missing_foreign_and_mismatched_calibrations_get_errors_that_say_what_to_do(tmp_path):
     model = make_tiny_model("llama-gqa")
     options = QuantizedOptions(**SETTING)
@@ -152,7 +225,8 @@ def test_missing_foreign_and_mismatched_calibrations_get_errors_that_say_what_to
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("quantized:calibrated_bits=1.5", "calibrated_bits must be a number in \\[2, 4\\], got 1.5"),
+        ("quantized:calibrated_bits=1.5", "calibrated_bits must be a number in \\[2, 8\\], got 1.5"),
+        ("quantized:calibrated_bits=8.5", "calibrated_bits must be a number in \\[2, 8\\], got 8.5"),
         ("quantized:calibrated_bits=3,nbits_keys=4", "nbits_keys=4 and calibrated_bits=3.0 both set"),
         (
             "quantized:calibrated_bits=3,group_size=4",
@@ -263,14 +337,6 @@ def test_a_cache_with_calibrated_clipping_clips_each_layer_as_chosen(tmp_path, w
 @pytest.mark.parametrize(
     "spec, message",
     [
-        (
-            "quantized:clipping=calibrated,nbits=8",
-            r"clipping='calibrated' with nbits=8: a calibration measures widths \[2, 3, 4\]",
-        ),
-        (
-            "quantized:clipping=calibrated,nbits=2,nbits_values=8",
-            r"clipping='calibrated' with nbits_values=8",
-        ),
         (
             "sliding-window+quantized:clipping=calibrated",
             "clipping='calibrated' is an option of quantized alone",

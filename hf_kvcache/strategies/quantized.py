@@ -306,9 +306,9 @@ class QuantizedKVCache(KVCache):
             steps still read the codes in place: the kernel turns each key group to its positions.
             ``quantized`` alone (not under eviction), on models with one rotary embedding. Default
             ``'post_rope'``.
-        calibrated_bits: mean bits per code; each layer's keys and values get a width of 2, 3 or 4 from the
-            model's calibration (:mod:`hf_kvcache.calibration`, ``hf-kvcache calibrate``) that loses the least
-            of its predictions. ``None``: ``nbits`` everywhere. Default None.
+        calibrated_bits: mean bits per code (2-8); each layer's keys and values get a width of 2, 3, 4 or 8
+            from the model's calibration (:mod:`hf_kvcache.calibration`, ``hf-kvcache calibrate``) that loses
+            the least of its predictions. ``None``: ``nbits`` everywhere. Default None.
         calibration: the calibration file to read; ``None``: the one ``hf-kvcache calibrate`` wrote for this
             model and setting. Default None.
         attention: how decode steps read the packed history (:mod:`.packed_attention`): ``"compiled"``, a
