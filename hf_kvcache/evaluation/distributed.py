@@ -8,12 +8,15 @@ Without ``accelerate launch`` (one process) nothing changes.
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import os
 import subprocess
 import sys
 
 from hf_kvcache.evaluation.metric import Metric
+
+GATHER_TIMEOUT = datetime.timedelta(days=7)  # how long a process waits for the others' records
 
 
 class Workers:
@@ -31,8 +34,11 @@ class Workers:
                 ) from None
             import torch
 
-            # On a machine without GPUs the processes meet over gloo, which PartialState needs told.
-            self.state = PartialState(cpu=not torch.cuda.is_available())
+            # On a machine without GPUs the processes meet over gloo, which PartialState needs told. A process
+            # whose units are done waits at the gather for the slowest one, which can take hours (one
+            # RULER record at 10 trials: 35 min on 2 CPU cores); the default 30-minute timeout killed such
+            # runs. A process that fails ends the launch, so waiting long hangs nothing.
+            self.state = PartialState(cpu=not torch.cuda.is_available(), timeout=GATHER_TIMEOUT)
         self.index = 0 if self.state is None else self.state.process_index
         self.count = 1 if self.state is None else self.state.num_processes
 
