@@ -40,12 +40,11 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from hf_kvcache.layout import AttentionLayout, attention_layout
-from hf_kvcache.width_allocation import (  # noqa: F401 (allocation and describe_allocation: the module's API)
+from hf_kvcache.width_allocation import (
     CLIPPED,
     WIDTHS,
     allocate_clipping,
     allocate_widths,
-    describe_allocation,
     layer_scales,
     measured_widths,
 )
@@ -286,12 +285,13 @@ def calibrated_layer_options(model: PreTrainedModel, options: Any) -> list[Any]:
                 f"measured ({measured[-1]} bits); calibrate again to measure {list(WIDTHS)}"
             )
         widths = allocate_widths(record, options.calibrated_bits)
-    for name, width in (("nbits_keys", options.key_nbits), ("nbits_values", options.value_nbits)):
-        if width not in measured and options.calibrated_bits is None:
-            raise ValueError(
-                f"{name}={width} with clipping='calibrated': the calibration {path} measured widths "
-                f"{list(measured)}; give one of them or calibrate again to measure {list(WIDTHS)}"
-            )
+    else:  # clipping='calibrated' at fixed widths: the record must hold their costs
+        for name, width in (("nbits_keys", options.key_nbits), ("nbits_values", options.value_nbits)):
+            if width not in measured:
+                raise ValueError(
+                    f"{name}={width} with clipping='calibrated': the calibration {path} measured widths "
+                    f"{list(measured)}; give one of them or calibrate again to measure {list(WIDTHS)}"
+                )
     clippings = [options.clipping] * layers
     if options.clipping == "calibrated":
         clippings = allocate_clipping(record, widths)

@@ -152,6 +152,7 @@ def run_scale_command(args: argparse.Namespace) -> int:
 def run_calibrate(args: argparse.Namespace) -> int:
     from hf_kvcache import calibration
     from hf_kvcache.registry import parse_spec
+    from hf_kvcache.width_allocation import describe_allocation
 
     _check_specs([args.strategy])
     strategy, options = parse_spec(args.strategy)
@@ -164,7 +165,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         model, input_ids, options, probe_tokens=args.probe_tokens, probe=args.probe
     )
     for mean_bits in (2.5, 3.0):
-        print(calibration.describe_allocation(record, mean_bits))
+        print(describe_allocation(record, mean_bits))
     return _write_calibration(
         record, Path(args.out) if args.out else calibration.default_calibration_path(model, options)
     )

@@ -9,9 +9,6 @@ from transformers import DynamicCache
 
 from hf_kvcache import build_cache, cache_nbytes
 from hf_kvcache.calibration import (
-    CLIPPED,
-    allocate_clipping,
-    allocate_widths,
     calibrate_quantization,
     default_calibration_path,
     load_calibration,
@@ -19,6 +16,7 @@ from hf_kvcache.calibration import (
 )
 from hf_kvcache.cli import main
 from hf_kvcache.strategies.quantized import QuantizedOptions
+from hf_kvcache.width_allocation import CLIPPED, allocate_clipping, allocate_widths
 from tests.conftest import make_tiny_model, random_ids
 from tests.test_clipping import searched_from_definition
 
