@@ -5,7 +5,8 @@ keys, and some layers, are where the bits must go). ``hf-kvcache calibrate`` run
 and for every layer and every width in :data:`WIDTHS` quantizes that layer's keys (or values) with the cache's
 own store and measures the KL divergence this adds to the next-token predictions of the last tokens
 (:func:`calibrate_quantization`): the text's own continuation, or (``probe='recall'``) spans of the context
-repeated, whose predictions depend on finding them again, as a needle's retrieval does.
+repeated, whose predictions depend on finding them again, as a needle's retrieval does; or
+(``probe='text+recall'``) the sum of both costs, so the widths serve running text and retrieval at once.
 ``quantized:calibrated_bits=B`` then gives each layer's keys and values the widths that minimize the summed
 divergence at a mean of ``B`` bits per code.
 
@@ -50,7 +51,7 @@ from hf_kvcache.width_allocation import (
 )
 
 FORMAT, VERSION = "hf-kvcache quantization calibration", 1
-PROBES = ("text", "recall")
+PROBES = ("text", "recall", "text+recall")
 RECALL_SPANS = 4  # pieces the recall probe copies, from evenly spaced depths of the context
 # The options a calibration depends on (the widths are what it chooses).
 CALIBRATED_OPTIONS = ("group_size", "residual_length", "num_sink_tokens", "rotation", "keys", "backend")
@@ -165,9 +166,9 @@ def calibrate_quantization(
         options: a :class:`~hf_kvcache.strategies.quantized.QuantizedOptions`; its group size, residual,
             sinks, rotation and key mode are the setting calibrated.
         probe_tokens: the last tokens whose predictions are compared. Default 256.
-        probe: ``'text'``, the corpus' own last tokens, or ``'recall'``, spans of the context copied in their
-            place (:func:`recall_probe`), which weighs what the model needs to find earlier tokens again.
-            Default ``'text'``.
+        probe: ``'text'``, the corpus' own last tokens; ``'recall'``, spans of the context copied in their
+            place (:func:`recall_probe`), which weighs what the model needs to find earlier tokens again;
+            or ``'text+recall'``, both calibrations' costs summed (twice the forwards). Default ``'text'``.
 
     Returns:
         The calibration record (see the module docstring for the format).
@@ -180,6 +181,13 @@ def calibrate_quantization(
         raise ValueError(f"calibration needs more than probe_tokens={probe_tokens} tokens, got {total}")
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {list(PROBES)}, got {probe!r}")
+    if probe == "text+recall":
+        # The recall costs run several times the text's (more of the probe depends on one layer's keys), so
+        # their sum gives retrieval layers their widths and keeps what the text needs where recall is cheap.
+        text, recall = (
+            calibrate_quantization(model, input_ids, options, probe_tokens, p) for p in PROBES[:2]
+        )
+        return {**text, **summed_costs(text, recall), "probe": probe}
     if probe == "recall":
         input_ids = recall_probe(input_ids, probe_tokens)
     context, probe_ids = input_ids[:, :-probe_tokens], input_ids[:, -probe_tokens:]
@@ -227,6 +235,22 @@ def calibrate_quantization(
         "probe_tokens": probe_tokens,
         "probe": probe,
         **costs,
+    }
+
+
+def summed_costs(first: dict, second: dict) -> dict:
+    """The cost entries (``kl_divergence`` and, if measured, ``kl_divergence_mse``) of two calibrations of the
+    same setting, added layer by layer."""
+    return {
+        entry: {
+            kind: {
+                width: [a + b for a, b in zip(layers, second[entry][kind][width], strict=True)]
+                for width, layers in widths.items()
+            }
+            for kind, widths in kinds.items()
+        }
+        for entry, kinds in first.items()
+        if entry.startswith("kl_divergence")
     }
 
 

@@ -164,8 +164,9 @@ def add_calibrate_arguments(calibrate: argparse.ArgumentParser) -> None:
         "--probe",
         choices=PROBES,
         default="text",
-        help="quantized: what the probe tokens are: the text's own continuation, or spans of the context "
-        "repeated, whose predictions need the model to find them again (default: text)",
+        help="quantized: what the probe tokens are: the text's own continuation; spans of the context "
+        "repeated, whose predictions need the model to find them again; or both, their costs summed "
+        "(default: text)",
     )
     calibrate.add_argument(
         "--prompts", type=int, default=4, help="duo: passkey prompts of --max-tokens tokens (default 4)"

@@ -78,10 +78,25 @@ def test_a_recall_calibration_costs_the_divergence_over_copied_probe_tokens():
     assert record["kl_divergence"]["keys"]["2"][0] != pytest.approx(text["kl_divergence"]["keys"]["2"][0])
 
 
+def test_a_text_and_recall_calibration_sums_the_two_costs_of_every_layer_and_width():
+    model = make_tiny_model("llama-gqa")
+    ids = random_ids(48, seed=4)
+    options = QuantizedOptions(**SETTING, clipping="calibrated")
+    both = calibrate_quantization(model, ids, options, probe_tokens=8, probe="text+recall")
+    text = calibrate_quantization(model, ids, options, probe_tokens=8, probe="text")
+    recall = calibrate_quantization(model, ids, options, probe_tokens=8, probe="recall")
+    assert both["probe"] == "text+recall" and both["options"] == text["options"]
+    for entry in ("kl_divergence", "kl_divergence_mse"):
+        for kind in ("keys", "values"):
+            for width in ("2", "3", "4", "8"):
+                pairs = zip(text[entry][kind][width], recall[entry][kind][width], strict=True)
+                assert both[entry][kind][width] == pytest.approx([a + b for a, b in pairs], rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "probe, probe_tokens, message",
     [
-        ("needle", 8, "probe must be one of \\['text', 'recall'\\], got 'needle'"),
+        ("needle", 8, "probe must be one of \\['text', 'recall', 'text\\+recall'\\], got 'needle'"),
         ("recall", 3, "it needs probe_tokens >= 4 and a context at least as long, got probe_tokens=3 of 48"),
         ("recall", 30, "got probe_tokens=30 of 48 tokens"),
     ],
