@@ -83,11 +83,21 @@ def frontier_rows(results_dir: Path, bits_dir: Path) -> list[dict]:
         if "ruler" in measured or "perplexity" in measured:
             rows.append({"spec": written, "bits": bits, **measured})
     rows.sort(key=lambda row: (row["bits"], -row.get("ruler", (0.0, 0))[0]))
-    best = -1.0
+    on_frontier = {id(row) for row in frontier(rows, "ruler", higher_is_better=True)}
     for row in rows:
-        row["frontier"] = "ruler" in row and row["ruler"][0] > best
-        best = max(best, row.get("ruler", (best, 0))[0])
+        row["frontier"] = id(row) in on_frontier
     return rows
+
+
+def frontier(rows: list[dict], metric: str, higher_is_better: bool) -> list[dict]:
+    """The rows (sorted by bits) that score better on ``metric`` than every cheaper row with a score."""
+    sign = 1.0 if higher_is_better else -1.0
+    edge, best = [], float("-inf")
+    for row in rows:
+        if metric in row and sign * row[metric][0] > best:
+            edge.append(row)
+            best = sign * row[metric][0]
+    return edge
 
 
 def short(spec: str) -> str:
@@ -136,16 +146,13 @@ def plot(rows: list[dict], out: Path) -> None:
                 axis.annotate(row["spec"].split(":")[1], (row["bits"], row[metric][0]), fontsize=8)
         axis.axhline(1.0, color="grey", linestyle="--", label="full cache")
         axis.set_xlabel("bits per entry at 4k tokens (bf16)")
-    edge = [row for row in rows if row["frontier"]]
+    edge = frontier(rows, "ruler", higher_is_better=True)
     left.step(
         [r["bits"] for r in edge], [r["ruler"][0] for r in edge], where="post", color="C1", label="frontier"
     )
     left.axhline(0.95, color="C2", linestyle=":", label="95 % of full")
     left.set_ylabel("RULER mean ÷ full cache")
-    by_bits = sorted((r for r in rows if "perplexity" in r), key=lambda r: r["bits"])
-    edge = [
-        r for i, r in enumerate(by_bits) if all(r["perplexity"][0] < o["perplexity"][0] for o in by_bits[:i])
-    ]
+    edge = frontier(rows, "perplexity", higher_is_better=False)
     right.step([r["bits"] for r in edge], [r["perplexity"][0] for r in edge], where="post", color="C1")
     right.axhline(1.01, color="C2", linestyle=":", label="1.01× full")
     right.set_ylabel("perplexity × full cache")
@@ -164,9 +171,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("eval/results/sub4bit"))
     args = parser.parse_args()
     rows = frontier_rows(args.results, args.bits)
-    (args.out / "frontier.md").write_text(markdown(rows))
+    table = markdown(rows)
+    (args.out / "frontier.md").write_text(table)
     plot(rows, args.out / "frontier.png")
-    print(markdown(rows))
+    print(table)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ def test_ratios_come_from_the_full_record_of_the_same_run_and_the_largest_run_wi
 
 
 def test_the_frontier_holds_only_settings_no_cheaper_one_matches(measured):
-    rows = load_script().frontier_rows(measured, measured)
+    script = load_script()
+    rows = script.frontier_rows(measured, measured)
     assert [row["frontier"] for row in rows] == [True, False]
-    table = load_script().markdown(rows)
+    table = script.markdown(rows)
     assert "| `quantized:nbits=2` (baseline) | 3.50 | 0.90 (40 prompts) |" in table
